@@ -1,0 +1,333 @@
+//! Model-zoo and run configuration (TOML in `models/`, JSON inside checkpoints).
+use crate::data::Preprocess;
+use crate::error::{Error, IoContext, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Vision Transformer + MAE decoder shape. Field names follow timm / MAE.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    pub arch: String,
+    pub image_size: u32,
+    pub patch_size: u32,
+    pub embed_dim: i64,
+    pub depth: i64,
+    pub num_heads: i64,
+    #[serde(default = "mlp_ratio")]
+    pub mlp_ratio: f64,
+    pub decoder_embed_dim: i64,
+    pub decoder_depth: i64,
+    pub decoder_num_heads: i64,
+}
+fn mlp_ratio() -> f64 {
+    4.0
+}
+
+impl VitConfig {
+    /// The standard sizes (encoder as timm's vit_{tiny,small,base}; decoder as our reference).
+    pub fn preset(arch: &str, image_size: u32, patch_size: u32) -> Result<Self> {
+        let (d, depth, h, dd, ddepth, dh) = match arch {
+            "vit_tiny" => (192, 12, 3, 128, 4, 4),
+            "vit_small" => (384, 12, 6, 256, 4, 8),
+            "vit_base" => (768, 12, 12, 512, 8, 16),
+            "vit_micro" => (64, 2, 2, 32, 1, 2), // for tests
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown arch '{arch}' (vit_tiny, vit_small, vit_base)"
+                )))
+            }
+        };
+        let c = VitConfig {
+            arch: arch.into(),
+            image_size,
+            patch_size,
+            embed_dim: d,
+            depth,
+            num_heads: h,
+            mlp_ratio: 4.0,
+            decoder_embed_dim: dd,
+            decoder_depth: ddepth,
+            decoder_num_heads: dh,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            return Err(Error::Config(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            )));
+        }
+        for (dim, heads, what) in [
+            (self.embed_dim, self.num_heads, "embed_dim/num_heads"),
+            (
+                self.decoder_embed_dim,
+                self.decoder_num_heads,
+                "decoder_embed_dim/decoder_num_heads",
+            ),
+        ] {
+            if heads <= 0 || dim % heads != 0 || dim % 4 != 0 {
+                return Err(Error::Config(format!(
+                    "{what} = {dim}/{heads}: dim must be divisible by heads and by 4"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn grid(&self) -> usize {
+        (self.image_size / self.patch_size) as usize
+    }
+    pub fn num_patches(&self) -> usize {
+        self.grid() * self.grid()
+    }
+    pub fn patch_dim(&self) -> i64 {
+        (self.patch_size * self.patch_size * 3) as i64
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskingKind {
+    Random,
+    Block,
+    Grid,
+    Ehm,
+}
+
+impl std::fmt::Display for MaskingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MaskingKind::Random => "random",
+            MaskingKind::Block => "block",
+            MaskingKind::Grid => "grid",
+            MaskingKind::Ehm => "ehm",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherKind {
+    /// EMA of the student, decay from `ema_half_life_steps`.
+    Ema,
+    /// The student itself, without gradients.
+    Student,
+}
+
+/// EHM knobs (design.md §4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EhmConfig {
+    pub teacher: TeacherKind,
+    /// EMA half-life in optimizer steps: decay = 0.5^(1/half_life).
+    pub ema_half_life_steps: f64,
+    /// Encoder blocks whose attention is summed into the affinity; empty = all.
+    pub affinity_blocks: Vec<usize>,
+    /// Segments at t = 0, as a fraction of N (design: ≈ N/4).
+    pub start_segments_frac: f64,
+    /// Segments at t = 1 (design: ≈ 8).
+    pub end_segments: usize,
+    /// Side of the grid cells whose noise is blended in early (2 → 2×2 cells).
+    pub grid_cell: usize,
+}
+
+impl Default for EhmConfig {
+    fn default() -> Self {
+        EhmConfig {
+            teacher: TeacherKind::Ema,
+            ema_half_life_steps: 200.0,
+            affinity_blocks: vec![],
+            start_segments_frac: 0.25,
+            end_segments: 8,
+            grid_cell: 2,
+        }
+    }
+}
+
+/// Pretraining recipe (MAE defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    pub data: String,
+    /// Use only this many images of the data set (0 = all): a fixed seeded subset.
+    pub limit: usize,
+    pub epochs: f64,
+    pub batch_size: usize,
+    pub blr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub weight_decay: f64,
+    pub clip_grad: f64,
+    pub mask_ratio: f64,
+    pub masking: MaskingKind,
+    pub norm_pix_loss: bool,
+    pub seed: u64,
+    pub ehm: EhmConfig,
+    pub augment: crate::data::Augment,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            data: "fashion-mnist:train".into(),
+            limit: 0,
+            epochs: 1.0,
+            batch_size: 256,
+            blr: 1.5e-4,
+            min_lr: 0.0,
+            warmup_epochs: 0.1,
+            weight_decay: 0.05,
+            clip_grad: 1.0,
+            mask_ratio: 0.75,
+            masking: MaskingKind::Ehm,
+            norm_pix_loss: true,
+            seed: 0,
+            ehm: EhmConfig::default(),
+            augment: crate::data::Augment::default(),
+        }
+    }
+}
+
+impl PretrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.mask_ratio) {
+            return Err(Error::Config(format!(
+                "mask_ratio must be in [0, 1), got {}",
+                self.mask_ratio
+            )));
+        }
+        if self.batch_size == 0 || self.epochs <= 0.0 {
+            return Err(Error::Config(
+                "batch_size and epochs must be positive".into(),
+            ));
+        }
+        if self.ehm.ema_half_life_steps <= 0.0 {
+            return Err(Error::Config(
+                "ehm.ema_half_life_steps must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A zoo entry: `models/<name>.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZooEntry {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub model: ZooModel,
+    pub preprocess: Preprocess,
+    #[serde(default)]
+    pub pretrain: PretrainConfig,
+}
+
+/// The architecture part of a zoo entry: a preset plus optional overrides.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZooModel {
+    pub arch: String,
+    pub patch_size: u32,
+    #[serde(default)]
+    pub depth: Option<i64>,
+    #[serde(default)]
+    pub decoder_depth: Option<i64>,
+}
+
+impl ZooEntry {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        let e: ZooEntry =
+            toml::from_str(&text).map_err(|e| Error::bad_file(path, e.message().to_string()))?;
+        e.preprocess.validate()?;
+        e.pretrain.validate()?;
+        e.vit()?;
+        Ok(e)
+    }
+
+    /// Find a zoo entry by name (in `models/`) or load a TOML path.
+    pub fn find(name_or_path: &str) -> Result<Self> {
+        let p = Path::new(name_or_path);
+        if p.extension().is_some_and(|e| e == "toml") || p.exists() {
+            return Self::load(p);
+        }
+        let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let cand = zoo.join(format!("{name_or_path}.toml"));
+        if cand.exists() {
+            return Self::load(&cand);
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&zoo)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.path()
+                            .file_stem()
+                            .map(|s| s.to_string_lossy().into_owned())
+                    })
+                    .filter(|n| zoo.join(format!("{n}.toml")).exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        Err(Error::Config(format!(
+            "no zoo entry '{name_or_path}' (known: {})",
+            names.join(", ")
+        )))
+    }
+
+    pub fn vit(&self) -> Result<VitConfig> {
+        let mut v = VitConfig::preset(
+            &self.model.arch,
+            self.preprocess.image_size,
+            self.model.patch_size,
+        )?;
+        if let Some(d) = self.model.depth {
+            v.depth = d;
+        }
+        if let Some(d) = self.model.decoder_depth {
+            v.decoder_depth = d;
+        }
+        v.validate()?;
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zoo_entries_parse() {
+        let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let mut n = 0;
+        for e in std::fs::read_dir(&zoo).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let z = ZooEntry::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(
+                    Some(z.name.as_str()),
+                    p.file_stem().and_then(|s| s.to_str())
+                );
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+    }
+
+    #[test]
+    fn rejects_bad_geometry() {
+        assert!(VitConfig::preset("vit_tiny", 30, 4).is_err());
+        assert!(VitConfig::preset("vit_huge", 32, 4).is_err());
+        assert_eq!(
+            VitConfig::preset("vit_small", 224, 16)
+                .unwrap()
+                .num_patches(),
+            196
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! Atomic file writes: write to a temporary file in the same folder, fsync, rename.
+//! A crash at any moment leaves either the old file or the new one, never half a file.
+use crate::error::{IoContext, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// Write `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Atomically write whatever `fill` writes into the file.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).at(dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .at(dir)?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file());
+        fill(&mut w).at(path)?;
+        w.flush().at(path)?;
+    }
+    tmp.as_file().sync_all().at(path)?;
+    tmp.persist(path)
+        .map_err(|e| crate::Error::io(path, e.error))?;
+    // fsync the directory so the rename itself survives a power cut.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).at(path)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The repository's cache folder (`.cache/`), where set-up puts libraries and data.
+/// `EHM_CACHE` overrides it; otherwise the compile-time repo root is used.
+pub fn cache_dir() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("EHM_CACHE") {
+        return p.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache")
+}

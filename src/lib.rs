@@ -1,0 +1,16 @@
+//! ehm: evolved hierarchical masking — pretrain ViTs, export to ONNX, serve with ONNX Runtime.
+//!
+//! Layers (arrows point down): tools → {train, export, infer, retrieval} → {model, masking,
+//! eval} → data. Everything that needs libtorch is behind the `train` feature.
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod fsutil;
+pub mod masking;
+#[cfg(feature = "train")]
+pub mod model;
+#[cfg(feature = "train")]
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,224 @@
+//! The merge tree of EHM (design.md §4.2): average-linkage agglomeration of 4-connected
+//! patch groups on the patch grid, driven by a patch–patch affinity.
+//!
+//! Start from single patches; repeatedly merge the two *spatially adjacent* segments whose
+//! average affinity (sum over all cross pairs / product of sizes) is highest, until one
+//! segment is left. Every prefix of the merge list is a partition into contiguous groups,
+//! and the partitions nest — that is the hierarchy the masks follow.
+
+/// A patch grid of `h × w` patches, indexed row-major.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Grid {
+    pub fn square(side: usize) -> Self {
+        Grid { h: side, w: side }
+    }
+    pub fn n(&self) -> usize {
+        self.h * self.w
+    }
+    /// 4-neighbours of patch `i`.
+    pub fn neighbours(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        let (r, c) = (i / self.w, i % self.w);
+        let up = (r > 0).then(|| i - self.w);
+        let down = (r + 1 < self.h).then(|| i + self.w);
+        let left = (c > 0).then(|| i - 1);
+        let right = (c + 1 < self.w).then(|| i + 1);
+        [up, down, left, right].into_iter().flatten()
+    }
+}
+
+/// N−1 merges; merge k joins the segments represented by patches `a` and `b`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeTree {
+    pub n: usize,
+    pub merges: Vec<(u32, u32)>,
+}
+
+/// Build the tree from a row-major `N × N` affinity (symmetrised here, so callers may pass
+/// raw attention). O(N²) memory and about O(N²·deg) time — N ≤ 1024 is fine.
+pub fn build_tree(affinity: &[f32], grid: Grid) -> MergeTree {
+    let n = grid.n();
+    assert_eq!(affinity.len(), n * n, "affinity must be N×N for the grid");
+    // sum[a][b]: total affinity between segments a and b (indexed by representative patch).
+    let mut sum = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            sum[i * n + j] = 0.5 * (affinity[i * n + j] as f64 + affinity[j * n + i] as f64);
+        }
+    }
+    let mut size = vec![1f64; n];
+    let mut nbrs: Vec<Vec<u32>> = (0..n)
+        .map(|i| grid.neighbours(i).map(|j| j as u32).collect())
+        .collect();
+    let mut merges = Vec::with_capacity(n.saturating_sub(1));
+    for _ in 1..n {
+        // The adjacent pair with the highest average linkage (ties: lowest indices, for determinism).
+        let mut best = (f64::NEG_INFINITY, u32::MAX, u32::MAX);
+        for a in 0..n {
+            for &b in &nbrs[a] {
+                let b_us = b as usize;
+                if b_us <= a {
+                    continue;
+                }
+                let link = sum[a * n + b_us] / (size[a] * size[b_us]);
+                if link > best.0 || (link == best.0 && (a as u32, b) < (best.1, best.2)) {
+                    best = (link, a as u32, b);
+                }
+            }
+        }
+        let (a, b) = (best.1 as usize, best.2 as usize);
+        assert!(
+            a != u32::MAX as usize,
+            "grid graph is connected, a pair always exists"
+        );
+        // Fold b into a.
+        for k in 0..n {
+            let v = sum[a * n + k] + sum[b * n + k];
+            sum[a * n + k] = v;
+            sum[k * n + a] = v;
+        }
+        size[a] += size[b];
+        let nb_b = std::mem::take(&mut nbrs[b]);
+        for &c in &nb_b {
+            let c = c as usize;
+            if c == a {
+                continue;
+            }
+            for x in nbrs[c].iter_mut() {
+                if *x as usize == b {
+                    *x = a as u32;
+                }
+            }
+            dedup(&mut nbrs[c]);
+            nbrs[a].push(c as u32);
+        }
+        nbrs[a].retain(|&x| x as usize != b && x as usize != a);
+        dedup(&mut nbrs[a]);
+        merges.push((a as u32, b as u32));
+    }
+    MergeTree { n, merges }
+}
+
+fn dedup(v: &mut Vec<u32>) {
+    v.sort_unstable();
+    v.dedup();
+}
+
+impl MergeTree {
+    /// The partition with `segments` groups (1 ≤ segments ≤ N): labels 0..segments per
+    /// patch, numbered in order of first appearance in raster order.
+    pub fn cut(&self, segments: usize) -> Vec<u32> {
+        let segments = segments.clamp(1, self.n.max(1));
+        let mut parent: Vec<u32> = (0..self.n as u32).collect();
+        fn find(p: &mut [u32], mut x: u32) -> u32 {
+            while p[x as usize] != x {
+                p[x as usize] = p[p[x as usize] as usize];
+                x = p[x as usize];
+            }
+            x
+        }
+        for &(a, b) in &self.merges[..self.n - segments] {
+            let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+            parent[rb as usize] = ra;
+        }
+        let mut relabel = vec![u32::MAX; self.n];
+        let mut next = 0;
+        (0..self.n as u32)
+            .map(|i| {
+                let r = find(&mut parent, i) as usize;
+                if relabel[r] == u32::MAX {
+                    relabel[r] = next;
+                    next += 1;
+                }
+                relabel[r]
+            })
+            .collect()
+    }
+}
+
+/// True when every label's patches form one 4-connected region.
+pub fn is_contiguous_partition(labels: &[u32], grid: Grid) -> bool {
+    let n = grid.n();
+    let k = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let mut seen = vec![false; n];
+    let mut regions = 0;
+    for s in 0..n {
+        if seen[s] {
+            continue;
+        }
+        regions += 1;
+        let mut stack = vec![s];
+        seen[s] = true;
+        while let Some(i) = stack.pop() {
+            for j in grid.neighbours(i) {
+                if !seen[j] && labels[j] == labels[i] {
+                    seen[j] = true;
+                    stack.push(j);
+                }
+            }
+        }
+    }
+    regions == k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_affinity(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n * n).map(|_| r.random::<f32>()).collect()
+    }
+
+    #[test]
+    fn every_level_is_a_contiguous_partition_and_levels_nest() {
+        for (side, seed) in [(4, 1), (8, 2), (7, 3)] {
+            let g = Grid::square(side);
+            let t = build_tree(&random_affinity(g.n(), seed), g);
+            assert_eq!(t.merges.len(), g.n() - 1);
+            let mut prev: Option<Vec<u32>> = None;
+            for c in (1..=g.n()).rev() {
+                let lab = t.cut(c);
+                let k = *lab.iter().max().unwrap() as usize + 1;
+                assert_eq!(k, c, "cut({c}) has {k} segments");
+                assert!(is_contiguous_partition(&lab, g), "cut({c}) not contiguous");
+                if let Some(p) = &prev {
+                    // nesting: patches together at the finer level stay together
+                    for i in 0..g.n() {
+                        for j in 0..g.n() {
+                            if p[i] == p[j] {
+                                assert_eq!(lab[i], lab[j]);
+                            }
+                        }
+                    }
+                }
+                prev = Some(lab);
+            }
+        }
+    }
+
+    #[test]
+    fn quadrant_affinity_is_recovered() {
+        let g = Grid::square(8);
+        let quad = |i: usize| (i / 8 >= 4) as usize * 2 + (i % 8 >= 4) as usize;
+        let mut a = vec![0f32; 64 * 64];
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for i in 0..64 {
+            for j in 0..64 {
+                a[i * 64 + j] =
+                    if quad(i) == quad(j) { 1.0 } else { 0.1 } + 0.05 * r.random::<f32>();
+            }
+        }
+        let lab = build_tree(&a, g).cut(4);
+        for i in 0..64 {
+            for j in 0..64 {
+                assert_eq!(lab[i] == lab[j], quad(i) == quad(j), "patches {i},{j}");
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `ehm-train bench`: the MAE step on synthetic images already on the device, the same
+//! model/batch/dtype as `shared/reference/mae_reference.py`, so images/s compare directly.
+//! EHM mode runs the full pipeline (teacher pass + merge trees overlapped with the step).
+use super::engine::Engine;
+use crate::config::{MaskingKind, PretrainConfig, VitConfig};
+use crate::data::Preprocess;
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub arch: String,
+    pub image_size: u32,
+    pub patch_size: u32,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub masking: MaskingKind,
+    pub kind: Kind,
+    pub affinity_blocks: Vec<usize>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct BenchResult {
+    pub r#impl: String,
+    pub device: String,
+    pub model: String,
+    pub img: u32,
+    pub patch: u32,
+    pub batch: usize,
+    pub masking: String,
+    pub dtype: String,
+    pub params_m: f64,
+    pub step_s_mean: f64,
+    pub images_per_s: f64,
+    pub teacher_s_mean: Option<f64>,
+    pub hierarchy_s_mean: Option<f64>,
+    pub final_loss: f64,
+}
+
+pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
+    let device = crate::model::default_device();
+    let cfg = VitConfig::preset(&o.arch, o.image_size, o.patch_size)?;
+    let pre = Preprocess::imagenet(o.image_size);
+    let mut run = PretrainConfig {
+        masking: o.masking,
+        batch_size: o.batch,
+        ..Default::default()
+    };
+    run.ehm.affinity_blocks = o.affinity_blocks.clone();
+    let mut engine = Engine::new(&cfg, &pre, &run, device, o.kind);
+    let s = o.image_size as i64;
+    let pool: Vec<Tensor> = (0..4)
+        .map(|_| Tensor::randn([o.batch as i64, 3, s, s], (Kind::Float, device)))
+        .collect();
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let total = o.warmup + o.steps;
+    let mut job = engine.mask_job(&pool[0], 0.5, 0);
+    let mut loss = Tensor::zeros([], (Kind::Float, device));
+    let mut t_start = Instant::now();
+    for i in 0..total {
+        if i == o.warmup {
+            sync();
+            t_start = Instant::now();
+        }
+        let masks = job.wait();
+        let next = engine.mask_job(&pool[(i + 1) % 4], 0.5, i as u64 + 1);
+        loss = engine.step(&pool[i % 4], &masks, 1.5e-4);
+        job = next;
+    }
+    sync();
+    let step_s = t_start.elapsed().as_secs_f64() / o.steps as f64;
+    let _ = job.wait();
+
+    // Separate timings of the EHM parts (not overlapped), for the overhead breakdown.
+    let (mut teacher_s, mut hier_s) = (None, None);
+    if o.masking == MaskingKind::Ehm {
+        let reps = 5;
+        let mut aff = Vec::new();
+        sync();
+        let t = Instant::now();
+        for i in 0..reps {
+            aff = engine.affinity_host(&pool[i % 4]);
+        }
+        teacher_s = Some(t.elapsed().as_secs_f64() / reps as f64);
+        let t = Instant::now();
+        for i in 0..reps {
+            let _ = engine.masks.sample(o.batch, 0.5, i as u64, Some(&aff));
+        }
+        hier_s = Some(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    let params: i64 = engine.flat.numel();
+    Ok(BenchResult {
+        r#impl: "ehm-tch".into(),
+        device: format!("{device:?}"),
+        model: o.arch.trim_start_matches("vit_").into(),
+        img: o.image_size,
+        patch: o.patch_size,
+        batch: o.batch,
+        masking: o.masking.to_string(),
+        dtype: match o.kind {
+            Kind::BFloat16 => "bf16".into(),
+            Kind::Half => "fp16".into(),
+            _ => "fp32".into(),
+        },
+        params_m: (params as f64 / 1e6 * 100.0).round() / 100.0,
+        step_s_mean: step_s,
+        images_per_s: o.batch as f64 / step_s,
+        teacher_s_mean: teacher_s,
+        hierarchy_s_mean: hier_s,
+        final_loss: loss.double_value(&[]),
+    })
+}

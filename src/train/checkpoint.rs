@@ -1,0 +1,101 @@
+//! Checkpoints: `checkpoint.safetensors` (fp32 weights, timm/MAE names) + `config.json`, and
+//! `resume.safetensors` (flat master, Adam moments, EMA, step). Every file is written
+//! atomically, so a kill at any moment leaves the previous set readable.
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::write_atomic;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+fn to_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
+    let t = t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
+    let shape = t.size().iter().map(|&d| d as usize).collect();
+    let v: Vec<f32> = Vec::<f32>::try_from(t.view(-1)).expect("float tensor");
+    (shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// Serialise named tensors (any kind; stored as F32) with string metadata, atomically.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let (s, b) = to_bytes(t);
+            (n.clone(), s, b)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view"),
+            )
+        })
+        .collect();
+    let mut meta = metadata;
+    meta.entry("format".into()).or_insert_with(|| "pt".into());
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+/// Read every tensor of a safetensors file as fp32 CPU tensors, plus the metadata.
+pub fn load_tensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).at(path)?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::bad_file(path, format!("not a safetensors file ({e})")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::bad_file(path, format!("not a safetensors file ({e})")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::bad_file(
+                path,
+                format!("tensor {name} is {:?}, expected F32", view.dtype()),
+            ));
+        }
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        out.insert(name, Tensor::from_slice(&data).view(shape.as_slice()));
+    }
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// Copy tensors into the variables of `vs` by name. Every variable must be present with the
+/// same shape, unless `allow_missing` names a prefix that may be absent (e.g. a decoder).
+pub fn load_into_varstore(
+    vs: &tch::nn::VarStore,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    allow_missing: &[&str],
+) -> Result<()> {
+    for (name, mut var) in vs.variables() {
+        match tensors.get(&name) {
+            Some(t) => {
+                if t.size() != var.size() {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "tensor {name} has shape {:?}, the model needs {:?}",
+                            t.size(),
+                            var.size()
+                        ),
+                    ));
+                }
+                tch::no_grad(|| var.copy_(t));
+            }
+            None if allow_missing.iter().any(|p| name.starts_with(p)) => {}
+            None => return Err(Error::bad_file(path, format!("missing tensor {name}"))),
+        }
+    }
+    Ok(())
+}

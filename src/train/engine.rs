@@ -1,0 +1,253 @@
+//! The pretraining engine: model, flat optimizer state, EMA teacher and the mask pipeline.
+//! Shared by `pretrain` (real data) and `bench` (synthetic data, timing only).
+//!
+//! Pipeline (EHM): the teacher pass for batch s+1 is queued *before* step s; its affinity is
+//! copied to the host and the merge trees are built on CPU threads while the GPU runs step s.
+//! So the hierarchy never stalls the accelerator; only the teacher's FLOPs are extra.
+use super::optim::FlatParams;
+use crate::config::{MaskingKind, PretrainConfig, TeacherKind, VitConfig};
+use crate::data::Preprocess;
+use crate::masking::{Grid, MaskBatch, MaskParams};
+use crate::model::{Encoder, Mae};
+use tch::{nn, Device, Kind, Tensor};
+
+pub struct Teacher {
+    _vs: nn::VarStore,
+    pub encoder: Encoder,
+    /// Flat copy of the EMA encoder in the compute dtype; the teacher's weights are views of it.
+    compute: Tensor,
+    /// fp32 EMA of the student's encoder (a prefix of the flat layout).
+    pub ema: Tensor,
+}
+
+impl Teacher {
+    /// Copy the EMA into the weights the teacher computes with.
+    pub fn refresh(&mut self) {
+        tch::no_grad(|| self.compute.copy_(&self.ema));
+    }
+}
+
+pub struct Engine {
+    pub device: Device,
+    pub kind: Kind,
+    pub cfg: VitConfig,
+    pub run: PretrainConfig,
+    pub vs: nn::VarStore,
+    pub model: Mae,
+    pub flat: FlatParams,
+    pub teacher: Option<Teacher>,
+    pub masks: MaskParams,
+    mean: Tensor,
+    std: Tensor,
+}
+
+/// A mask batch being built on a helper thread (or already built).
+pub enum MaskJob {
+    Ready(MaskBatch),
+    Pending(std::thread::JoinHandle<MaskBatch>),
+}
+
+impl MaskJob {
+    pub fn wait(self) -> MaskBatch {
+        match self {
+            MaskJob::Ready(m) => m,
+            MaskJob::Pending(h) => h.join().expect("mask builder thread panicked"),
+        }
+    }
+}
+
+impl Engine {
+    pub fn new(
+        cfg: &VitConfig,
+        pre: &Preprocess,
+        run: &PretrainConfig,
+        device: Device,
+        kind: Kind,
+    ) -> Self {
+        tch::manual_seed(run.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = Mae::new(&vs.root(), cfg);
+        let flat = FlatParams::new(&vs, kind);
+        let teacher = (run.masking == MaskingKind::Ehm && run.ehm.teacher == TeacherKind::Ema)
+            .then(|| {
+                let tvs = nn::VarStore::new(device);
+                let encoder = Encoder::new(&tvs.root(), cfg);
+                let tflat = FlatParams::new(&tvs, kind);
+                assert_eq!(
+                    tflat.numel(),
+                    flat.encoder_numel(),
+                    "teacher layout = student encoder prefix"
+                );
+                let ema = flat.master.narrow(0, 0, flat.encoder_numel()).copy();
+                let compute = tflat
+                    .compute
+                    .as_ref()
+                    .unwrap_or(&tflat.master)
+                    .shallow_clone();
+                tch::no_grad(|| {
+                    compute.shallow_clone().copy_(&ema);
+                    for (_, t) in tvs.variables() {
+                        let _ = t.set_requires_grad(false);
+                    }
+                });
+                Teacher {
+                    _vs: tvs,
+                    encoder,
+                    compute,
+                    ema,
+                }
+            });
+        let masks = MaskParams {
+            kind: run.masking,
+            grid: Grid::square(cfg.grid()),
+            mask_ratio: run.mask_ratio,
+            ehm: run.ehm.clone(),
+            seed: run.seed,
+        };
+        let stat = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
+        Engine {
+            device,
+            kind,
+            cfg: cfg.clone(),
+            run: run.clone(),
+            vs,
+            model,
+            flat,
+            teacher,
+            masks,
+            mean: stat(pre.mean),
+            std: stat(pre.std),
+        }
+    }
+
+    /// CHW bytes → normalised fp32 `[B, 3, H, W]` on the device (async copy from pinned memory).
+    pub fn upload(&self, pixels: &[u8], batch: usize) -> Tensor {
+        let s = self.cfg.image_size as i64;
+        let t = Tensor::from_slice(pixels).view([batch as i64, 3, s, s]);
+        let t = self.to_device(t);
+        (t.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
+    }
+
+    /// Host → device without blocking the host (pinned staging) on CUDA.
+    pub fn to_device(&self, t: Tensor) -> Tensor {
+        match self.device {
+            Device::Cpu => t,
+            d => t.pin_memory(d).to_device_(d, t.kind(), true, false),
+        }
+    }
+
+    /// Teacher affinity for a batch, on the host, `[B·N·N]`.
+    pub fn affinity_host(&self, imgs: &Tensor) -> Vec<f32> {
+        let blocks = &self.run.ehm.affinity_blocks;
+        let a = tch::no_grad(|| match &self.teacher {
+            Some(t) => t.encoder.affinity(imgs, blocks),
+            None => self.model.encoder.affinity(imgs, blocks),
+        });
+        // half precision on the wire halves the copy; the merge tree only needs the order.
+        let a = if self.device == Device::Cpu {
+            a
+        } else {
+            a.to_kind(Kind::Half)
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+        };
+        Vec::<f32>::try_from(a.contiguous().view(-1)).expect("float affinity")
+    }
+
+    /// Start building the masks for `imgs` at progress `t`, step `step`.
+    pub fn mask_job(&self, imgs: &Tensor, t: f64, step: u64) -> MaskJob {
+        let batch = imgs.size()[0] as usize;
+        if self.masks.kind != MaskingKind::Ehm {
+            return MaskJob::Ready(self.masks.sample(batch, t, step, None));
+        }
+        let aff = self.affinity_host(imgs);
+        let params = self.masks.clone();
+        MaskJob::Pending(std::thread::spawn(move || {
+            params.sample(batch, t, step, Some(&aff))
+        }))
+    }
+
+    /// Mask index tensors on the device.
+    pub fn mask_tensors(&self, m: &MaskBatch) -> (Tensor, Tensor, Tensor) {
+        let (b, n, k) = (m.batch as i64, m.n as i64, m.keep as i64);
+        (
+            self.to_device(Tensor::from_slice(&m.ids_keep).view([b, k])),
+            self.to_device(Tensor::from_slice(&m.ids_restore).view([b, n])),
+            self.to_device(Tensor::from_slice(&m.mask).view([b, n])),
+        )
+    }
+
+    /// One optimizer step. Returns the (detached, device) loss; never syncs the host.
+    pub fn step(&mut self, imgs: &Tensor, masks: &MaskBatch, lr: f64) -> Tensor {
+        let (keep, restore, mask) = self.mask_tensors(masks);
+        let loss = self
+            .model
+            .forward_loss(imgs, &keep, &restore, &mask, self.run.norm_pix_loss);
+        let grad = self.flat.flat_grad(&loss);
+        let _ = self.flat.adamw_step(
+            grad,
+            lr,
+            self.run.weight_decay,
+            self.run.clip_grad,
+            (0.9, 0.95),
+        );
+        if let Some(t) = &mut self.teacher {
+            let decay = 0.5f64.powf(1.0 / self.run.ehm.ema_half_life_steps);
+            let n = t.ema.size()[0];
+            let _ = tch::no_grad(|| t.ema.lerp_(&self.flat.master.narrow(0, 0, n), 1.0 - decay));
+            t.refresh();
+        }
+        loss.detach()
+    }
+
+    /// Learning rate at `step` of `total`: linear warm-up, then half-cycle cosine (MAE).
+    pub fn lr_at(&self, step: u64, total: u64, warmup: u64) -> f64 {
+        let base = self.run.blr * self.run.batch_size as f64 / 256.0;
+        let s = step as f64;
+        if s < warmup as f64 {
+            return base * (s + 1.0) / warmup as f64;
+        }
+        let p = (s - warmup as f64) / ((total - warmup).max(1) as f64);
+        self.run.min_lr
+            + (base - self.run.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
+    }
+
+    /// Encoder class-token features for kNN, L2-normalised, on the host.
+    pub fn features(&self, imgs: &Tensor) -> Vec<f32> {
+        let f = tch::no_grad(|| {
+            self.model
+                .encoder
+                .forward_features(imgs)
+                .select(1, 0)
+                .to_kind(Kind::Float)
+        });
+        let f = &f / f.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12);
+        Vec::<f32>::try_from(f.to_device(Device::Cpu).contiguous().view(-1))
+            .expect("float features")
+    }
+
+    /// Named fp32 weights for a checkpoint: master slices + fixed buffers.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self
+            .flat
+            .slots
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    self.flat
+                        .master
+                        .narrow(0, s.offset, s.numel)
+                        .view(s.shape.as_slice()),
+                )
+            })
+            .collect();
+        for (name, t) in self.vs.variables() {
+            if !t.requires_grad() {
+                out.push((name, t.to_kind(Kind::Float)));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}

@@ -1,0 +1,295 @@
+//! ehm-train: pretrain ViTs with evolved hierarchical masking (and baselines); benchmark steps.
+//! A thin front: parse flags, call the library, print. All work lives in `ehm::train`.
+use clap::{Args, Parser, Subcommand};
+use ehm::config::{MaskingKind, TeacherKind, ZooEntry};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ehm-train",
+    version,
+    about = "Pretrain ViT backbones with evolved hierarchical masking (EHM), MAE-style"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// MAE pretraining with random | block | grid | ehm masking. Re-running the same command resumes.
+    Pretrain(PretrainArgs),
+    /// Time the MAE step on synthetic data (compare with shared/reference/mae_reference.py)
+    Bench(BenchArgs),
+    /// Heads: linear probe (not built yet)
+    Probe,
+    /// Heads: fine-tuning (not built yet)
+    Finetune,
+    /// Heads: segmentation (not built yet)
+    Segment,
+}
+
+#[derive(Args)]
+struct PretrainArgs {
+    /// Zoo entry name (models/NAME.toml) or a TOML path
+    #[arg(long, default_value = "vit_tiny_p4_fmnist")]
+    model: String,
+    /// Output folder (checkpoint, config.json, metrics.jsonl, masks.png)
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Data set: fashion-mnist:train, cifar:DIR[:train], folder:DIR, photos (default: the entry's)
+    #[arg(long)]
+    data: Option<String>,
+    /// Use a fixed seeded subset of this many images
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Base learning rate (lr = blr × batch / 256)
+    #[arg(long)]
+    blr: Option<f64>,
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
+    #[arg(long, value_enum)]
+    masking: Option<MaskingKind>,
+    #[arg(long)]
+    mask_ratio: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// EHM teacher: ema or student
+    #[arg(long)]
+    teacher: Option<String>,
+    /// EMA half-life in optimizer steps
+    #[arg(long)]
+    ema_half_life: Option<f64>,
+    /// Encoder blocks whose attention forms the affinity, e.g. 0,1,2 (default: all)
+    #[arg(long, value_delimiter = ',')]
+    affinity_blocks: Option<Vec<usize>>,
+    /// Save a checkpoint every N steps (and at the end)
+    #[arg(long, default_value_t = 500)]
+    save_every: u64,
+    #[arg(long, default_value_t = 50)]
+    log_every: u64,
+    /// kNN monitor every N epochs (0 = at the end only, -1 = never)
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    knn_every: f64,
+    #[arg(long)]
+    knn_train: Option<String>,
+    #[arg(long)]
+    knn_test: Option<String>,
+    #[arg(long, default_value_t = 10000)]
+    knn_train_limit: usize,
+    #[arg(long, default_value_t = 2000)]
+    knn_test_limit: usize,
+    /// Data-loading threads
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Compute dtype: fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Discard an existing run in --out instead of resuming it
+    #[arg(long)]
+    fresh: bool,
+    /// Print the summary as JSON instead of a table
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    #[arg(long, default_value_t = 224)]
+    img: u32,
+    #[arg(long, default_value_t = 16)]
+    patch: u32,
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    #[arg(long, value_enum, default_value_t = MaskingKind::Random)]
+    masking: MaskingKind,
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, value_delimiter = ',')]
+    affinity_blocks: Option<Vec<usize>>,
+    /// Also append the JSON line to this file
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn kind(s: &str) -> ehm::Result<tch::Kind> {
+    match s {
+        "fp32" | "float32" => Ok(tch::Kind::Float),
+        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
+        _ => Err(ehm::Error::Config(format!(
+            "--dtype must be fp32 or bf16, got '{s}'"
+        ))),
+    }
+}
+
+fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
+    let mut e = ZooEntry::find(&a.model)?;
+    let p = &mut e.pretrain;
+    if let Some(v) = a.data {
+        p.data = v;
+    }
+    if let Some(v) = a.limit {
+        p.limit = v;
+    }
+    if let Some(v) = a.epochs {
+        p.epochs = v;
+    }
+    if let Some(v) = a.batch_size {
+        p.batch_size = v;
+    }
+    if let Some(v) = a.blr {
+        p.blr = v;
+    }
+    if let Some(v) = a.warmup_epochs {
+        p.warmup_epochs = v;
+    }
+    if let Some(v) = a.masking {
+        p.masking = v;
+    }
+    if let Some(v) = a.mask_ratio {
+        p.mask_ratio = v;
+    }
+    if let Some(v) = a.seed {
+        p.seed = v;
+    }
+    if let Some(v) = a.ema_half_life {
+        p.ehm.ema_half_life_steps = v;
+    }
+    if let Some(v) = a.affinity_blocks {
+        p.ehm.affinity_blocks = v;
+    }
+    if let Some(t) = a.teacher {
+        p.ehm.teacher = match t.as_str() {
+            "ema" => TeacherKind::Ema,
+            "student" => TeacherKind::Student,
+            _ => {
+                return Err(ehm::Error::Config(format!(
+                    "--teacher must be ema or student, got '{t}'"
+                )))
+            }
+        };
+    }
+    let depth = e.vit()?.depth as usize;
+    if let Some(b) = e.pretrain.ehm.affinity_blocks.iter().find(|&&b| b >= depth) {
+        return Err(ehm::Error::Config(format!(
+            "--affinity-blocks: block {b} does not exist (the encoder has {depth})"
+        )));
+    }
+    let opts = ehm::train::PretrainOptions {
+        out: a.out,
+        save_every: a.save_every.max(1),
+        log_every: a.log_every.max(1),
+        knn_every: a.knn_every,
+        knn_train: a.knn_train,
+        knn_test: a.knn_test,
+        knn_limit: (a.knn_train_limit, a.knn_test_limit),
+        workers: a.workers,
+        dtype: a.dtype.as_deref().map(kind).transpose()?,
+        fresh: a.fresh,
+        progress: !a.no_progress,
+    };
+    let s = ehm::train::pretrain(&e, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s).unwrap());
+    } else {
+        println!(
+            "pretraining finished ({} masking on {})",
+            s.masking, s.device
+        );
+        let rows = [
+            (
+                "steps",
+                format!(
+                    "{} ({:.2} epochs of {} images)",
+                    s.steps, s.epochs, s.images
+                ),
+            ),
+            (
+                "resumed from step",
+                s.resumed_from.map_or("-".into(), |v| v.to_string()),
+            ),
+            (
+                "final loss",
+                s.final_loss.map_or("-".into(), |v| format!("{v:.4}")),
+            ),
+            (
+                "kNN top-1",
+                s.knn_top1
+                    .map_or("-".into(), |v| format!("{:.2} %", 100.0 * v)),
+            ),
+            ("throughput", format!("{:.1} images/s", s.images_per_s)),
+            ("time", format!("{:.1} s", s.seconds)),
+            ("checkpoint", s.checkpoint.display().to_string()),
+            (
+                "mask picture",
+                s.mask_picture
+                    .as_ref()
+                    .map_or("-".into(), |p| p.display().to_string()),
+            ),
+            ("metrics", s.out.join("metrics.jsonl").display().to_string()),
+        ];
+        for (k, v) in rows {
+            println!("  {k:<18} {v}");
+        }
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> ehm::Result<()> {
+    let o = ehm::train::bench::BenchOptions {
+        arch: format!("vit_{}", a.model),
+        image_size: a.img,
+        patch_size: a.patch,
+        batch: a.batch,
+        steps: a.steps,
+        warmup: a.warmup,
+        masking: a.masking,
+        kind: kind(&a.dtype)?,
+        affinity_blocks: a.affinity_blocks.unwrap_or_default(),
+    };
+    let r = ehm::train::bench::bench(&o)?;
+    let line = serde_json::to_string(&r).unwrap();
+    println!("{line}");
+    if let Some(p) = a.json {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| ehm::Error::io(&p, e))?;
+        writeln!(f, "{line}").map_err(|e| ehm::Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Pretrain(a) => pretrain(a),
+        Cmd::Bench(a) => bench(a),
+        Cmd::Probe | Cmd::Finetune | Cmd::Segment => {
+            eprintln!("ehm-train: this subcommand is not built yet (see the issue tracker)");
+            return ExitCode::from(2);
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

