@@ -256,7 +256,9 @@ impl ZooEntry {
         if p.extension().is_some_and(|e| e == "toml") || p.exists() {
             return Self::load(p);
         }
-        let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let zoo = std::env::var("EHM_MODELS")
+            .map(Into::into)
+            .unwrap_or_else(|_| crate::fsutil::project_dir("models"));
         let cand = zoo.join(format!("{name_or_path}.toml"));
         if cand.exists() {
             return Self::load(&cand);
@@ -303,7 +305,9 @@ mod tests {
 
     #[test]
     fn zoo_entries_parse() {
-        let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let zoo = std::env::var("EHM_MODELS")
+            .map(Into::into)
+            .unwrap_or_else(|_| crate::fsutil::project_dir("models"));
         let mut n = 0;
         for e in std::fs::read_dir(&zoo).unwrap() {
             let p = e.unwrap().path();

@@ -53,5 +53,15 @@ pub fn cache_dir() -> std::path::PathBuf {
     if let Ok(p) = std::env::var("EHM_CACHE") {
         return p.into();
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache")
+    project_dir(".cache")
+}
+
+/// A folder of the project (`models`, `.cache`): in the current directory when it has one
+/// (a copied checkout), else in the checkout the binary was built from.
+pub fn project_dir(name: &str) -> std::path::PathBuf {
+    let here = Path::new(name);
+    if here.is_dir() {
+        return here.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
 }

@@ -30,6 +30,8 @@ pub struct BenchResult {
     pub patch: u32,
     pub batch: usize,
     pub masking: String,
+    /// Encoder blocks whose attention forms the EHM affinity (empty = all).
+    pub affinity_blocks: Vec<usize>,
     pub dtype: String,
     pub params_m: f64,
     pub step_s_mean: f64,
@@ -103,6 +105,7 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
         patch: o.patch_size,
         batch: o.batch,
         masking: o.masking.to_string(),
+        affinity_blocks: o.affinity_blocks.clone(),
         dtype: match o.kind {
             Kind::BFloat16 => "bf16".into(),
             Kind::Half => "fp16".into(),

@@ -132,17 +132,14 @@ impl Engine {
     pub fn to_device(&self, t: Tensor) -> Tensor {
         match self.device {
             Device::Cpu => t,
-            d => t.pin_memory(d).to_device_(d, t.kind(), true, false),
+            // `_pin_memory` is the op behind `pin_memory`, without its per-call deprecation warning.
+            d => t.internal_pin_memory(d).to_device_(d, t.kind(), true, false),
         }
     }
 
     /// Teacher affinity for a batch, on the host, `[B·N·N]`.
     pub fn affinity_host(&self, imgs: &Tensor) -> Vec<f32> {
-        let blocks = &self.run.ehm.affinity_blocks;
-        let a = tch::no_grad(|| match &self.teacher {
-            Some(t) => t.encoder.affinity(imgs, blocks),
-            None => self.model.encoder.affinity(imgs, blocks),
-        });
+        let a = self.affinity_device(imgs);
         // half precision on the wire halves the copy; the merge tree only needs the order.
         let a = if self.device == Device::Cpu {
             a
@@ -154,15 +151,38 @@ impl Engine {
         Vec::<f32>::try_from(a.contiguous().view(-1)).expect("float affinity")
     }
 
+    /// Teacher affinity `[B, N, N]` on the device (EMA teacher, or the student without grad).
+    pub fn affinity_device(&self, imgs: &Tensor) -> Tensor {
+        let blocks = &self.run.ehm.affinity_blocks;
+        tch::no_grad(|| match &self.teacher {
+            Some(t) => t.encoder.affinity(imgs, blocks),
+            None => self.model.encoder.affinity(imgs, blocks),
+        })
+    }
+
     /// Start building the masks for `imgs` at progress `t`, step `step`.
     pub fn mask_job(&self, imgs: &Tensor, t: f64, step: u64) -> MaskJob {
         let batch = imgs.size()[0] as usize;
-        if self.masks.kind != MaskingKind::Ehm {
-            return MaskJob::Ready(self.masks.sample(batch, t, step, None));
-        }
-        let aff = self.affinity_host(imgs);
+        // Every strategy samples on a helper thread, one step ahead, off the launch thread.
         let params = self.masks.clone();
+        if self.masks.kind != MaskingKind::Ehm {
+            return MaskJob::Pending(std::thread::spawn(move || params.sample(batch, t, step, None)));
+        }
+        if self.device == Device::Cpu {
+            let aff = self.affinity_host(imgs);
+            return MaskJob::Pending(std::thread::spawn(move || params.sample(batch, t, step, Some(&aff))));
+        }
+        // On CUDA the affinity goes to pinned host memory asynchronously; the helper thread
+        // waits for it, so the launch thread can queue the training step at once.
+        let aff = self.affinity_device(imgs).to_kind(Kind::Half);
+        let host = aff.to_device_(Device::Cpu, Kind::Half, true, false);
+        let dev = match self.device {
+            Device::Cuda(i) => i as i64,
+            _ => 0,
+        };
         MaskJob::Pending(std::thread::spawn(move || {
+            tch::Cuda::synchronize(dev);
+            let aff = Vec::<f32>::try_from(host.to_kind(Kind::Float).view(-1)).expect("float affinity");
             params.sample(batch, t, step, Some(&aff))
         }))
     }

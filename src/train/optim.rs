@@ -155,11 +155,9 @@ impl FlatParams {
             let _ = self.v.addcmul_(&(&grad * (1.0 - b2)), &grad);
             let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
             let denom = (self.v.sqrt() / bc2.sqrt()) + eps;
-            // decoupled decay: p -= lr·wd·p (only where wd_mask is 1)
-            let decay = &self.wd_mask * (-lr * weight_decay) + 1.0;
-            self.master *= decay;
-            let upd = (&self.m / denom) * (-lr / bc1);
-            self.master += upd;
+            // decoupled decay: p -= lr·wd·p (only where wd_mask is 1), then the Adam update
+            let _ = self.master.addcmul_(&(&self.wd_mask * (-lr * weight_decay)), &self.master.shallow_clone());
+            let _ = self.master.addcdiv_(&(&self.m * (-lr / bc1)), &denom);
             if let Some(c) = &mut self.compute {
                 c.copy_(&self.master);
             }
