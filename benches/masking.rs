@@ -13,7 +13,13 @@ fn bench(c: &mut Criterion) {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let aff: Vec<f32> = (0..256 * n * n).map(|_| r.random()).collect();
         for kind in [MaskingKind::Random, MaskingKind::Block, MaskingKind::Ehm] {
-            let p = MaskParams { kind, grid: Grid::square(side), mask_ratio: 0.75, ehm: EhmConfig::default(), seed: 1 };
+            let p = MaskParams {
+                kind,
+                grid: Grid::square(side),
+                mask_ratio: 0.75,
+                ehm: EhmConfig::default(),
+                seed: 1,
+            };
             g.bench_with_input(BenchmarkId::new(kind.to_string(), n), &n, |b, _| {
                 b.iter(|| p.sample(256, 0.5, 3, Some(&aff)))
             });

@@ -127,6 +127,8 @@ pub struct EhmConfig {
     pub ema_half_life_steps: f64,
     /// Encoder blocks whose attention is summed into the affinity; empty = all.
     pub affinity_blocks: Vec<usize>,
+    /// Normalisation of the symmetrised attention before the merge tree.
+    pub affinity_norm: crate::masking::AffinityNorm,
     /// Segments at t = 0, as a fraction of N (design: ≈ N/4).
     pub start_segments_frac: f64,
     /// Segments at t = 1 (design: ≈ 8).
@@ -141,6 +143,7 @@ impl Default for EhmConfig {
             teacher: TeacherKind::Ema,
             ema_half_life_steps: 200.0,
             affinity_blocks: vec![],
+            affinity_norm: crate::masking::AffinityNorm::Degree,
             start_segments_frac: 0.25,
             end_segments: 8,
             grid_cell: 2,

@@ -46,15 +46,20 @@ impl Error {
     pub fn bad_file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::BadFile {
             path: path.as_ref().to_path_buf(),
-            msg: msg.into(),
+            msg: one_line(&msg.into()),
         }
     }
     pub fn bad_image(path: impl AsRef<Path>, msg: impl ToString) -> Self {
         Error::BadImage {
             path: path.as_ref().to_path_buf(),
-            msg: msg.to_string(),
+            msg: one_line(&msg.to_string()),
         }
     }
+}
+
+/// Decoder messages sometimes span lines; a user gets one line per problem.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Attach the path to an io::Error.

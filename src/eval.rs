@@ -3,10 +3,8 @@
 /// Weighted kNN classification (DINO): cosine similarity on L2-normalised features, top-k
 /// neighbours vote with weight exp(sim / T). Returns top-1 accuracy on the query set.
 pub fn knn_top1(
-    train: &[f32],
-    train_labels: &[usize],
-    test: &[f32],
-    test_labels: &[usize],
+    (train, train_labels): (&[f32], &[usize]),
+    (test, test_labels): (&[f32], &[usize]),
     dim: usize,
     classes: usize,
     k: usize,
@@ -61,11 +59,11 @@ mod tests {
         let labels = vec![0, 1];
         let test = vec![0.9, 0.1, 0.1, 0.9];
         assert_eq!(
-            knn_top1(&train, &labels, &test, &[0, 1], 2, 2, 1, 0.07),
+            knn_top1((&train, &labels), (&test, &[0, 1]), 2, 2, 1, 0.07),
             1.0
         );
         assert_eq!(
-            knn_top1(&train, &labels, &test, &[1, 0], 2, 2, 1, 0.07),
+            knn_top1((&train, &labels), (&test, &[1, 0]), 2, 2, 1, 0.07),
             0.0
         );
     }

@@ -8,7 +8,7 @@ fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ehm-train"))
 }
 
-/// 256 CIFAR-10 records: simple shapes (bars at class-dependent positions) so MAE can learn.
+/// 320 CIFAR-10 records (256 distinct): simple shapes (bars at class-dependent positions) so MAE can learn.
 fn write_cifar(dir: &Path) {
     let mut bytes = Vec::new();
     for i in 0..256u32 {
@@ -28,7 +28,12 @@ fn write_cifar(dir: &Path) {
             }
         }
     }
-    std::fs::write(dir.join("data_batch_1.bin"), &bytes).unwrap();
+    // CIFAR-10 layout: five training batches (here 64 images each) and a test batch.
+    let rec = 3073;
+    for (k, chunk) in bytes.chunks(64 * rec).enumerate().take(4) {
+        std::fs::write(dir.join(format!("data_batch_{}.bin", k + 1)), chunk).unwrap();
+    }
+    std::fs::write(dir.join("data_batch_5.bin"), &bytes[..64 * rec]).unwrap();
     std::fs::write(dir.join("test_batch.bin"), &bytes[..64 * 3073]).unwrap();
 }
 
@@ -61,17 +66,32 @@ masking = "ehm"
 
 fn base_cmd(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(exe());
-    c.args(["pretrain", "--model"]).arg(model).arg("--data").arg(format!("cifar:{}:train", data.display()));
+    c.args(["pretrain", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(format!("cifar:{}:train", data.display()));
     c.arg("--out").arg(out);
-    c.args(["--no-progress", "--json", "--knn-every", "-1", "--workers", "1"]);
+    c.args([
+        "--no-progress",
+        "--json",
+        "--knn-every",
+        "-1",
+        "--workers",
+        "1",
+    ]);
     c.args(extra);
     c.env("EHM_DEVICE", "cpu");
     c
 }
 
 fn json_out(o: &std::process::Output) -> serde_json::Value {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 #[test]
@@ -81,9 +101,16 @@ fn trains_and_the_loss_falls_for_every_strategy() {
     let model = write_model(d.path());
     for masking in ["random", "block", "grid", "ehm"] {
         let out = d.path().join(masking);
-        let o = base_cmd(&model, d.path(), &out, &["--epochs", "8", "--masking", masking, "--log-every", "8"]).output().unwrap();
+        let o = base_cmd(
+            &model,
+            d.path(),
+            &out,
+            &["--epochs", "8", "--masking", masking, "--log-every", "8"],
+        )
+        .output()
+        .unwrap();
         let s = json_out(&o);
-        assert_eq!(s["steps"], 64);
+        assert_eq!(s["steps"], 80);
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()
             .lines()
@@ -91,9 +118,13 @@ fn trains_and_the_loss_falls_for_every_strategy() {
             .collect();
         let losses: Vec<f64> = lines.iter().filter_map(|l| l["loss"].as_f64()).collect();
         assert!(losses.len() >= 8);
-        assert!(losses.last().unwrap() < &(losses[0] * 0.9), "{masking}: loss did not fall: {losses:?}");
+        assert!(
+            losses.last().unwrap() < &(losses[0] * 0.9),
+            "{masking}: loss did not fall: {losses:?}"
+        );
         assert!(out.join("masks.png").exists() && out.join("checkpoint.safetensors").exists());
-        let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["pretrain"]["masking"], masking);
     }
 }
@@ -105,31 +136,48 @@ fn kill_9_then_rerun_resumes_to_the_same_end() {
     let model = write_model(d.path());
     let out = d.path().join("run");
     let args = ["--epochs", "12", "--save-every", "5", "--log-every", "1"];
-    let mut child = base_cmd(&model, d.path(), &out, &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = base_cmd(&model, d.path(), &out, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     // Kill once the first checkpoint exists, plus a little, mid-step.
     let t0 = Instant::now();
     while !out.join("resume.safetensors").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(150));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let s = json_out(&base_cmd(&model, d.path(), &out, &args).output().unwrap());
-    let resumed = s["resumed_from"].as_u64().expect("the second run must resume");
+    let resumed = s["resumed_from"]
+        .as_u64()
+        .expect("the second run must resume");
     assert!(resumed >= 5 && resumed % 5 == 0, "resumed from {resumed}");
-    assert_eq!(s["steps"], 96);
+    assert_eq!(s["steps"], 120);
     // metrics: one line per step, no duplicates, ending at the last step
     let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64().map(|_| l.to_string()))
-        .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap()["step"].as_u64().unwrap())
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok()?["loss"]
+                .as_f64()
+                .map(|_| l.to_string())
+        })
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(&l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
-    assert_eq!(steps, (1..=96).collect::<Vec<_>>());
+    assert_eq!(steps, (1..=120).collect::<Vec<_>>());
     // A third run finds the work done and does not train again.
     let s = json_out(&base_cmd(&model, d.path(), &out, &args).output().unwrap());
-    assert_eq!(s["resumed_from"], 96);
+    assert_eq!(s["resumed_from"], 120);
 }
 
 #[test]
@@ -138,12 +186,35 @@ fn a_different_run_in_the_same_folder_is_refused() {
     write_cifar(d.path());
     let model = write_model(d.path());
     let out = d.path().join("run");
-    json_out(&base_cmd(&model, d.path(), &out, &["--epochs", "1"]).output().unwrap());
-    let o = base_cmd(&model, d.path(), &out, &["--epochs", "1", "--masking", "random"]).output().unwrap();
+    json_out(
+        &base_cmd(&model, d.path(), &out, &["--epochs", "1"])
+            .output()
+            .unwrap(),
+    );
+    let o = base_cmd(
+        &model,
+        d.path(),
+        &out,
+        &["--epochs", "1", "--masking", "random"],
+    )
+    .output()
+    .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("different run") && err.contains("--fresh"), "{err}");
-    json_out(&base_cmd(&model, d.path(), &out, &["--epochs", "1", "--masking", "random", "--fresh"]).output().unwrap());
+    assert!(
+        err.contains("different run") && err.contains("--fresh"),
+        "{err}"
+    );
+    json_out(
+        &base_cmd(
+            &model,
+            d.path(),
+            &out,
+            &["--epochs", "1", "--masking", "random", "--fresh"],
+        )
+        .output()
+        .unwrap(),
+    );
 }
 
 #[test]
@@ -152,19 +223,44 @@ fn exploding_loss_stops_and_keeps_the_last_good_checkpoint() {
     write_cifar(d.path());
     let model = write_model(d.path());
     let out = d.path().join("run");
-    let o = base_cmd(&model, d.path(), &out, &["--epochs", "4", "--blr", "1e30", "--warmup-epochs", "0", "--save-every", "1"]).output().unwrap();
+    let o = base_cmd(
+        &model,
+        d.path(),
+        &out,
+        &[
+            "--epochs",
+            "4",
+            "--blr",
+            "1e30",
+            "--warmup-epochs",
+            "0",
+            "--save-every",
+            "1",
+        ],
+    )
+    .output()
+    .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("loss became") && err.contains("at step"), "{err}");
+    assert!(
+        err.contains("loss became") && err.contains("at step"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    assert!(out.join("checkpoint.safetensors").exists(), "the checkpoint of the last good step is kept");
+    assert!(
+        out.join("checkpoint.safetensors").exists(),
+        "the checkpoint of the last good step is kept"
+    );
 }
 
 #[test]
 fn bad_inputs_are_one_line_errors() {
     let d = tempfile::tempdir().unwrap();
     let model = write_model(d.path());
-    for (data, want) in [("nonsense:thing", "unknown data set"), ("cifar:/nonexistent/dir", "no CIFAR")] {
+    for (data, want) in [
+        ("nonsense:thing", "unknown data set"),
+        ("cifar:/nonexistent/dir", "no CIFAR"),
+    ] {
         let o = Command::new(exe())
             .args(["pretrain", "--model"])
             .arg(&model)
@@ -175,8 +271,14 @@ fn bad_inputs_are_one_line_errors() {
             .unwrap();
         assert_eq!(o.status.code(), Some(1));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.starts_with("error: ") && err.contains(want) && err.trim().lines().count() == 1, "{err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(want) && err.trim().lines().count() == 1,
+            "{err}"
+        );
     }
-    let o = Command::new(exe()).args(["pretrain", "--model", "no_such_entry", "--out", "/tmp/x"]).output().unwrap();
+    let o = Command::new(exe())
+        .args(["pretrain", "--model", "no_such_entry", "--out", "/tmp/x"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("no zoo entry"));
 }

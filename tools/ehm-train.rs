@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// MAE pretraining with random | block | grid | ehm masking. Re-running the same command resumes.
-    Pretrain(PretrainArgs),
+    Pretrain(Box<PretrainArgs>),
     /// Time the MAE step on synthetic data (compare with shared/reference/mae_reference.py)
     Bench(BenchArgs),
     /// Heads: linear probe (not built yet)
@@ -68,6 +68,9 @@ struct PretrainArgs {
     /// Encoder blocks whose attention forms the affinity, e.g. 0,1,2 (default: all)
     #[arg(long, value_delimiter = ',')]
     affinity_blocks: Option<Vec<usize>>,
+    /// Affinity normalisation before the merge tree: degree (default) or none
+    #[arg(long)]
+    affinity_norm: Option<String>,
     /// Save a checkpoint every N steps (and at the end)
     #[arg(long, default_value_t = 500)]
     save_every: u64,
@@ -170,6 +173,17 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     }
     if let Some(v) = a.affinity_blocks {
         p.ehm.affinity_blocks = v;
+    }
+    if let Some(n) = a.affinity_norm {
+        p.ehm.affinity_norm = match n.as_str() {
+            "degree" => ehm::masking::AffinityNorm::Degree,
+            "none" => ehm::masking::AffinityNorm::None,
+            _ => {
+                return Err(ehm::Error::Config(format!(
+                    "--affinity-norm must be degree or none, got '{n}'"
+                )))
+            }
+        };
     }
     if let Some(t) = a.teacher {
         p.ehm.teacher = match t.as_str() {
@@ -278,7 +292,7 @@ fn bench(a: BenchArgs) -> ehm::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Pretrain(a) => pretrain(a),
+        Cmd::Pretrain(a) => pretrain(*a),
         Cmd::Bench(a) => bench(a),
         Cmd::Probe | Cmd::Finetune | Cmd::Segment => {
             eprintln!("ehm-train: this subcommand is not built yet (see the issue tracker)");

@@ -1,4 +1,4 @@
-//! The natural-photo collection: JPEG photos inside GCompris `.rcc` bundles plus the
+//! The natural-photo collection: WebP/JPEG photos inside GCompris `.rcc` bundles plus the
 //! wallpaper packages, extracted once into `.cache/photos/` (flat, content-named).
 use super::image_io::{dimensions, has_image_extension};
 use super::rcc::read_rcc;
@@ -41,11 +41,11 @@ pub fn collect(cache: &Path) -> Result<PathBuf> {
         let (entries, _) = read_rcc(b)?;
         let stem = b.file_stem().unwrap().to_string_lossy().into_owned();
         for e in entries {
-            let lower = e.path.to_ascii_lowercase();
-            if !(lower.ends_with(".jpg") || lower.ends_with(".jpeg")) {
+            // The GCompris photos are WebP (a few JPEG/PNG); drawings are SVG and skipped here.
+            if !has_image_extension(Path::new(&e.path)) {
                 continue;
             }
-            if !dimensions(&e.data).is_some_and(|(w, h)| w.min(h) >= MIN_SIDE) {
+            if dimensions(&e.data).is_none_or(|(w, h)| w.min(h) < MIN_SIDE) {
                 continue;
             }
             let name = format!("gcompris_{stem}_{}", e.path.replace('/', "_"));
@@ -63,7 +63,7 @@ pub fn collect(cache: &Path) -> Result<PathBuf> {
                 continue;
             }
             let bytes = std::fs::read(&p).at(&p)?;
-            if !dimensions(&bytes).is_some_and(|(w, h)| w.min(h) >= MIN_SIDE) {
+            if dimensions(&bytes).is_none_or(|(w, h)| w.min(h) < MIN_SIDE) {
                 continue;
             }
             let rel = p

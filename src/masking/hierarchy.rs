@@ -38,16 +38,46 @@ pub struct MergeTree {
     pub merges: Vec<(u32, u32)>,
 }
 
+/// How the symmetrised attention is turned into the affinity the tree merges on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AffinityNorm {
+    /// Use `S = (A + Aᵀ)/2` as is.
+    None,
+    /// `S[i,j] / sqrt(d_i · d_j)` with `d` the row sums of `S` (as in normalised cuts). Softmax
+    /// attention has "sink" patches that every patch attends to; without this they pull the
+    /// whole image into one segment, leaving the object as single patches.
+    Degree,
+}
+
 /// Build the tree from a row-major `N × N` affinity (symmetrised here, so callers may pass
 /// raw attention). O(N²) memory and about O(N²·deg) time — N ≤ 1024 is fine.
-pub fn build_tree(affinity: &[f32], grid: Grid) -> MergeTree {
+pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree {
     let n = grid.n();
     assert_eq!(affinity.len(), n * n, "affinity must be N×N for the grid");
     // sum[a][b]: total affinity between segments a and b (indexed by representative patch).
     let mut sum = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..n {
-            sum[i * n + j] = 0.5 * (affinity[i * n + j] as f64 + affinity[j * n + i] as f64);
+            let v = 0.5 * (affinity[i * n + j] as f64 + affinity[j * n + i] as f64);
+            // A diverged teacher can produce NaN/inf; the tree must still be a valid tree.
+            sum[i * n + j] = if v.is_finite() { v } else { 0.0 };
+        }
+    }
+    if norm == AffinityNorm::Degree {
+        let inv: Vec<f64> = (0..n)
+            .map(|i| {
+                1.0 / sum[i * n..(i + 1) * n]
+                    .iter()
+                    .sum::<f64>()
+                    .max(1e-12)
+                    .sqrt()
+            })
+            .collect();
+        for i in 0..n {
+            for j in 0..n {
+                sum[i * n + j] *= inv[i] * inv[j];
+            }
         }
     }
     let mut size = vec![1f64; n];
@@ -65,7 +95,10 @@ pub fn build_tree(affinity: &[f32], grid: Grid) -> MergeTree {
                     continue;
                 }
                 let link = sum[a * n + b_us] / (size[a] * size[b_us]);
-                if link > best.0 || (link == best.0 && (a as u32, b) < (best.1, best.2)) {
+                if best.1 == u32::MAX
+                    || link > best.0
+                    || (link == best.0 && (a as u32, b) < (best.1, best.2))
+                {
                     best = (link, a as u32, b);
                 }
             }
@@ -179,7 +212,7 @@ mod tests {
     fn every_level_is_a_contiguous_partition_and_levels_nest() {
         for (side, seed) in [(4, 1), (8, 2), (7, 3)] {
             let g = Grid::square(side);
-            let t = build_tree(&random_affinity(g.n(), seed), g);
+            let t = build_tree(&random_affinity(g.n(), seed), g, AffinityNorm::Degree);
             assert_eq!(t.merges.len(), g.n() - 1);
             let mut prev: Option<Vec<u32>> = None;
             for c in (1..=g.n()).rev() {
@@ -214,11 +247,63 @@ mod tests {
                     if quad(i) == quad(j) { 1.0 } else { 0.1 } + 0.05 * r.random::<f32>();
             }
         }
-        let lab = build_tree(&a, g).cut(4);
-        for i in 0..64 {
-            for j in 0..64 {
-                assert_eq!(lab[i] == lab[j], quad(i) == quad(j), "patches {i},{j}");
+        for norm in [AffinityNorm::None, AffinityNorm::Degree] {
+            let lab = build_tree(&a, g, norm).cut(4);
+            for i in 0..64 {
+                for j in 0..64 {
+                    assert_eq!(
+                        lab[i] == lab[j],
+                        quad(i) == quad(j),
+                        "{norm:?}: patches {i},{j}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn non_finite_affinity_still_gives_a_tree() {
+        let g = Grid::square(4);
+        let mut a = random_affinity(16, 4);
+        a[3] = f32::NAN;
+        a[40] = f32::INFINITY;
+        for norm in [AffinityNorm::None, AffinityNorm::Degree] {
+            let t = build_tree(&a, g, norm);
+            assert_eq!(t.merges.len(), 15);
+            assert!(is_contiguous_partition(&t.cut(5), g));
+        }
+        assert_eq!(
+            build_tree(&[f32::NAN; 256], g, AffinityNorm::Degree)
+                .merges
+                .len(),
+            15
+        );
+    }
+
+    #[test]
+    fn degree_normalisation_resists_attention_sinks() {
+        // Quadrant structure, plus a background quadrant that every patch attends to strongly
+        // (a sink). Raw average linkage lets the sink absorb the other quadrants patch by patch;
+        // the degree-normalised affinity still finds the four quadrants.
+        let g = Grid::square(8);
+        let quad = |i: usize| (i / 8 >= 4) as usize * 2 + (i % 8 >= 4) as usize;
+        let mut a = vec![0f32; 64 * 64];
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for i in 0..64 {
+            for j in 0..64 {
+                let base = if quad(i) == quad(j) { 1.0 } else { 0.1 };
+                let sink = if quad(j) == 0 { 3.0 } else { 0.0 };
+                a[i * 64 + j] = base + sink + 0.05 * r.random::<f32>();
+            }
+        }
+        let recovers = |norm| {
+            let lab = build_tree(&a, g, norm).cut(4);
+            (0..64).all(|i| (0..64).all(|j| (lab[i] == lab[j]) == (quad(i) == quad(j))))
+        };
+        assert!(
+            !recovers(AffinityNorm::None),
+            "the raw affinity should fail on a sink (else this test shows nothing)"
+        );
+        assert!(recovers(AffinityNorm::Degree));
     }
 }

@@ -7,7 +7,7 @@
 pub mod hierarchy;
 pub mod picture;
 
-pub use hierarchy::{build_tree, Grid, MergeTree};
+pub use hierarchy::{build_tree, AffinityNorm, Grid, MergeTree};
 
 use crate::config::{EhmConfig, MaskingKind};
 use rand::{Rng, SeedableRng};
@@ -235,7 +235,11 @@ impl MaskParams {
                 let per_image: Vec<(Vec<f64>, Vec<u32>)> = (0..batch)
                     .into_par_iter()
                     .map(|b| {
-                        let tree = build_tree(&aff[b * n * n..(b + 1) * n * n], self.grid);
+                        let tree = build_tree(
+                            &aff[b * n * n..(b + 1) * n * n],
+                            self.grid,
+                            self.ehm.affinity_norm,
+                        );
                         let labels = tree.cut(c);
                         let mut r = image_rng(self.seed, step, b);
                         (
@@ -361,7 +365,7 @@ mod tests {
                         .filter(|&i| labels[i] == s)
                         .map(|i| m.mask[b * 64 + i])
                         .collect();
-                    vals.iter().any(|&v| v == 0.0) && vals.iter().any(|&v| v == 1.0)
+                    vals.contains(&0.0) && vals.contains(&1.0)
                 })
                 .count();
             assert!(split <= 1, "image {b}: {split} segments split");

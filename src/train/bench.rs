@@ -70,14 +70,14 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
             sync();
             t_start = Instant::now();
         }
-        let masks = job.wait();
+        let masks = job.wait()?;
         let next = engine.mask_job(&pool[(i + 1) % 4], 0.5, i as u64 + 1);
         loss = engine.step(&pool[i % 4], &masks, 1.5e-4);
         job = next;
     }
     sync();
     let step_s = t_start.elapsed().as_secs_f64() / o.steps as f64;
-    let _ = job.wait();
+    let _ = job.wait()?;
 
     // Separate timings of the EHM parts (not overlapped), for the overhead breakdown.
     let (mut teacher_s, mut hier_s) = (None, None);

@@ -48,10 +48,14 @@ pub enum MaskJob {
 }
 
 impl MaskJob {
-    pub fn wait(self) -> MaskBatch {
+    pub fn wait(self) -> crate::Result<MaskBatch> {
         match self {
-            MaskJob::Ready(m) => m,
-            MaskJob::Pending(h) => h.join().expect("mask builder thread panicked"),
+            MaskJob::Ready(m) => Ok(m),
+            MaskJob::Pending(h) => h.join().map_err(|_| {
+                crate::Error::Training(
+                    "the mask builder thread failed (see the message above)".into(),
+                )
+            }),
         }
     }
 }
@@ -133,7 +137,9 @@ impl Engine {
         match self.device {
             Device::Cpu => t,
             // `_pin_memory` is the op behind `pin_memory`, without its per-call deprecation warning.
-            d => t.internal_pin_memory(d).to_device_(d, t.kind(), true, false),
+            d => t
+                .internal_pin_memory(d)
+                .to_device_(d, t.kind(), true, false),
         }
     }
 
@@ -166,11 +172,15 @@ impl Engine {
         // Every strategy samples on a helper thread, one step ahead, off the launch thread.
         let params = self.masks.clone();
         if self.masks.kind != MaskingKind::Ehm {
-            return MaskJob::Pending(std::thread::spawn(move || params.sample(batch, t, step, None)));
+            return MaskJob::Pending(std::thread::spawn(move || {
+                params.sample(batch, t, step, None)
+            }));
         }
         if self.device == Device::Cpu {
             let aff = self.affinity_host(imgs);
-            return MaskJob::Pending(std::thread::spawn(move || params.sample(batch, t, step, Some(&aff))));
+            return MaskJob::Pending(std::thread::spawn(move || {
+                params.sample(batch, t, step, Some(&aff))
+            }));
         }
         // On CUDA the affinity goes to pinned host memory asynchronously; the helper thread
         // waits for it, so the launch thread can queue the training step at once.
@@ -182,7 +192,8 @@ impl Engine {
         };
         MaskJob::Pending(std::thread::spawn(move || {
             tch::Cuda::synchronize(dev);
-            let aff = Vec::<f32>::try_from(host.to_kind(Kind::Float).view(-1)).expect("float affinity");
+            let aff =
+                Vec::<f32>::try_from(host.to_kind(Kind::Float).view(-1)).expect("float affinity");
             params.sample(batch, t, step, Some(&aff))
         }))
     }

@@ -47,10 +47,10 @@ impl Loader {
         aug: Augment,
         batch: usize,
         seed: u64,
-        start: u64,
-        end: u64,
+        steps: std::ops::Range<u64>,
         workers: usize,
     ) -> Self {
+        let (start, end) = (steps.start, steps.end);
         let (tx, rx) = bounded::<Batch>(workers * 2);
         let counter = Arc::new(AtomicU64::new(start));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -188,14 +188,14 @@ mod tests {
             resize: crate::data::ResizeRule::Stretch,
             ..Preprocess::imagenet(4)
         };
-        let mut a = Loader::start(ds.clone(), pre.clone(), Augment::default(), 8, 5, 3, 9, 3);
+        let mut a = Loader::start(ds.clone(), pre.clone(), Augment::default(), 8, 5, 3..9, 3);
         let got: Vec<Batch> = std::iter::from_fn(|| a.next_batch()).collect();
         assert_eq!(
             got.iter().map(|b| b.step).collect::<Vec<_>>(),
             (3..9).collect::<Vec<_>>()
         );
         // resuming at step 6 gives the same batch 6
-        let mut b = Loader::start(ds, pre, Augment::default(), 8, 5, 6, 7, 2);
+        let mut b = Loader::start(ds, pre, Augment::default(), 8, 5, 6..7, 2);
         let again = b.next_batch().unwrap();
         assert_eq!(again.pixels, got[3].pixels);
         assert_eq!(again.labels, got[3].labels);

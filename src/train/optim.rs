@@ -156,7 +156,10 @@ impl FlatParams {
             let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
             let denom = (self.v.sqrt() / bc2.sqrt()) + eps;
             // decoupled decay: p -= lr·wd·p (only where wd_mask is 1), then the Adam update
-            let _ = self.master.addcmul_(&(&self.wd_mask * (-lr * weight_decay)), &self.master.shallow_clone());
+            let _ = self.master.addcmul_(
+                &(&self.wd_mask * (-lr * weight_decay)),
+                &self.master.shallow_clone(),
+            );
             let _ = self.master.addcdiv_(&(&self.m * (-lr / bc1)), &denom);
             if let Some(c) = &mut self.compute {
                 c.copy_(&self.master);
@@ -195,7 +198,7 @@ mod tests {
         let mut fp = FlatParams::new(&vs, Kind::Float);
         let loss = (&w * 3.0).sum(Kind::Float) + (&b * 2.0).sum(Kind::Float);
         let g = fp.flat_grad(&loss);
-        fp.adamw_step(g, 0.1, 0.5, 0.0, (0.9, 0.95));
+        let _ = fp.adamw_step(g, 0.1, 0.5, 0.0, (0.9, 0.95));
         // First step of Adam moves each weight by -lr (sign of grad) plus decay on w only.
         let wv = w.double_value(&[0, 0]);
         let bv = b.double_value(&[0]);

@@ -75,6 +75,20 @@ struct MetricLine {
     elapsed_s: f64,
 }
 
+impl MetricLine {
+    fn knn(step: u64, steps_per_epoch: u64, acc: f64, t0: Instant) -> Self {
+        MetricLine {
+            step,
+            epoch: step as f64 / steps_per_epoch as f64,
+            loss: None,
+            lr: None,
+            images_per_s: None,
+            knn_top1: Some(acc),
+            elapsed_s: t0.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// Labelled evaluation images held as CHW bytes (eval preprocessing).
 struct EvalSet {
     pixels: Vec<u8>,
@@ -122,17 +136,19 @@ fn features(engine: &Engine, set: &EvalSet, per: usize) -> Vec<f32> {
 fn knn_eval(engine: &Engine, tr: &EvalSet, te: &EvalSet, per: usize) -> f64 {
     let d = engine.cfg.embed_dim as usize;
     let (ftr, fte) = (features(engine, tr, per), features(engine, te, per));
-    crate::eval::knn_top1(&ftr, &tr.labels, &fte, &te.labels, d, tr.classes, 20, 0.07)
+    crate::eval::knn_top1(
+        (&ftr, &tr.labels),
+        (&fte, &te.labels),
+        d,
+        tr.classes,
+        20,
+        0.07,
+    )
 }
 
 /// Rows: sample images; columns: the image, then masks at t = 0, ¼, ½, ¾, 1 with the
 /// current teacher's hierarchy.
-fn mask_picture(
-    engine: &Engine,
-    samples: &[u8],
-    images: &[image::RgbImage],
-    path: &Path,
-) -> Result<()> {
+fn mask_picture(engine: &Engine, samples: &[u8], images: &[image::RgbImage]) -> Result<Vec<u8>> {
     let b = images.len();
     let imgs = engine.upload(samples, b);
     let ts = [0.0, 0.25, 0.5, 0.75, 1.0];
@@ -165,8 +181,8 @@ fn mask_picture(
         &mut std::io::Cursor::new(&mut bytes),
         image::ImageFormat::Png,
     )
-    .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
-    write_atomic(path, &bytes)
+    .map_err(|e| Error::Other(format!("mask picture: {e}")))?;
+    Ok(bytes)
 }
 
 fn save_all(engine: &Engine, run: &RunConfig, out: &Path, step: u64, total: u64) -> Result<()> {
@@ -411,8 +427,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             p.augment.clone(),
             p.batch_size,
             p.seed,
-            start,
-            total,
+            start..total,
             opts.workers.max(1),
         );
         let upload =
@@ -426,7 +441,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             None
         };
         for step in start..total {
-            let masks = job.wait();
+            let masks = job.wait()?;
             // Queue the teacher for the next batch before this step (see engine.rs).
             let next_job = next
                 .as_ref()
@@ -477,24 +492,16 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                 if done % knn_every_steps == 0 && done != total {
                     let acc = knn_eval(&engine, tr, te, per);
                     knn_last = Some(acc);
-                    let line = MetricLine {
-                        step: done,
-                        epoch: done as f64 / spe as f64,
-                        loss: None,
-                        lr: None,
-                        images_per_s: None,
-                        knn_top1: Some(acc),
-                        elapsed_s: t0.elapsed().as_secs_f64(),
-                    };
+                    let line = MetricLine::knn(done, spe, acc, t0);
                     writeln!(metrics, "{}", serde_json::to_string(&line).unwrap())
                         .at(&metrics_path)?;
                 }
             }
             if done % opts.save_every == 0 || done == total {
                 save_all(&engine, &run, out, done, total)?;
-                mask_picture(&engine, &pic_bytes, &pics, &out.join("masks.png"))?;
-                let hist = out.join("masks").join(format!("step_{done:07}.png"));
-                mask_picture(&engine, &pic_bytes, &pics, &hist)?;
+                let png = mask_picture(&engine, &pic_bytes, &pics)?;
+                write_atomic(&out.join("masks.png"), &png)?;
+                write_atomic(&out.join("masks").join(format!("step_{done:07}.png")), &png)?;
             }
             bar.inc(1);
             cur = match next.take() {
@@ -513,15 +520,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     if let Some((tr, te)) = &knn_sets {
         let acc = knn_eval(&engine, tr, te, per);
         knn_last = Some(acc);
-        let line = MetricLine {
-            step: total,
-            epoch: total as f64 / spe as f64,
-            loss: None,
-            lr: None,
-            images_per_s: None,
-            knn_top1: Some(acc),
-            elapsed_s: t0.elapsed().as_secs_f64(),
-        };
+        let line = MetricLine::knn(total, spe, acc, t0);
         writeln!(metrics, "{}", serde_json::to_string(&line).unwrap()).at(&metrics_path)?;
     }
     let secs = t0.elapsed().as_secs_f64();

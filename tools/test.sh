@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command (README command 2; .ci/run calls exactly this): set-up (idempotent), build
+# both feature sets, run every test. Works on a fresh machine with cargo and the registries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+tools/setup.sh all
+echo "== cargo build --no-default-features (inference tools, no libtorch)"
+cargo build --no-default-features --bins
+echo "== cargo test (all features)"
+cargo test --release -- --test-threads=2
+echo "== tests finished in $(( $(date +%s) - start )) s"
