@@ -11,7 +11,8 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
 # ---- pinned artefacts: file name, sha256 ------------------------------------------------------
-PY_TAG=(--python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64 --only-binary=:all:)
+PY_TAG=(--python-version 3.11 --implementation cp --abi cp311 --only-binary=:all:
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_25_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 TORCH_WHL=torch-2.11.0-cp311-cp311-manylinux_2_28_x86_64.whl
 TORCH_SHA=7aa2f9bbc6d4595ba72138026b2074be1233186150e9292865e04b7a63b8c67a
 CUDART_WHL=nvidia_cuda_runtime-13.0.96-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl
