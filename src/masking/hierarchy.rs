@@ -1,10 +1,14 @@
 //! The merge tree of EHM (design.md §4.2): average-linkage agglomeration of 4-connected
 //! patch groups on the patch grid, driven by a patch–patch affinity.
 //!
-//! Start from single patches; repeatedly merge the two *spatially adjacent* segments whose
-//! average affinity (sum over all cross pairs / product of sizes) is highest, until one
-//! segment is left. Every prefix of the merge list is a partition into contiguous groups,
-//! and the partitions nest — that is the hierarchy the masks follow.
+//! Start from single patches and merge *spatially adjacent* segments by average linkage
+//! (sum of affinity over all cross pairs / product of sizes) until one segment is left. We use
+//! the parallel (Borůvka) form design.md §4.2 allows: in each round every segment merges with
+//! its best neighbour, so segments roughly double in size per round (≈ log2 N rounds) and no
+//! outlier patch survives as a singleton up to the coarse levels — the plain greedy order
+//! leaves "one big segment + isolated patches" at the top of the tree. Within a round the
+//! merges are applied strongest first, one pair at a time: every prefix of the merge list is a
+//! partition into contiguous groups, and the partitions nest.
 
 /// A patch grid of `h × w` patches, indexed row-major.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,54 +88,70 @@ pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree
     let mut nbrs: Vec<Vec<u32>> = (0..n)
         .map(|i| grid.neighbours(i).map(|j| j as u32).collect())
         .collect();
+    let mut alive = vec![true; n];
+    // parent: union-find over representatives, to map a proposal made at the start of a round
+    // to the segment that holds it now.
+    let mut parent: Vec<u32> = (0..n as u32).collect();
+    fn find(p: &mut [u32], mut x: u32) -> u32 {
+        while p[x as usize] != x {
+            p[x as usize] = p[p[x as usize] as usize];
+            x = p[x as usize];
+        }
+        x
+    }
     let mut merges = Vec::with_capacity(n.saturating_sub(1));
-    for _ in 1..n {
-        // The adjacent pair with the highest average linkage (ties: lowest indices, for determinism).
-        let mut best = (f64::NEG_INFINITY, u32::MAX, u32::MAX);
-        for a in 0..n {
+    while merges.len() + 1 < n {
+        // Borůvka round: every live segment proposes its best neighbour (highest average
+        // linkage; ties to the lowest index, for determinism).
+        let mut proposals: Vec<(f64, u32, u32)> = Vec::new();
+        for a in (0..n).filter(|&a| alive[a]) {
+            let mut best: Option<(f64, u32)> = None;
             for &b in &nbrs[a] {
-                let b_us = b as usize;
-                if b_us <= a {
-                    continue;
-                }
-                let link = sum[a * n + b_us] / (size[a] * size[b_us]);
-                if best.1 == u32::MAX
-                    || link > best.0
-                    || (link == best.0 && (a as u32, b) < (best.1, best.2))
-                {
-                    best = (link, a as u32, b);
+                let link = sum[a * n + b as usize] / (size[a] * size[b as usize]);
+                if best.is_none_or(|(bl, bb)| link > bl || (link == bl && b < bb)) {
+                    best = Some((link, b));
                 }
             }
+            if let Some((link, b)) = best {
+                let (x, y) = ((a as u32).min(b), (a as u32).max(b));
+                proposals.push((link, x, y));
+            }
         }
-        let (a, b) = (best.1 as usize, best.2 as usize);
-        assert!(
-            a != u32::MAX as usize,
-            "grid graph is connected, a pair always exists"
-        );
-        // Fold b into a.
-        for k in 0..n {
-            let v = sum[a * n + k] + sum[b * n + k];
-            sum[a * n + k] = v;
-            sum[k * n + a] = v;
-        }
-        size[a] += size[b];
-        let nb_b = std::mem::take(&mut nbrs[b]);
-        for &c in &nb_b {
-            let c = c as usize;
-            if c == a {
+        // Apply the round's merges strongest first, one pair at a time, so the merge list stays
+        // a sequence of N−1 pairwise merges and every prefix is a valid cut.
+        proposals.sort_by(|p, q| q.0.total_cmp(&p.0).then((p.1, p.2).cmp(&(q.1, q.2))));
+        for (_, x, y) in proposals {
+            let (a, b) = (find(&mut parent, x) as usize, find(&mut parent, y) as usize);
+            if a == b {
                 continue;
             }
-            for x in nbrs[c].iter_mut() {
-                if *x as usize == b {
-                    *x = a as u32;
-                }
+            // Fold b into a (a and b are adjacent: b was a's or a-member's neighbour).
+            for k in 0..n {
+                let v = sum[a * n + k] + sum[b * n + k];
+                sum[a * n + k] = v;
+                sum[k * n + a] = v;
             }
-            dedup(&mut nbrs[c]);
-            nbrs[a].push(c as u32);
+            size[a] += size[b];
+            let nb_b = std::mem::take(&mut nbrs[b]);
+            for &c in &nb_b {
+                let c = c as usize;
+                if c == a {
+                    continue;
+                }
+                for x in nbrs[c].iter_mut() {
+                    if *x as usize == b {
+                        *x = a as u32;
+                    }
+                }
+                dedup(&mut nbrs[c]);
+                nbrs[a].push(c as u32);
+            }
+            nbrs[a].retain(|&x| x as usize != b && x as usize != a);
+            dedup(&mut nbrs[a]);
+            alive[b] = false;
+            parent[b] = a as u32;
+            merges.push((a as u32, b as u32));
         }
-        nbrs[a].retain(|&x| x as usize != b && x as usize != a);
-        dedup(&mut nbrs[a]);
-        merges.push((a as u32, b as u32));
     }
     MergeTree { n, merges }
 }
@@ -258,6 +278,24 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn outlier_patches_do_not_survive_to_coarse_levels() {
+        // Patch 27 has almost no affinity to anything. Greedy average linkage would keep it as
+        // a singleton until the last merges; the Borůvka rounds absorb it in the first round.
+        let g = Grid::square(8);
+        let mut a = random_affinity(64, 11);
+        for j in 0..64 {
+            a[27 * 64 + j] = 0.0;
+            a[j * 64 + 27] = 0.0;
+        }
+        for norm in [AffinityNorm::None, AffinityNorm::Degree] {
+            let lab = build_tree(&a, g, norm).cut(8);
+            let mut sizes = [0usize; 8];
+            lab.iter().for_each(|&l| sizes[l as usize] += 1);
+            assert!(sizes.iter().all(|&s| s >= 2), "{norm:?}: {sizes:?}");
         }
     }
 
