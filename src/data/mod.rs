@@ -356,3 +356,119 @@ mod tests {
         assert_eq!(la, lb);
     }
 }
+
+/// Decoded images kept in memory, downscaled so the shorter side is at most `max_short_side`.
+/// Training on a folder of large photos otherwise decodes a 4K JPEG per sample, which no
+/// number of loader threads can keep up with on a GPU. Filled lazily, shared by all workers.
+pub struct DecodedCache {
+    inner: Arc<dyn Dataset>,
+    max_short_side: u32,
+    slots: Vec<std::sync::OnceLock<Arc<RgbImage>>>,
+}
+
+impl DecodedCache {
+    pub fn new(inner: Arc<dyn Dataset>, max_short_side: u32) -> Self {
+        let slots = (0..inner.len())
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        DecodedCache {
+            inner,
+            max_short_side,
+            slots,
+        }
+    }
+
+    /// Wrap `ds` when its downscaled images fit in `budget_bytes` (estimated at 4:3).
+    pub fn wrap_if_fits(
+        ds: Arc<dyn Dataset>,
+        max_short_side: u32,
+        budget_bytes: u64,
+    ) -> Arc<dyn Dataset> {
+        let per = (max_short_side as u64).pow(2) * 4 / 3 * 3;
+        if ds.len() as u64 * per <= budget_bytes {
+            Arc::new(DecodedCache::new(ds, max_short_side))
+        } else {
+            ds
+        }
+    }
+}
+
+impl Dataset for DecodedCache {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn image(&self, i: usize) -> Result<RgbImage> {
+        if let Some(img) = self.slots[i].get() {
+            return Ok((**img).clone());
+        }
+        let img = self.inner.image(i)?;
+        let short = img.width().min(img.height());
+        let img = if short > self.max_short_side {
+            let s = self.max_short_side as f64 / short as f64;
+            let (w, h) = (
+                ((img.width() as f64 * s).round() as u32).max(1),
+                ((img.height() as f64 * s).round() as u32).max(1),
+            );
+            let full = preprocess::Crop {
+                left: 0.0,
+                top: 0.0,
+                width: img.width() as f64,
+                height: img.height() as f64,
+            };
+            preprocess::resize_crop_to(&img, full, w, h, Interpolation::Bilinear)
+        } else {
+            img
+        };
+        let _ = self.slots[i].set(Arc::new(img.clone()));
+        Ok(img)
+    }
+    fn label(&self, i: usize) -> Option<usize> {
+        self.inner.label(i)
+    }
+    fn classes(&self) -> &[String] {
+        self.inner.classes()
+    }
+    fn describe(&self, i: usize) -> String {
+        self.inner.describe(i)
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn cache_downscales_once_and_keeps_small_images() {
+        let ds: Arc<dyn Dataset> = Arc::new(
+            InMemory::new(
+                vec![100; 2 * 40 * 60 * 3],
+                40,
+                60,
+                3,
+                None,
+                vec![],
+                "t".into(),
+            )
+            .unwrap(),
+        );
+        let c = DecodedCache::new(ds.clone(), 20);
+        let a = c.image(1).unwrap();
+        assert_eq!(a.dimensions(), (30, 20));
+        assert_eq!(c.image(1).unwrap(), a);
+        assert_eq!(
+            DecodedCache::new(ds.clone(), 64)
+                .image(0)
+                .unwrap()
+                .dimensions(),
+            (60, 40)
+        );
+        // too big for the budget: returned unwrapped
+        assert_eq!(
+            DecodedCache::wrap_if_fits(ds, 20, 10)
+                .image(0)
+                .unwrap()
+                .dimensions(),
+            (60, 40)
+        );
+    }
+}

@@ -328,6 +328,10 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     if p.limit > 0 {
         ds = data::subset(ds, p.limit, p.seed);
     }
+    if matches!(spec, DataSpec::Folder { .. } | DataSpec::Photos) {
+        // Keep decoded photos in memory at a little above the training size (up to 4 GiB).
+        ds = data::DecodedCache::wrap_if_fits(ds, pre.image_size * 5 / 4, 4 << 30);
+    }
     if ds.len() < p.batch_size {
         return Err(Error::Config(format!(
             "{} has {} images, fewer than one batch of {}",
