@@ -3,10 +3,13 @@
 //! Layers (arrows point down): tools → {train, export, infer, retrieval} → {model, masking,
 //! eval} → data. Everything that needs libtorch is behind the `train` feature.
 pub mod config;
+pub mod contract;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod fsutil;
+pub mod infer;
 pub mod masking;
 #[cfg(feature = "train")]
 pub mod model;

@@ -256,6 +256,22 @@ impl Encoder {
         self.norm.forward(&x)
     }
 
+    /// The retrieval descriptor the ONNX `embed` task exports: class token ⊕ GeM(p = 4) over
+    /// patch tokens (clamped at 1e-6), L2-normalised, `[B, 2D]` fp32.
+    pub fn embedding(&self, imgs: &Tensor) -> Tensor {
+        let x = self.forward_features(imgs).to_kind(Kind::Float);
+        let n = x.size()[1];
+        let cls = x.select(1, 0);
+        let gem = x
+            .narrow(1, 1, n - 1)
+            .clamp_min(1e-6)
+            .pow_tensor_scalar(4.0)
+            .mean_dim(1, false, Kind::Float)
+            .pow_tensor_scalar(0.25);
+        let e = Tensor::cat(&[cls, gem], 1);
+        &e / e.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12)
+    }
+
     /// The teacher pass: all patches, no mask; softmax attention summed over heads and over
     /// `blocks` (empty = all), class token dropped, `[B, N, N]` fp32. Stops after the last
     /// block it needs.

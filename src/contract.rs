@@ -1,0 +1,145 @@
+//! The ONNX contract (design.md §1, §3): what a model file must carry so that the serving tools
+//! need nothing else — task, preprocessing, labels, source. Written by `export`, read here by
+//! everyone else; this module is the only place that knows the metadata keys.
+use crate::data::Preprocess;
+use crate::error::{Error, IoContext, Result};
+use crate::export::onnx::ModelProto;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const KEY_TASK: &str = "ehm.task";
+pub const KEY_CONFIG: &str = "ehm.config";
+pub const KEY_LABELS: &str = "ehm.labels";
+pub const KEY_SOURCE: &str = "ehm.source";
+pub const INPUT: &str = "pixel_values";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// `last_hidden_state` [N, 1+P, D]
+    Backbone,
+    /// `embedding` [N, E], L2-normalised (class token ⊕ GeM over patch tokens)
+    Embed,
+    /// `logits` [N, C]
+    Classify,
+    /// `seg_logits` [N, C, H, W]
+    Segment,
+}
+
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Backbone => "backbone",
+            Task::Embed => "embed",
+            Task::Classify => "classify",
+            Task::Segment => "segment",
+        }
+    }
+    /// The main output a tool reads.
+    pub fn output(self) -> &'static str {
+        match self {
+            Task::Backbone => "last_hidden_state",
+            Task::Embed => "embedding",
+            Task::Classify => "logits",
+            Task::Segment => "seg_logits",
+        }
+    }
+}
+
+/// `ehm.config`: how to turn an image into `pixel_values`, and the model geometry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContractConfig {
+    pub preprocess: Preprocess,
+    pub patch_size: u32,
+    pub embed_dim: i64,
+    /// Length of the `embedding` output (embed task), else null.
+    #[serde(default)]
+    pub embedding_dim: Option<i64>,
+    pub arch: String,
+}
+
+/// `ehm.source`: where the weights came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub checkpoint_sha256: String,
+    pub name: String,
+    pub training: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelContract {
+    pub task: Task,
+    pub config: ContractConfig,
+    pub labels: Vec<String>,
+    pub source: Option<Source>,
+    pub opset: i64,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    pub parameters: u64,
+}
+
+impl ModelContract {
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).at(path)?;
+        let model = ModelProto::decode(&bytes[..])
+            .map_err(|e| Error::bad_file(path, format!("not an ONNX model ({e})")))?;
+        Self::from_model(&model).map_err(|m| Error::bad_file(path, m))
+    }
+
+    pub fn from_model(m: &ModelProto) -> std::result::Result<Self, String> {
+        let meta = |k: &str| {
+            m.metadata_props
+                .iter()
+                .find(|p| p.key.as_deref() == Some(k))
+                .and_then(|p| p.value.clone())
+        };
+        let task_s = meta(KEY_TASK)
+            .ok_or("no ehm.task metadata: not an ehm model (export it with ehm-export onnx)")?;
+        let task: Task = serde_json::from_value(serde_json::Value::String(task_s.clone()))
+            .map_err(|_| format!("unknown ehm.task '{task_s}'"))?;
+        let config: ContractConfig =
+            serde_json::from_str(&meta(KEY_CONFIG).ok_or("no ehm.config metadata")?)
+                .map_err(|e| format!("bad ehm.config: {e}"))?;
+        let labels: Vec<String> = match meta(KEY_LABELS) {
+            Some(s) => serde_json::from_str(&s).map_err(|e| format!("bad ehm.labels: {e}"))?,
+            None => vec![],
+        };
+        let source = meta(KEY_SOURCE).and_then(|s| serde_json::from_str(&s).ok());
+        let g = m.graph.as_ref().ok_or("model has no graph")?;
+        let inputs: Vec<String> = g.input.iter().filter_map(|v| v.name.clone()).collect();
+        let outputs: Vec<String> = g.output.iter().filter_map(|v| v.name.clone()).collect();
+        if !inputs.iter().any(|i| i == INPUT) {
+            return Err(format!("no '{INPUT}' input (inputs: {inputs:?})"));
+        }
+        if !outputs.iter().any(|o| o == task.output()) {
+            return Err(format!(
+                "task {} needs output '{}' (outputs: {outputs:?})",
+                task.name(),
+                task.output()
+            ));
+        }
+        let opset = m
+            .opset_import
+            .iter()
+            .filter(|o| o.domain.as_deref().unwrap_or("").is_empty())
+            .filter_map(|o| o.version)
+            .max()
+            .unwrap_or(0);
+        let parameters = g
+            .initializer
+            .iter()
+            .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
+            .sum();
+        Ok(ModelContract {
+            task,
+            config,
+            labels,
+            source,
+            opset,
+            inputs,
+            outputs,
+            parameters,
+        })
+    }
+}

@@ -1,0 +1,94 @@
+//! A small builder over the generated ONNX types: named initializers, nodes with fresh output
+//! names, attributes. Initializers are stored as little-endian `raw_data`.
+use super::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto, TensorProto,
+};
+
+#[derive(Default)]
+pub struct Graph {
+    pub nodes: Vec<NodeProto>,
+    pub initializers: Vec<TensorProto>,
+    counter: usize,
+}
+
+pub fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+pub fn attr_float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
+}
+
+impl Graph {
+    /// A float initializer.
+    pub fn init_f32(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
+        assert_eq!(
+            dims.iter().product::<i64>() as usize,
+            data.len(),
+            "initializer {name}: dims vs data"
+        );
+        self.initializers.push(TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(DataType::Float as i32),
+            raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    /// An int64 initializer (shapes, axes, indices).
+    pub fn init_i64(&mut self, name: &str, dims: &[i64], data: &[i64]) -> String {
+        self.initializers.push(TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(DataType::Int64 as i32),
+            raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    /// Add a node; returns its (single) output name, derived from `hint`.
+    pub fn op(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        hint: &str,
+    ) -> String {
+        self.counter += 1;
+        let out = format!("{hint}/{op}_{}", self.counter);
+        self.op_named(op, inputs, attrs, &out);
+        out
+    }
+
+    /// Add a node whose output has a fixed name (graph outputs).
+    pub fn op_named(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, out: &str) {
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.to_string()],
+            name: Some(out.to_string()),
+            op_type: Some(op.into()),
+            attribute: attrs,
+            ..Default::default()
+        });
+    }
+}

@@ -1,0 +1,446 @@
+//! `ehm-export onnx`: a checkpoint (safetensors + config.json) → a self-describing ONNX model,
+//! written with prost types generated from the official onnx.proto. No libtorch needed.
+pub mod graph;
+#[rustfmt::skip]
+pub mod onnx;
+
+use crate::config::VitConfig;
+use crate::contract::{
+    ContractConfig, Source, Task, INPUT, KEY_CONFIG, KEY_LABELS, KEY_SOURCE, KEY_TASK,
+};
+use crate::data::Preprocess;
+use crate::error::{Error, IoContext, Result};
+use graph::{attr_float, attr_int, attr_ints, Graph};
+use onnx::{
+    tensor_shape_proto::dimension::Value as Dim, tensor_shape_proto::Dimension, type_proto,
+    ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
+use prost::Message;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const OPSET: i64 = 17;
+
+/// Weights of a checkpoint, by name: (shape, values).
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub tensors: HashMap<String, (Vec<i64>, Vec<f32>)>,
+    pub vit: VitConfig,
+    pub preprocess: Preprocess,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub training: serde_json::Value,
+    pub sha256: String,
+}
+
+impl Checkpoint {
+    /// Open a run folder or a `.safetensors` file with `config.json` beside it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join("checkpoint.safetensors")
+        } else {
+            path.to_path_buf()
+        };
+        let cfg_path = file.with_file_name("config.json");
+        let bytes = std::fs::read(&file).at(&file)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::bad_file(&file, format!("not a safetensors checkpoint ({e})")))?;
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(Error::bad_file(
+                    &file,
+                    format!("tensor {name} is {:?}, expected F32", view.dtype()),
+                ));
+            }
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            tensors.insert(
+                name,
+                (view.shape().iter().map(|&d| d as i64).collect(), data),
+            );
+        }
+        let cfg_text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+        let cfg: serde_json::Value = serde_json::from_str(&cfg_text)
+            .map_err(|e| Error::bad_file(&cfg_path, format!("not JSON ({e})")))?;
+        let vit: VitConfig = serde_json::from_value(cfg["model"].clone())
+            .map_err(|e| Error::bad_file(&cfg_path, format!("bad 'model' section ({e})")))?;
+        let preprocess: Preprocess = serde_json::from_value(cfg["preprocess"].clone())
+            .map_err(|e| Error::bad_file(&cfg_path, format!("bad 'preprocess' section ({e})")))?;
+        let labels = cfg
+            .get("labels")
+            .and_then(|l| serde_json::from_value(l.clone()).ok())
+            .unwrap_or_default();
+        use sha2::Digest;
+        let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        Ok(Checkpoint {
+            path: file,
+            tensors,
+            name: cfg["name"].as_str().unwrap_or("").to_string(),
+            training: serde_json::json!({"pretrain": cfg["pretrain"], "step": cfg["step"]}),
+            vit,
+            preprocess,
+            labels,
+            sha256,
+        })
+    }
+
+    /// The tensor `name`, checked against the shape the config implies.
+    fn get(&self, name: &str, shape: &[i64]) -> Result<&[f32]> {
+        match self.tensors.get(name) {
+            None => Err(Error::bad_file(
+                &self.path,
+                format!(
+                    "missing tensor {name} (the config says {} with depth {})",
+                    self.vit.arch, self.vit.depth
+                ),
+            )),
+            Some((s, _)) if s.as_slice() != shape => Err(Error::bad_file(
+                &self.path,
+                format!("tensor {name} has shape {s:?}, the config implies {shape:?}"),
+            )),
+            Some((_, d)) => Ok(d),
+        }
+    }
+}
+
+/// What an export produced.
+#[derive(Debug, serde::Serialize)]
+pub struct ExportSummary {
+    pub output: PathBuf,
+    pub task: String,
+    pub bytes: u64,
+    pub parameters: u64,
+    pub opset: i64,
+}
+
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = w[r * cols + c];
+        }
+    }
+    t
+}
+
+/// `x @ Wᵀ + b` for a torch Linear stored as `[out, in]`.
+fn linear(
+    g: &mut Graph,
+    ck: &Checkpoint,
+    x: &str,
+    prefix: &str,
+    din: i64,
+    dout: i64,
+) -> Result<String> {
+    let w = ck.get(&format!("{prefix}.weight"), &[dout, din])?;
+    let b = ck.get(&format!("{prefix}.bias"), &[dout])?;
+    let wt = g.init_f32(
+        &format!("{prefix}.weight_t"),
+        &[din, dout],
+        &transpose(w, dout as usize, din as usize),
+    );
+    let bn = g.init_f32(&format!("{prefix}.bias"), &[dout], b);
+    let y = g.op("MatMul", &[x, &wt], vec![], prefix);
+    Ok(g.op("Add", &[&y, &bn], vec![], prefix))
+}
+
+fn layer_norm(g: &mut Graph, ck: &Checkpoint, x: &str, prefix: &str, d: i64) -> Result<String> {
+    let w = g.init_f32(
+        &format!("{prefix}.weight"),
+        &[d],
+        ck.get(&format!("{prefix}.weight"), &[d])?,
+    );
+    let b = g.init_f32(
+        &format!("{prefix}.bias"),
+        &[d],
+        ck.get(&format!("{prefix}.bias"), &[d])?,
+    );
+    Ok(g.op(
+        "LayerNormalization",
+        &[x, &w, &b],
+        vec![attr_int("axis", -1), attr_float("epsilon", 1e-6)],
+        prefix,
+    ))
+}
+
+/// One pre-norm block, as `model::Block::forward`.
+fn block(g: &mut Graph, ck: &Checkpoint, x: &str, i: i64, c: &Consts) -> Result<String> {
+    let (d, h) = (ck.vit.embed_dim, ck.vit.num_heads);
+    let p = format!("blocks.{i}");
+    let n1 = layer_norm(g, ck, x, &format!("{p}.norm1"), d)?;
+    let qkv = linear(g, ck, &n1, &format!("{p}.attn.qkv"), d, 3 * d)?;
+    let shape = g.init_i64(&format!("{p}.attn.qkv_shape"), &[5], &[0, -1, 3, h, d / h]);
+    let qkv = g.op("Reshape", &[&qkv, &shape], vec![], &p);
+    let qkv = g.op(
+        "Transpose",
+        &[&qkv],
+        vec![attr_ints("perm", &[2, 0, 3, 1, 4])],
+        &p,
+    );
+    let q = g.op("Gather", &[&qkv, &c.idx0], vec![attr_int("axis", 0)], &p);
+    let k = g.op("Gather", &[&qkv, &c.idx1], vec![attr_int("axis", 0)], &p);
+    let v = g.op("Gather", &[&qkv, &c.idx2], vec![attr_int("axis", 0)], &p);
+    let kt = g.op(
+        "Transpose",
+        &[&k],
+        vec![attr_ints("perm", &[0, 1, 3, 2])],
+        &p,
+    );
+    let s = g.op("MatMul", &[&q, &kt], vec![], &p);
+    let scale = g.init_f32(
+        &format!("{p}.attn.scale"),
+        &[],
+        &[((d / h) as f32).powf(-0.5)],
+    );
+    let s = g.op("Mul", &[&s, &scale], vec![], &p);
+    let a = g.op("Softmax", &[&s], vec![attr_int("axis", -1)], &p);
+    let o = g.op("MatMul", &[&a, &v], vec![], &p);
+    let o = g.op(
+        "Transpose",
+        &[&o],
+        vec![attr_ints("perm", &[0, 2, 1, 3])],
+        &p,
+    );
+    let o = g.op("Reshape", &[&o, &c.shape_nd], vec![], &p);
+    let o = linear(g, ck, &o, &format!("{p}.attn.proj"), d, d)?;
+    let x = g.op("Add", &[x, &o], vec![], &p);
+    let n2 = layer_norm(g, ck, &x, &format!("{p}.norm2"), d)?;
+    let hidden = (d as f64 * ck.vit.mlp_ratio) as i64;
+    let f = linear(g, ck, &n2, &format!("{p}.mlp.fc1"), d, hidden)?;
+    // exact GELU: 0.5·x·(1 + erf(x/√2)) (opset 17 has no Gelu op)
+    let e = g.op("Mul", &[&f, &c.inv_sqrt2], vec![], &p);
+    let e = g.op("Erf", &[&e], vec![], &p);
+    let e = g.op("Add", &[&e, &c.one], vec![], &p);
+    let f = g.op("Mul", &[&f, &e], vec![], &p);
+    let f = g.op("Mul", &[&f, &c.half], vec![], &p);
+    let f = linear(g, ck, &f, &format!("{p}.mlp.fc2"), hidden, d)?;
+    Ok(g.op("Add", &[&x, &f], vec![], &p))
+}
+
+struct Consts {
+    idx0: String,
+    idx1: String,
+    idx2: String,
+    shape_nd: String,
+    inv_sqrt2: String,
+    one: String,
+    half: String,
+}
+
+fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+    let shape = TensorShapeProto {
+        dim: dims
+            .iter()
+            .map(|d| Dimension {
+                value: Some(match d {
+                    Some(v) => Dim::DimValue(*v),
+                    None => Dim::DimParam("batch".into()),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(onnx::tensor_proto::DataType::Float as i32),
+                shape: Some(shape),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Build the model for `task` from a checkpoint.
+pub fn build_model(ck: &Checkpoint, task: Task) -> Result<ModelProto> {
+    let v = &ck.vit;
+    let (d, p, gsz) = (v.embed_dim, v.patch_size as i64, v.grid() as i64);
+    let np = gsz * gsz;
+    match task {
+        Task::Classify | Task::Segment => {
+            return Err(Error::bad_file(
+                &ck.path,
+                format!("the checkpoint has no {} head (train one with ehm-train probe/finetune/segment); export it as backbone or embed", task.name()),
+            ))
+        }
+        Task::Backbone | Task::Embed => {}
+    }
+    let mut g = Graph::default();
+    let c = Consts {
+        idx0: g.init_i64("const.idx0", &[], &[0]),
+        idx1: g.init_i64("const.idx1", &[], &[1]),
+        idx2: g.init_i64("const.idx2", &[], &[2]),
+        shape_nd: g.init_i64("const.shape_nd", &[3], &[0, -1, d]),
+        inv_sqrt2: g.init_f32("const.inv_sqrt2", &[], &[std::f32::consts::FRAC_1_SQRT_2]),
+        one: g.init_f32("const.one", &[], &[1.0]),
+        half: g.init_f32("const.half", &[], &[0.5]),
+    };
+    // patch embedding → [N, P, D] + position embedding
+    let w = g.init_f32(
+        "patch_embed.proj.weight",
+        &[d, 3, p, p],
+        ck.get("patch_embed.proj.weight", &[d, 3, p, p])?,
+    );
+    let b = g.init_f32(
+        "patch_embed.proj.bias",
+        &[d],
+        ck.get("patch_embed.proj.bias", &[d])?,
+    );
+    let x = g.op(
+        "Conv",
+        &[INPUT, &w, &b],
+        vec![
+            attr_ints("kernel_shape", &[p, p]),
+            attr_ints("strides", &[p, p]),
+        ],
+        "patch_embed",
+    );
+    let flat = g.init_i64("patch_embed.flat_shape", &[3], &[0, d, -1]);
+    let x = g.op("Reshape", &[&x, &flat], vec![], "patch_embed");
+    let x = g.op(
+        "Transpose",
+        &[&x],
+        vec![attr_ints("perm", &[0, 2, 1])],
+        "patch_embed",
+    );
+    let pos = ck.get("pos_embed", &[1, 1 + np, d])?;
+    let pos_patches = g.init_f32("pos_embed.patches", &[1, np, d], &pos[d as usize..]);
+    let x = g.op("Add", &[&x, &pos_patches], vec![], "pos_embed");
+    // class token (+ its position embedding), broadcast to the batch
+    let cls_tok = ck.get("cls_token", &[1, 1, d])?;
+    let cls: Vec<f32> = cls_tok
+        .iter()
+        .zip(&pos[..d as usize])
+        .map(|(a, b)| a + b)
+        .collect();
+    let cls = g.init_f32("cls_token.with_pos", &[1, 1, d], &cls);
+    let in_shape = g.op("Shape", &[INPUT], vec![], "cls");
+    let (s0, s1) = (
+        g.init_i64("const.s0", &[1], &[0]),
+        g.init_i64("const.s1", &[1], &[1]),
+    );
+    let n = g.op("Slice", &[&in_shape, &s0, &s1], vec![], "cls");
+    let tail = g.init_i64("const.one_d", &[2], &[1, d]);
+    let cls_shape = g.op("Concat", &[&n, &tail], vec![attr_int("axis", 0)], "cls");
+    let cls = g.op("Expand", &[&cls, &cls_shape], vec![], "cls");
+    let mut x = g.op("Concat", &[&cls, &x], vec![attr_int("axis", 1)], "tokens");
+    for i in 0..v.depth {
+        x = block(&mut g, ck, &x, i, &c)?;
+    }
+    let x = layer_norm(&mut g, ck, &x, "norm", d)?;
+    let (outputs, emb_dim) = match task {
+        Task::Backbone => {
+            g.op_named("Identity", &[&x], vec![], "last_hidden_state");
+            (
+                vec![value_info(
+                    "last_hidden_state",
+                    &[None, Some(1 + np), Some(d)],
+                )],
+                None,
+            )
+        }
+        _ => {
+            // class token ⊕ GeM(p = 4) over patch tokens, L2-normalised (DINO's copy-detection descriptor)
+            let cls = g.op("Gather", &[&x, &c.idx0], vec![attr_int("axis", 1)], "embed");
+            let starts = g.init_i64("const.start1", &[1], &[1]);
+            let ends = g.init_i64("const.end_max", &[1], &[i64::MAX]);
+            let axes = g.init_i64("const.axis1", &[1], &[1]);
+            let pt = g.op("Slice", &[&x, &starts, &ends, &axes], vec![], "embed");
+            let eps = g.init_f32("const.gem_eps", &[], &[1e-6]);
+            let pt = g.op("Max", &[&pt, &eps], vec![], "embed");
+            let four = g.init_f32("const.gem_p", &[], &[4.0]);
+            let pt = g.op("Pow", &[&pt, &four], vec![], "embed");
+            let pt = g.op(
+                "ReduceMean",
+                &[&pt],
+                vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)],
+                "embed",
+            );
+            let quarter = g.init_f32("const.gem_inv_p", &[], &[0.25]);
+            let gem = g.op("Pow", &[&pt, &quarter], vec![], "embed");
+            let cat = g.op("Concat", &[&cls, &gem], vec![attr_int("axis", 1)], "embed");
+            let norm = g.op(
+                "ReduceL2",
+                &[&cat],
+                vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
+                "embed",
+            );
+            let tiny = g.init_f32("const.l2_eps", &[], &[1e-12]);
+            let norm = g.op("Max", &[&norm, &tiny], vec![], "embed");
+            g.op_named("Div", &[&cat, &norm], vec![], "embedding");
+            (
+                vec![value_info("embedding", &[None, Some(2 * d)])],
+                Some(2 * d),
+            )
+        }
+    };
+    let s = ck.preprocess.image_size as i64;
+    let config = ContractConfig {
+        preprocess: ck.preprocess.clone(),
+        patch_size: v.patch_size,
+        embed_dim: d,
+        embedding_dim: emb_dim,
+        arch: v.arch.clone(),
+    };
+    let source = Source {
+        checkpoint_sha256: ck.sha256.clone(),
+        name: ck.name.clone(),
+        training: ck.training.clone(),
+    };
+    let meta = |k: &str, v: String| StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v),
+    };
+    Ok(ModelProto {
+        ir_version: Some(8),
+        producer_name: Some("ehm-export".into()),
+        producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(OPSET),
+        }],
+        metadata_props: vec![
+            meta(KEY_TASK, task.name().into()),
+            meta(KEY_CONFIG, serde_json::to_string(&config).unwrap()),
+            meta(KEY_LABELS, serde_json::to_string(&ck.labels).unwrap()),
+            meta(KEY_SOURCE, serde_json::to_string(&source).unwrap()),
+        ],
+        graph: Some(onnx::GraphProto {
+            name: Some(format!("{}_{}", v.arch, task.name())),
+            node: g.nodes,
+            initializer: g.initializers,
+            input: vec![value_info(INPUT, &[None, Some(3), Some(s), Some(s)])],
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// Export a checkpoint to `out` (written atomically).
+pub fn export_onnx(checkpoint: &Path, task: Task, out: &Path) -> Result<ExportSummary> {
+    let ck = Checkpoint::open(checkpoint)?;
+    let model = build_model(&ck, task)?;
+    let parameters = model.graph.as_ref().map_or(0, |g| {
+        g.initializer
+            .iter()
+            .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
+            .sum()
+    });
+    let bytes = model.encode_to_vec();
+    crate::fsutil::write_atomic(out, &bytes)?;
+    Ok(ExportSummary {
+        output: out.to_path_buf(),
+        task: task.name().into(),
+        bytes: bytes.len() as u64,
+        parameters,
+        opset: OPSET,
+    })
+}

@@ -1,0 +1,167 @@
+//! ehm-export onnx: the ONNX model run by ONNX Runtime gives the same outputs as the tch model
+//! built from the same checkpoint (random inputs and real Fashion-MNIST images), and bad
+//! requests fail cleanly.
+mod common;
+use ehm::contract::ModelContract;
+use ehm::data::{self, Dataset};
+use ehm::infer::OrtModel;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{nn, Device, Kind, Tensor};
+
+/// Pretrain the micro model for a few steps: a real checkpoint with non-initial weights.
+fn checkpoint(dir: &Path) -> PathBuf {
+    common::write_cifar(dir);
+    let model = common::write_model(dir);
+    let out = dir.join("run");
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-train"))
+        .args(["pretrain", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(format!("cifar:{}:train", dir.display()))
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--knn-every",
+            "-1",
+            "--json",
+        ])
+        .env("EHM_DEVICE", "cpu")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn export(ckpt: &Path, task: &str, out: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(ckpt)
+        .args(["--task", task, "-o"])
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn onnx_matches_tch_for_backbone_and_embed() {
+    let d = tempfile::tempdir().unwrap();
+    let run = checkpoint(d.path());
+    // tch model from the same checkpoint
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    let vit: ehm::config::VitConfig = serde_json::from_value(cfg["model"].clone()).unwrap();
+    let pre: ehm::data::Preprocess = serde_json::from_value(cfg["preprocess"].clone()).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let enc = ehm::model::Encoder::new(&vs.root(), &vit);
+    let (tensors, _) =
+        ehm::train::checkpoint::load_tensors(&run.join("checkpoint.safetensors")).unwrap();
+    ehm::train::checkpoint::load_into_varstore(&vs, &tensors, &run, &[]).unwrap();
+
+    // inputs: random, and real Fashion-MNIST test images through the shared preprocessing
+    let s = pre.image_size as i64;
+    tch::manual_seed(3);
+    let random: Vec<f32> =
+        Vec::try_from(Tensor::randn([3, 3, s, s], (Kind::Float, Device::Cpu)).view(-1)).unwrap();
+    let fm = data::fashion_mnist(&data::fashion_mnist_dir(), "test").unwrap();
+    let mut real = Vec::new();
+    for i in 0..5 {
+        real.extend(pre.eval(&fm.image(i * 997).unwrap()));
+    }
+
+    for (task, output) in [("backbone", "last_hidden_state"), ("embed", "embedding")] {
+        let file = d.path().join(format!("{task}.onnx"));
+        let o = export(&run, task, &file);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let c = ModelContract::read(&file).unwrap();
+        assert_eq!(c.task.name(), task);
+        assert_eq!(
+            c.config.preprocess, pre,
+            "the model file carries the training preprocessing"
+        );
+        let mut m = OrtModel::open(&file, 1).unwrap();
+        for (what, x, n) in [
+            ("random", &random, 3usize),
+            ("fashion-mnist", &real, 5usize),
+        ] {
+            let (shape, got) = m.run(x, n, output).unwrap();
+            let imgs = Tensor::from_slice(x).view([n as i64, 3, s, s]);
+            let want = tch::no_grad(|| {
+                if task == "embed" {
+                    enc.embedding(&imgs)
+                } else {
+                    enc.forward_features(&imgs)
+                }
+            });
+            assert_eq!(
+                shape,
+                want.size().iter().map(|&v| v as usize).collect::<Vec<_>>()
+            );
+            let want: Vec<f32> = Vec::try_from(want.contiguous().view(-1)).unwrap();
+            let err = max_abs_diff(&got, &want);
+            eprintln!("parity {task}/{what}: max abs diff {err:.2e}");
+            assert!(err <= 1e-4, "{task}/{what}: max |onnx − tch| = {err}");
+        }
+    }
+    // the embedding is L2-normalised
+    let mut m = OrtModel::open(&d.path().join("embed.onnx"), 1).unwrap();
+    let (shape, e) = m.run(&real, 5, "embedding").unwrap();
+    assert_eq!(shape[1] as i64, 2 * vit.embed_dim);
+    for row in e.chunks(shape[1]) {
+        assert!((row.iter().map(|v| v * v).sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn bad_exports_fail_cleanly_and_leave_no_file() {
+    let d = tempfile::tempdir().unwrap();
+    let run = checkpoint(d.path());
+    let out = d.path().join("x.onnx");
+    // a head the checkpoint lacks
+    let o = export(&run, "classify", &out);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no classify head"));
+    assert!(!out.exists());
+    // unknown task: a usage error from clap
+    assert_eq!(export(&run, "detect", &out).status.code(), Some(2));
+    // a checkpoint whose tensor shapes do not match its config
+    let bad = d.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(
+        run.join("checkpoint.safetensors"),
+        bad.join("checkpoint.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(run.join("config.json"))
+        .unwrap()
+        .replace("\"embed_dim\": 64", "\"embed_dim\": 128");
+    std::fs::write(bad.join("config.json"), cfg).unwrap();
+    let o = export(&bad, "embed", &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("shape") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!out.exists(), "no half-written model");
+    // an output path that cannot be written
+    let o = export(&run, "embed", Path::new("/proc/nope/x.onnx"));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).starts_with("error: "));
+    // not a model
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("inspect")
+        .arg(run.join("config.json"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not an ONNX model"));
+}
