@@ -114,6 +114,37 @@ fn onnx_matches_tch_for_backbone_and_embed() {
             assert!(err <= 1e-4, "{task}/{what}: max |onnx − tch| = {err}");
         }
     }
+    // --fp16: half the file, relative error ≤ 1e-2
+    let f16 = d.path().join("embed16.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(&run)
+        .args(["--task", "embed", "--fp16", "-o"])
+        .arg(&f16)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (full, half) = (
+        std::fs::metadata(d.path().join("embed.onnx"))
+            .unwrap()
+            .len(),
+        std::fs::metadata(&f16).unwrap().len(),
+    );
+    assert!(half < full * 6 / 10, "fp16 file {half} vs fp32 {full}");
+    let (_, a) = OrtModel::open(&f16, 1)
+        .unwrap()
+        .run(&real, 5, "embedding")
+        .unwrap();
+    let (_, b) = OrtModel::open(&d.path().join("embed.onnx"), 1)
+        .unwrap()
+        .run(&real, 5, "embedding")
+        .unwrap();
+    let rel = (a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f32>()
+        / b.iter().map(|y| y * y).sum::<f32>())
+    .sqrt();
+    eprintln!("parity embed fp16 vs fp32: relative error {rel:.2e}");
+    assert!(rel <= 1e-2, "fp16 relative error {rel}");
+
     // the embedding is L2-normalised
     let mut m = OrtModel::open(&d.path().join("embed.onnx"), 1).unwrap();
     let (shape, e) = m.run(&real, 5, "embedding").unwrap();

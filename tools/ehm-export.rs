@@ -24,6 +24,9 @@ enum Cmd {
         task: Task,
         #[arg(short, long)]
         output: PathBuf,
+        /// Store the weights as fp16 (half the file size; ONNX Runtime still computes in fp32)
+        #[arg(long)]
+        fp16: bool,
         /// Print the summary as JSON
         #[arg(long)]
         json: bool,
@@ -42,10 +45,11 @@ fn run(cli: Cli) -> ehm::Result<()> {
             checkpoint,
             task,
             output,
+            fp16,
             json,
         } => {
             let t0 = std::time::Instant::now();
-            let s = ehm::export::export_onnx(&checkpoint, task, &output)?;
+            let s = ehm::export::export_onnx(&checkpoint, task, &output, fp16)?;
             if json {
                 println!("{}", serde_json::to_string(&s).unwrap());
             } else {

@@ -9,6 +9,8 @@ pub struct Graph {
     pub nodes: Vec<NodeProto>,
     pub initializers: Vec<TensorProto>,
     counter: usize,
+    /// Store float weights as fp16 (half the file) and cast them to fp32 in the graph.
+    pub fp16_weights: bool,
 }
 
 pub fn attr_int(name: &str, v: i64) -> AttributeProto {
@@ -37,6 +39,13 @@ pub fn attr_float(name: &str, v: f32) -> AttributeProto {
 }
 
 impl Graph {
+    pub fn new(fp16_weights: bool) -> Self {
+        Graph {
+            fp16_weights,
+            ..Default::default()
+        }
+    }
+
     /// A float initializer.
     pub fn init_f32(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
         assert_eq!(
@@ -44,6 +53,27 @@ impl Graph {
             data.len(),
             "initializer {name}: dims vs data"
         );
+        if self.fp16_weights && data.len() > 1 {
+            let stored = format!("{name}.fp16");
+            self.initializers.push(TensorProto {
+                name: Some(stored.clone()),
+                dims: dims.to_vec(),
+                data_type: Some(DataType::Float16 as i32),
+                raw_data: Some(
+                    data.iter()
+                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                ),
+                ..Default::default()
+            });
+            self.op_named(
+                "Cast",
+                &[&stored],
+                vec![attr_int("to", DataType::Float as i64)],
+                name,
+            );
+            return name.into();
+        }
         self.initializers.push(TensorProto {
             name: Some(name.into()),
             dims: dims.to_vec(),

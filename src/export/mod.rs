@@ -259,7 +259,7 @@ fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
 }
 
 /// Build the model for `task` from a checkpoint.
-pub fn build_model(ck: &Checkpoint, task: Task) -> Result<ModelProto> {
+pub fn build_model(ck: &Checkpoint, task: Task, fp16_weights: bool) -> Result<ModelProto> {
     let v = &ck.vit;
     let (d, p, gsz) = (v.embed_dim, v.patch_size as i64, v.grid() as i64);
     let np = gsz * gsz;
@@ -272,7 +272,7 @@ pub fn build_model(ck: &Checkpoint, task: Task) -> Result<ModelProto> {
         }
         Task::Backbone | Task::Embed => {}
     }
-    let mut g = Graph::default();
+    let mut g = Graph::new(fp16_weights);
     let c = Consts {
         idx0: g.init_i64("const.idx0", &[], &[0]),
         idx1: g.init_i64("const.idx1", &[], &[1]),
@@ -425,9 +425,15 @@ pub fn build_model(ck: &Checkpoint, task: Task) -> Result<ModelProto> {
 }
 
 /// Export a checkpoint to `out` (written atomically).
-pub fn export_onnx(checkpoint: &Path, task: Task, out: &Path) -> Result<ExportSummary> {
+/// `fp16_weights` stores the weights as fp16 (half the size; computation stays fp32).
+pub fn export_onnx(
+    checkpoint: &Path,
+    task: Task,
+    out: &Path,
+    fp16_weights: bool,
+) -> Result<ExportSummary> {
     let ck = Checkpoint::open(checkpoint)?;
-    let model = build_model(&ck, task)?;
+    let model = build_model(&ck, task, fp16_weights)?;
     let parameters = model.graph.as_ref().map_or(0, |g| {
         g.initializer
             .iter()
