@@ -196,3 +196,75 @@ fn bad_exports_fail_cleanly_and_leave_no_file() {
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an ONNX model"));
 }
+
+#[test]
+fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
+    let py = ehm::fsutil::cache_dir().join("venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} missing: run tools/setup.sh pydeps (the test command does)",
+        py.display()
+    );
+    let d = tempfile::tempdir().unwrap();
+    let run = checkpoint(d.path());
+    let fm = data::fashion_mnist(&data::fashion_mnist_dir(), "test").unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    let pre: ehm::data::Preprocess = serde_json::from_value(cfg["preprocess"].clone()).unwrap();
+    let mut x = Vec::new();
+    for i in 0..4 {
+        x.extend(pre.eval(&fm.image(i * 31).unwrap()));
+    }
+    let input = d.path().join("x.bin");
+    std::fs::write(
+        &input,
+        x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    for (task, output, fp16) in [
+        ("backbone", "last_hidden_state", false),
+        ("embed", "embedding", false),
+        ("embed", "embedding", true),
+    ] {
+        let file = d
+            .path()
+            .join(format!("{task}{}.onnx", if fp16 { "16" } else { "" }));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ehm-export"));
+        cmd.arg("onnx")
+            .arg(&run)
+            .args(["--task", task, "-o"])
+            .arg(&file);
+        if fp16 {
+            cmd.arg("--fp16");
+        }
+        assert!(cmd.status().unwrap().success());
+        let out = d.path().join("y.bin");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/crosscheck.py");
+        let o = Command::new(&py)
+            .arg(script)
+            .arg(&file)
+            .arg(&input)
+            .arg("4")
+            .arg(output)
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "python check of {task}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let theirs: Vec<f32> = std::fs::read(&out)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let (_, ours) = OrtModel::open(&file, 1)
+            .unwrap()
+            .run(&x, 4, output)
+            .unwrap();
+        let err = max_abs_diff(&ours, &theirs);
+        eprintln!("python onnxruntime vs ours, {task} fp16={fp16}: max abs diff {err:.2e}");
+        assert!(err <= 1e-6, "{task}: {err}");
+    }
+}

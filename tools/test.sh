@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 tools/setup.sh all
+tools/setup.sh pydeps
 echo "== cargo build --no-default-features (inference tools, no libtorch)"
 cargo build --no-default-features --bins
 echo "== cargo test (all features)"
