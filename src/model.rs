@@ -476,35 +476,36 @@ mod timm_tests {
     use super::*;
 
     #[test]
-    fn encoder_keys_and_shapes_equal_timm_vit_tiny_patch16_224() {
-        let golden = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/golden/timm_vit_tiny_patch16_224.keys"
-        ))
-        .unwrap();
-        let want: Vec<String> = golden
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(String::from)
-            .collect();
-        let vs = nn::VarStore::new(Device::Cpu);
-        let _m = Mae::new(&vs.root(), &VitConfig::preset("vit_tiny", 224, 16).unwrap());
-        let mut got: Vec<String> = vs
-            .variables()
-            .into_iter()
-            .filter(|(n, _)| !crate::train::optim::is_decoder_param(n))
-            .map(|(n, t)| {
-                format!(
-                    "{n} {}",
-                    t.size()
-                        .iter()
-                        .map(|d| d.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )
-            })
-            .collect();
-        got.sort();
-        assert_eq!(got, want);
+    fn encoder_keys_and_shapes_equal_timm() {
+        for (arch, golden) in [
+            ("vit_tiny", "timm_vit_tiny_patch16_224"),
+            ("vit_small", "timm_vit_small_patch16_224"),
+        ] {
+            let path = format!("{}/tests/golden/{golden}.keys", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(path).unwrap();
+            let want: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.is_empty())
+                .collect();
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _m = Mae::new(&vs.root(), &VitConfig::preset(arch, 224, 16).unwrap());
+            let mut got: Vec<String> = vs
+                .variables()
+                .into_iter()
+                .filter(|(n, _)| !crate::train::optim::is_decoder_param(n))
+                .map(|(n, t)| {
+                    format!(
+                        "{n} {}",
+                        t.size()
+                            .iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                })
+                .collect();
+            got.sort();
+            assert_eq!(got, want, "{arch}");
+        }
     }
 }

@@ -20,6 +20,13 @@ struct Cli {
 enum Cmd {
     /// MAE pretraining with random | block | grid | ehm masking. Re-running the same command resumes.
     Pretrain(Box<PretrainArgs>),
+    /// Write the untrained initial weights of a zoo entry as a checkpoint folder
+    Init {
+        #[arg(long, default_value = "vit_tiny_p4_fmnist")]
+        model: String,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Time the MAE step on synthetic data (compare with shared/reference/mae_reference.py)
     Bench(BenchArgs),
     /// Heads: linear probe (not built yet)
@@ -294,6 +301,9 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Pretrain(a) => pretrain(*a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Init { model, out } => ZooEntry::find(&model)
+            .and_then(|e| ehm::train::pretrain::write_initial_checkpoint(&e, &out))
+            .map(|p| println!("wrote {}", p.display())),
         Cmd::Probe | Cmd::Finetune | Cmd::Segment => {
             eprintln!("ehm-train: this subcommand is not built yet (see the issue tracker)");
             return ExitCode::from(2);

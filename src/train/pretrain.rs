@@ -550,3 +550,26 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     )?;
     Ok(summary)
 }
+
+/// Write the initial (untrained) weights of a zoo entry as a checkpoint folder: for export
+/// benchmarks, tests, and anyone who wants the graph before the training.
+pub fn write_initial_checkpoint(entry: &ZooEntry, out: &Path) -> Result<PathBuf> {
+    let cfg = entry.vit()?;
+    let run = RunConfig {
+        name: entry.name.clone(),
+        model: cfg.clone(),
+        preprocess: entry.preprocess.clone(),
+        pretrain: entry.pretrain.clone(),
+    };
+    let engine = Engine::new(
+        &cfg,
+        &entry.preprocess,
+        &entry.pretrain,
+        Device::Cpu,
+        Kind::Float,
+    );
+    std::fs::create_dir_all(out).at(out)?;
+    save_all(&engine, &run, out, 0, 0)?;
+    let _ = std::fs::remove_file(out.join("resume.safetensors"));
+    Ok(out.join("checkpoint.safetensors"))
+}
