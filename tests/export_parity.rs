@@ -268,3 +268,61 @@ fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
         assert!(err <= 1e-6, "{task}: {err}");
     }
 }
+
+#[test]
+fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
+    let d = tempfile::tempdir().unwrap();
+    let run = checkpoint(d.path());
+    let file = d.path().join("embed24.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(&run)
+        .args(["--task", "backbone", "--image-size", "24", "-o"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = ModelContract::read(&file).unwrap();
+    assert_eq!(c.config.preprocess.image_size, 24);
+    // tch reference: the same weights, pos_embed resized by PyTorch's own bicubic upsampling
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    let mut vit: ehm::config::VitConfig = serde_json::from_value(cfg["model"].clone()).unwrap();
+    let (g0, dim) = (vit.grid() as i64, vit.embed_dim);
+    vit.image_size = 24;
+    let g1 = vit.grid() as i64;
+    let (mut tensors, _) =
+        ehm::train::checkpoint::load_tensors(&run.join("checkpoint.safetensors")).unwrap();
+    let pos = tensors["pos_embed"].shallow_clone();
+    let grid = pos
+        .narrow(1, 1, g0 * g0)
+        .view([1, g0, g0, dim])
+        .permute([0, 3, 1, 2]);
+    let up = grid
+        .upsample_bicubic2d([g1, g1], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([1, g1 * g1, dim]);
+    tensors.insert(
+        "pos_embed".into(),
+        Tensor::cat(&[pos.narrow(1, 0, 1), up], 1),
+    );
+    let vs = nn::VarStore::new(Device::Cpu);
+    let enc = ehm::model::Encoder::new(&vs.root(), &vit);
+    ehm::train::checkpoint::load_into_varstore(&vs, &tensors, &run, &[]).unwrap();
+    tch::manual_seed(5);
+    let x = Tensor::randn([2, 3, 24, 24], (Kind::Float, Device::Cpu));
+    let want: Vec<f32> = Vec::try_from(
+        tch::no_grad(|| enc.forward_features(&x))
+            .contiguous()
+            .view(-1),
+    )
+    .unwrap();
+    let xs: Vec<f32> = Vec::try_from(x.view(-1)).unwrap();
+    let (_, got) = OrtModel::open(&file, 1)
+        .unwrap()
+        .run(&xs, 2, "last_hidden_state")
+        .unwrap();
+    let err = max_abs_diff(&got, &want);
+    eprintln!("parity backbone at 24 px (pos_embed resized): max abs diff {err:.2e}");
+    assert!(err <= 1e-4, "{err}");
+}

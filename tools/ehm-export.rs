@@ -27,6 +27,9 @@ enum Cmd {
         /// Store the weights as fp16 (half the file size; ONNX Runtime still computes in fp32)
         #[arg(long)]
         fp16: bool,
+        /// Export for another input size (position embeddings resized bicubically, as timm)
+        #[arg(long)]
+        image_size: Option<u32>,
         /// Print the summary as JSON
         #[arg(long)]
         json: bool,
@@ -46,10 +49,19 @@ fn run(cli: Cli) -> ehm::Result<()> {
             task,
             output,
             fp16,
+            image_size,
             json,
         } => {
             let t0 = std::time::Instant::now();
-            let s = ehm::export::export_onnx(&checkpoint, task, &output, fp16)?;
+            let s = ehm::export::export_onnx(
+                &checkpoint,
+                task,
+                &output,
+                &ehm::export::ExportOptions {
+                    fp16_weights: fp16,
+                    image_size,
+                },
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&s).unwrap());
             } else {

@@ -108,6 +108,50 @@ impl Checkpoint {
     }
 }
 
+/// PyTorch's bicubic interpolation (`F.interpolate(mode="bicubic", align_corners=False)`,
+/// A = −0.75, edge-clamped taps) of a `[g, g, d]` grid to `[new, new, d]` — how timm resizes
+/// position embeddings for another image size.
+pub fn resize_pos_grid(grid: &[f32], g: usize, d: usize, new: usize) -> Vec<f32> {
+    fn cubic(x: f64) -> f64 {
+        let a = -0.75;
+        let x = x.abs();
+        if x <= 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+        } else {
+            0.0
+        }
+    }
+    let scale = g as f64 / new as f64;
+    // per output coordinate: 4 source indices and weights
+    let taps: Vec<[(usize, f64); 4]> = (0..new)
+        .map(|o| {
+            let src = (o as f64 + 0.5) * scale - 0.5;
+            let f = src.floor();
+            let t = src - f;
+            std::array::from_fn(|k| {
+                let idx = (f as i64 + k as i64 - 1).clamp(0, g as i64 - 1) as usize;
+                (idx, cubic(t - (k as f64 - 1.0)))
+            })
+        })
+        .collect();
+    let mut out = vec![0f32; new * new * d];
+    for (oy, ty) in taps.iter().enumerate() {
+        for (ox, tx) in taps.iter().enumerate() {
+            let dst = &mut out[(oy * new + ox) * d..(oy * new + ox + 1) * d];
+            for &(iy, wy) in ty {
+                for &(ix, wx) in tx {
+                    let w = (wy * wx) as f32;
+                    let src = &grid[(iy * g + ix) * d..(iy * g + ix + 1) * d];
+                    dst.iter_mut().zip(src).for_each(|(o, s)| *o += w * s);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// What an export produced.
 #[derive(Debug, serde::Serialize)]
 pub struct ExportSummary {
@@ -259,9 +303,17 @@ fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
 }
 
 /// Build the model for `task` from a checkpoint.
-pub fn build_model(ck: &Checkpoint, task: Task, fp16_weights: bool) -> Result<ModelProto> {
+pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<ModelProto> {
     let v = &ck.vit;
-    let (d, p, gsz) = (v.embed_dim, v.patch_size as i64, v.grid() as i64);
+    let (d, p, g0) = (v.embed_dim, v.patch_size as i64, v.grid() as i64);
+    let size = opts.image_size.unwrap_or(v.image_size);
+    if size % v.patch_size != 0 {
+        return Err(Error::Config(format!(
+            "--image-size {size} is not a multiple of the patch size {}",
+            v.patch_size
+        )));
+    }
+    let gsz = (size / v.patch_size) as i64;
     let np = gsz * gsz;
     match task {
         Task::Classify | Task::Segment => {
@@ -272,7 +324,7 @@ pub fn build_model(ck: &Checkpoint, task: Task, fp16_weights: bool) -> Result<Mo
         }
         Task::Backbone | Task::Embed => {}
     }
-    let mut g = Graph::new(fp16_weights);
+    let mut g = Graph::new(opts.fp16_weights);
     let c = Consts {
         idx0: g.init_i64("const.idx0", &[], &[0]),
         idx1: g.init_i64("const.idx1", &[], &[1]),
@@ -310,8 +362,13 @@ pub fn build_model(ck: &Checkpoint, task: Task, fp16_weights: bool) -> Result<Mo
         vec![attr_ints("perm", &[0, 2, 1])],
         "patch_embed",
     );
-    let pos = ck.get("pos_embed", &[1, 1 + np, d])?;
-    let pos_patches = g.init_f32("pos_embed.patches", &[1, np, d], &pos[d as usize..]);
+    let pos = ck.get("pos_embed", &[1, 1 + g0 * g0, d])?;
+    let grid_pos = if gsz == g0 {
+        pos[d as usize..].to_vec()
+    } else {
+        resize_pos_grid(&pos[d as usize..], g0 as usize, d as usize, gsz as usize)
+    };
+    let pos_patches = g.init_f32("pos_embed.patches", &[1, np, d], &grid_pos);
     let x = g.op("Add", &[&x, &pos_patches], vec![], "pos_embed");
     // class token (+ its position embedding), broadcast to the batch
     let cls_tok = ck.get("cls_token", &[1, 1, d])?;
@@ -381,9 +438,13 @@ pub fn build_model(ck: &Checkpoint, task: Task, fp16_weights: bool) -> Result<Mo
             )
         }
     };
-    let s = ck.preprocess.image_size as i64;
+    let s = size as i64;
+    let preprocess = Preprocess {
+        image_size: size,
+        ..ck.preprocess.clone()
+    };
     let config = ContractConfig {
-        preprocess: ck.preprocess.clone(),
+        preprocess,
         patch_size: v.patch_size,
         embed_dim: d,
         embedding_dim: emb_dim,
@@ -425,15 +486,23 @@ pub fn build_model(ck: &Checkpoint, task: Task, fp16_weights: bool) -> Result<Mo
 }
 
 /// Export a checkpoint to `out` (written atomically).
-/// `fp16_weights` stores the weights as fp16 (half the size; computation stays fp32).
+/// How to export: weight storage and (optionally) another input size.
+#[derive(Clone, Debug, Default)]
+pub struct ExportOptions {
+    /// Store the weights as fp16 (half the size; computation stays fp32).
+    pub fp16_weights: bool,
+    /// Export for this input size; position embeddings are resized bicubically (as timm).
+    pub image_size: Option<u32>,
+}
+
 pub fn export_onnx(
     checkpoint: &Path,
     task: Task,
     out: &Path,
-    fp16_weights: bool,
+    opts: &ExportOptions,
 ) -> Result<ExportSummary> {
     let ck = Checkpoint::open(checkpoint)?;
-    let model = build_model(&ck, task, fp16_weights)?;
+    let model = build_model(&ck, task, opts)?;
     let parameters = model.graph.as_ref().map_or(0, |g| {
         g.initializer
             .iter()
