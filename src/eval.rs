@@ -68,3 +68,93 @@ mod tests {
         );
     }
 }
+
+/// Confusion matrix `cm[truth][pred]`.
+pub fn confusion(truth: &[i64], pred: &[i64], classes: usize) -> Vec<Vec<u64>> {
+    let mut cm = vec![vec![0u64; classes]; classes];
+    for (&t, &p) in truth.iter().zip(pred) {
+        cm[t as usize][p as usize] += 1;
+    }
+    cm
+}
+
+/// Recall per class (NaN-free: a class with no examples gets 0).
+pub fn per_class_accuracy(cm: &[Vec<u64>]) -> Vec<f64> {
+    cm.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let n: u64 = row.iter().sum();
+            if n == 0 {
+                0.0
+            } else {
+                row[i] as f64 / n as f64
+            }
+        })
+        .collect()
+}
+
+/// CSV with a header row of predicted classes and one row per true class.
+pub fn confusion_csv(cm: &[Vec<u64>], names: &[String]) -> String {
+    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let mut out = format!(
+        "truth\\pred,{}\n",
+        names.iter().map(|n| q(n)).collect::<Vec<_>>().join(",")
+    );
+    for (i, row) in cm.iter().enumerate() {
+        out += &format!(
+            "{},{}\n",
+            q(&names[i]),
+            row.iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    }
+    out
+}
+
+/// A heat-map picture of the row-normalised confusion matrix (24 px per cell).
+pub fn confusion_png(cm: &[Vec<u64>]) -> image::RgbImage {
+    let c = cm.len() as u32;
+    let cell = 24;
+    let mut img = image::RgbImage::new(c * cell, c * cell);
+    for (i, row) in cm.iter().enumerate() {
+        let n = row.iter().sum::<u64>().max(1) as f64;
+        for (j, &v) in row.iter().enumerate() {
+            let f = v as f64 / n;
+            let px = if i == j {
+                [(255.0 * (1.0 - f)) as u8, 255, (255.0 * (1.0 - f)) as u8]
+            } else {
+                [255, (255.0 * (1.0 - f)) as u8, (255.0 * (1.0 - f)) as u8]
+            };
+            for y in 0..cell - 1 {
+                for x in 0..cell - 1 {
+                    img.put_pixel(j as u32 * cell + x, i as u32 * cell + y, image::Rgb(px));
+                }
+            }
+        }
+    }
+    img
+}
+
+#[cfg(test)]
+mod confusion_tests {
+    use super::*;
+
+    #[test]
+    fn perfect_all_wrong_and_missing_class() {
+        let cm = confusion(&[0, 1, 2], &[0, 1, 2], 3);
+        assert_eq!(per_class_accuracy(&cm), vec![1.0, 1.0, 1.0]);
+        let cm = confusion(&[0, 1, 2], &[1, 2, 0], 3);
+        assert_eq!(per_class_accuracy(&cm), vec![0.0, 0.0, 0.0]);
+        // class 2 never appears in the truth: accuracy 0, not NaN; its column still counts
+        let cm = confusion(&[0, 0, 1], &[0, 2, 1], 3);
+        assert_eq!(per_class_accuracy(&cm), vec![0.5, 1.0, 0.0]);
+        assert_eq!(cm[0][2], 1);
+        let csv = confusion_csv(&cm, &["a".into(), "b\"x".into(), "c".into()]);
+        assert!(
+            csv.starts_with("truth\\pred,\"a\",\"b\"\"x\",\"c\"\n\"a\",1,0,1\n"),
+            "{csv}"
+        );
+    }
+}

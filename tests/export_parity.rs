@@ -326,3 +326,69 @@ fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
     eprintln!("parity backbone at 24 px (pos_embed resized): max abs diff {err:.2e}");
     assert!(err <= 1e-4, "{err}");
 }
+
+#[test]
+fn probe_head_learns_and_exports_as_a_classifier() {
+    let d = tempfile::tempdir().unwrap();
+    let run = checkpoint(d.path());
+    let probe_dir = d.path().join("probe");
+    let cifar = d.path().display().to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-train"))
+        .arg("probe")
+        .arg(&run)
+        .arg("--out")
+        .arg(&probe_dir)
+        .args([
+            "--train",
+            &format!("cifar:{cifar}:train"),
+            "--test",
+            &format!("cifar:{cifar}:test"),
+            "--epochs",
+            "30",
+            "--json",
+        ])
+        .env("EHM_DEVICE", "cpu")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // 4 classes (chance 25 %); the synthetic classes are separable from frozen features
+    assert!(
+        r["top1"].as_f64().unwrap() > 0.6,
+        "probe top-1 {}",
+        r["top1"]
+    );
+    assert!(probe_dir.join("confusion.csv").exists() && probe_dir.join("confusion.png").exists());
+    // export and compare logits with tch: encoder → class token → head
+    let file = d.path().join("cls.onnx");
+    let o = export(&probe_dir, "classify", &file);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = ModelContract::read(&file).unwrap();
+    assert_eq!(
+        c.labels.len(),
+        10,
+        "CIFAR-10 class names travel into the model"
+    );
+    let (tensors, _) =
+        ehm::train::checkpoint::load_tensors(&probe_dir.join("checkpoint.safetensors")).unwrap();
+    let bb = ehm::train::probe::Backbone::open(&probe_dir, Device::Cpu).unwrap();
+    tch::manual_seed(9);
+    let x = Tensor::randn([3, 3, 16, 16], (Kind::Float, Device::Cpu));
+    let want = tch::no_grad(|| {
+        let f = ehm::train::probe::pool_tokens(
+            &bb.encoder.forward_features(&x),
+            ehm::train::probe::Pool::Cls,
+        );
+        f.matmul(&tensors["head.weight"].tr()) + &tensors["head.bias"]
+    });
+    let want: Vec<f32> = Vec::try_from(want.contiguous().view(-1)).unwrap();
+    let xs: Vec<f32> = Vec::try_from(x.view(-1)).unwrap();
+    let (shape, got) = OrtModel::open(&file, 1)
+        .unwrap()
+        .run(&xs, 3, "logits")
+        .unwrap();
+    assert_eq!(shape, vec![3, 10]);
+    let err = max_abs_diff(&got, &want);
+    eprintln!("parity classify: max abs diff {err:.2e}");
+    assert!(err <= 1e-4, "{err}");
+}

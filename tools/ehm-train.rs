@@ -29,8 +29,8 @@ enum Cmd {
     },
     /// Time the MAE step on synthetic data (compare with shared/reference/mae_reference.py)
     Bench(BenchArgs),
-    /// Heads: linear probe (not built yet)
-    Probe,
+    /// Linear probe of a frozen backbone (BatchNorm without affine + linear, on cached features)
+    Probe(ProbeArgs),
     /// Heads: fine-tuning (not built yet)
     Finetune,
     /// Heads: segmentation (not built yet)
@@ -108,6 +108,78 @@ struct PretrainArgs {
     json: bool,
     #[arg(long)]
     no_progress: bool,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// Pretraining run folder (or its checkpoint.safetensors)
+    checkpoint: PathBuf,
+    /// Output folder: checkpoint with head, config.json with labels, probe.json, confusion.{csv,png}
+    #[arg(long, short)]
+    out: PathBuf,
+    #[arg(long, default_value = "fashion-mnist:train")]
+    train: String,
+    #[arg(long, default_value = "fashion-mnist:test")]
+    test: String,
+    /// Use a fixed seeded subset of the training set (0 = all)
+    #[arg(long, default_value_t = 0)]
+    train_limit: usize,
+    #[arg(long, default_value_t = 0)]
+    test_limit: usize,
+    /// Feature: the class token or the mean of the patch tokens
+    #[arg(long, value_enum, default_value_t = ehm::train::probe::Pool::Cls)]
+    pool: ehm::train::probe::Pool,
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// SGD (momentum 0.9) learning rate, half-cycle cosine
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+fn probe(a: ProbeArgs) -> ehm::Result<()> {
+    let o = ehm::train::probe::ProbeOptions {
+        checkpoint: a.checkpoint,
+        train: a.train,
+        test: a.test,
+        train_limit: a.train_limit,
+        test_limit: a.test_limit,
+        pool: a.pool,
+        epochs: a.epochs.max(1),
+        batch_size: a.batch_size.max(1),
+        lr: a.lr,
+        seed: a.seed,
+        out: a.out,
+    };
+    let r = ehm::train::probe::probe(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).unwrap());
+    } else {
+        println!(
+            "linear probe: top-1 {:.2} %, top-5 {:.2} % on {} test images ({} train, {} epochs)",
+            100.0 * r.top1,
+            100.0 * r.top5,
+            r.test_images,
+            r.train_images,
+            r.epochs
+        );
+        println!("  {:<14} {:>8}", "class", "accuracy");
+        for (c, acc) in &r.per_class {
+            println!("  {c:<14} {:>7.2} %", 100.0 * acc);
+        }
+        println!("  checkpoint     {}", r.checkpoint.display());
+        println!(
+            "  confusion      {} / {}",
+            r.confusion_csv.display(),
+            r.confusion_png.display()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -304,7 +376,8 @@ fn main() -> ExitCode {
         Cmd::Init { model, out } => ZooEntry::find(&model)
             .and_then(|e| ehm::train::pretrain::write_initial_checkpoint(&e, &out))
             .map(|p| println!("wrote {}", p.display())),
-        Cmd::Probe | Cmd::Finetune | Cmd::Segment => {
+        Cmd::Probe(a) => probe(a),
+        Cmd::Finetune | Cmd::Segment => {
             eprintln!("ehm-train: this subcommand is not built yet (see the issue tracker)");
             return ExitCode::from(2);
         }

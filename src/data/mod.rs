@@ -265,8 +265,9 @@ impl DataSpec {
 }
 
 /// The first `n` items after a seeded shuffle (a fixed, class-mixed subset).
+/// `n = 0` means the whole set.
 pub fn subset(ds: Arc<dyn Dataset>, n: usize, seed: u64) -> Arc<dyn Dataset> {
-    if n >= ds.len() {
+    if n == 0 || n >= ds.len() {
         return ds;
     }
     use rand::seq::SliceRandom;

@@ -32,6 +32,8 @@ pub struct Checkpoint {
     pub labels: Vec<String>,
     pub training: serde_json::Value,
     pub sha256: String,
+    /// `head.pool` of a checkpoint with a classifier (`cls` or `mean`).
+    pub head_pool: Option<String>,
 }
 
 impl Checkpoint {
@@ -86,6 +88,7 @@ impl Checkpoint {
             preprocess,
             labels,
             sha256,
+            head_pool: cfg["head"]["pool"].as_str().map(String::from),
         })
     }
 
@@ -315,14 +318,18 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
     }
     let gsz = (size / v.patch_size) as i64;
     let np = gsz * gsz;
+    let lacks = |what: &str| {
+        Error::bad_file(
+            &ck.path,
+            format!("the checkpoint has no {what} head (train one with ehm-train probe); export it as backbone or embed"),
+        )
+    };
     match task {
-        Task::Classify | Task::Segment => {
-            return Err(Error::bad_file(
-                &ck.path,
-                format!("the checkpoint has no {} head (train one with ehm-train probe/finetune/segment); export it as backbone or embed", task.name()),
-            ))
+        Task::Segment => return Err(lacks("segment")),
+        Task::Classify if ck.head_pool.is_none() || !ck.tensors.contains_key("head.weight") => {
+            return Err(lacks("classify"))
         }
-        Task::Backbone | Task::Embed => {}
+        _ => {}
     }
     let mut g = Graph::new(opts.fp16_weights);
     let c = Consts {
@@ -393,6 +400,32 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
     }
     let x = layer_norm(&mut g, ck, &x, "norm", d)?;
     let (outputs, emb_dim) = match task {
+        Task::Classify => {
+            let classes = ck.labels.len() as i64;
+            if classes == 0 {
+                return Err(Error::bad_file(
+                    &ck.path,
+                    "classifier checkpoint without labels in config.json",
+                ));
+            }
+            let pooled = if ck.head_pool.as_deref() == Some("mean") {
+                let starts = g.init_i64("const.start1", &[1], &[1]);
+                let ends = g.init_i64("const.end_max", &[1], &[i64::MAX]);
+                let axes = g.init_i64("const.axis1", &[1], &[1]);
+                let pt = g.op("Slice", &[&x, &starts, &ends, &axes], vec![], "head");
+                g.op(
+                    "ReduceMean",
+                    &[&pt],
+                    vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)],
+                    "head",
+                )
+            } else {
+                g.op("Gather", &[&x, &c.idx0], vec![attr_int("axis", 1)], "head")
+            };
+            let logits = linear(&mut g, ck, &pooled, "head", d, classes)?;
+            g.op_named("Identity", &[&logits], vec![], "logits");
+            (vec![value_info("logits", &[None, Some(classes)])], None)
+        }
         Task::Backbone => {
             g.op_named("Identity", &[&x], vec![], "last_hidden_state");
             (

@@ -5,6 +5,7 @@ pub mod engine;
 pub mod loader;
 pub mod optim;
 pub mod pretrain;
+pub mod probe;
 
 pub use pretrain::{pretrain, PretrainOptions, Summary};
 

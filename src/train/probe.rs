@@ -1,0 +1,302 @@
+//! `ehm-train probe`: linear probing of a frozen backbone (MAE's recipe: BatchNorm without
+//! affine before a linear layer), on features extracted once. The result is a checkpoint with
+//! a timm-named classifier `head.{weight,bias}` (the BatchNorm folded in), class names and
+//! the pooling rule, which `ehm-export onnx --task classify` turns into a classifier.
+use super::checkpoint::{load_into_varstore, load_tensors, save_tensors};
+use crate::config::VitConfig;
+use crate::data::{self, DataSpec, Dataset, Preprocess};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::write_atomic;
+use crate::model::Encoder;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+/// Which token(s) the head reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Pool {
+    /// The class token.
+    Cls,
+    /// The mean of the patch tokens.
+    Mean,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub checkpoint: PathBuf,
+    pub train: String,
+    pub test: String,
+    pub train_limit: usize,
+    pub test_limit: usize,
+    pub pool: Pool,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub top1: f64,
+    pub top5: f64,
+    pub per_class: Vec<(String, f64)>,
+    pub train_images: usize,
+    pub test_images: usize,
+    pub epochs: usize,
+    pub final_train_loss: f64,
+    pub checkpoint: PathBuf,
+    pub confusion_csv: PathBuf,
+    pub confusion_png: PathBuf,
+}
+
+/// A backbone loaded from a checkpoint folder (or its .safetensors).
+pub struct Backbone {
+    pub vs: nn::VarStore,
+    pub encoder: Encoder,
+    pub vit: VitConfig,
+    pub preprocess: Preprocess,
+    pub config: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+    pub dir: PathBuf,
+}
+
+impl Backbone {
+    pub fn open(path: &Path, device: Device) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join("checkpoint.safetensors")
+        } else {
+            path.to_path_buf()
+        };
+        let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let cfg_path = dir.join("config.json");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).at(&cfg_path)?)
+                .map_err(|e| Error::bad_file(&cfg_path, format!("not JSON ({e})")))?;
+        let vit: VitConfig = serde_json::from_value(config["model"].clone())
+            .map_err(|e| Error::bad_file(&cfg_path, format!("bad 'model' ({e})")))?;
+        let preprocess: Preprocess = serde_json::from_value(config["preprocess"].clone())
+            .map_err(|e| Error::bad_file(&cfg_path, format!("bad 'preprocess' ({e})")))?;
+        let vs = nn::VarStore::new(device);
+        let encoder = Encoder::new(&vs.root(), &vit);
+        let (tensors, _) = load_tensors(&file)?;
+        load_into_varstore(&vs, &tensors, &file, &[])?;
+        Ok(Backbone {
+            vs,
+            encoder,
+            vit,
+            preprocess,
+            config,
+            tensors,
+            dir,
+        })
+    }
+
+    /// Pooled features `[n, D]` of a data set (eval preprocessing), in batches.
+    pub fn features(&self, ds: &dyn Dataset, pool: Pool) -> Result<Tensor> {
+        if ds.is_empty() {
+            return Err(Error::MissingData(
+                "no images to extract features from".into(),
+            ));
+        }
+        let pre = &self.preprocess;
+        let per = pre.tensor_len();
+        let s = pre.image_size as i64;
+        let mut out = Vec::new();
+        for start in (0..ds.len()).step_by(256) {
+            let n = (ds.len() - start).min(256);
+            let mut buf = vec![0f32; n * per];
+            use rayon::prelude::*;
+            buf.par_chunks_mut(per)
+                .enumerate()
+                .try_for_each(|(i, o)| -> Result<()> {
+                    pre.eval_into(&ds.image(start + i)?, o);
+                    Ok(())
+                })?;
+            let x = Tensor::from_slice(&buf)
+                .view([n as i64, 3, s, s])
+                .to_device(self.vs.device());
+            let f = tch::no_grad(|| self.encoder.forward_features(&x)).to_kind(Kind::Float);
+            out.push(pool_tokens(&f, pool).to_device(Device::Cpu));
+        }
+        Ok(Tensor::cat(&out, 0))
+    }
+}
+
+/// `[n, 1+P, D]` tokens → `[n, D]`.
+pub fn pool_tokens(tokens: &Tensor, pool: Pool) -> Tensor {
+    match pool {
+        Pool::Cls => tokens.select(1, 0),
+        Pool::Mean => {
+            let n = tokens.size()[1];
+            tokens.narrow(1, 1, n - 1).mean_dim(1, false, Kind::Float)
+        }
+    }
+}
+
+fn labelled(spec: &str, limit: usize, seed: u64) -> Result<(std::sync::Arc<dyn Dataset>, Tensor)> {
+    let ds = data::subset(spec.parse::<DataSpec>()?.open()?, limit, seed);
+    if ds.classes().is_empty() {
+        return Err(Error::MissingData(format!(
+            "{spec}: no labels (use a labelled set: fashion-mnist, cifar, or a class/image folder)"
+        )));
+    }
+    let y: Vec<i64> = (0..ds.len())
+        .map(|i| ds.label(i).unwrap_or(0) as i64)
+        .collect();
+    Ok((ds, Tensor::from_slice(&y)))
+}
+
+pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
+    let device = crate::model::default_device();
+    let bb = Backbone::open(&o.checkpoint, device)?;
+    let (train_ds, ytr) = labelled(&o.train, o.train_limit, o.seed)?;
+    let (test_ds, yte) = labelled(&o.test, o.test_limit, o.seed + 1)?;
+    let classes: Vec<String> = train_ds.classes().to_vec();
+    if test_ds.classes() != classes.as_slice() {
+        return Err(Error::Config(format!(
+            "{} and {} have different classes",
+            o.train, o.test
+        )));
+    }
+    let c = classes.len() as i64;
+    let ftr = bb.features(train_ds.as_ref(), o.pool)?;
+    let fte = bb.features(test_ds.as_ref(), o.pool)?;
+    let d = ftr.size()[1];
+
+    // BatchNorm without affine (statistics of the training features), then a linear layer.
+    let mean = ftr.mean_dim(0, true, Kind::Float);
+    let var = ftr.var_dim(0, false, true);
+    let inv_std = (var + 1e-6).rsqrt();
+    let xtr = (&ftr - &mean) * &inv_std;
+    let xte = (&fte - &mean) * &inv_std;
+    tch::manual_seed(o.seed as i64);
+    let hvs = nn::VarStore::new(Device::Cpu);
+    let head = nn::linear(
+        hvs.root() / "head",
+        d,
+        c,
+        nn::LinearConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        },
+    );
+    let mut opt = nn::Sgd {
+        momentum: 0.9,
+        ..Default::default()
+    }
+    .build(&hvs, o.lr)?;
+    let n = xtr.size()[0];
+    let steps_per_epoch = (n as usize).div_ceil(o.batch_size) as i64;
+    let total = steps_per_epoch * o.epochs as i64;
+    let mut step = 0i64;
+    let mut last_loss = f64::NAN;
+    for epoch in 0..o.epochs {
+        let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
+        let mut sum = 0.0;
+        for b in 0..steps_per_epoch {
+            let idx = perm.narrow(
+                0,
+                b * o.batch_size as i64,
+                (o.batch_size as i64).min(n - b * o.batch_size as i64),
+            );
+            // half-cycle cosine schedule
+            opt.set_lr(
+                o.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()),
+            );
+            let logits = xtr.index_select(0, &idx).apply(&head);
+            let loss = logits.cross_entropy_for_logits(&ytr.index_select(0, &idx));
+            opt.backward_step(&loss);
+            sum += loss.double_value(&[]);
+            step += 1;
+        }
+        last_loss = sum / steps_per_epoch as f64;
+        let _ = epoch;
+    }
+
+    // evaluation
+    let logits = tch::no_grad(|| xte.apply(&head));
+    let pred = logits.argmax(-1, false);
+    let top1 = pred
+        .eq_tensor(&yte)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    let k = 5.min(c);
+    let (_, top) = logits.topk(k, -1, true, true);
+    let top5 = top
+        .eq_tensor(&yte.unsqueeze(1))
+        .any_dim(1, false)
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    let yv: Vec<i64> = Vec::try_from(&yte).unwrap();
+    let pv: Vec<i64> = Vec::try_from(&pred).unwrap();
+    let cm = crate::eval::confusion(&yv, &pv, c as usize);
+    let per_class = crate::eval::per_class_accuracy(&cm)
+        .into_iter()
+        .zip(&classes)
+        .map(|(a, n)| (n.clone(), a))
+        .collect();
+
+    // the output checkpoint: backbone + head with the BatchNorm folded in (timm `head.*`)
+    std::fs::create_dir_all(&o.out).at(&o.out)?;
+    let w = hvs.variables()["head.weight"].shallow_clone();
+    let b = hvs.variables()["head.bias"].shallow_clone();
+    let w_fold = &w * &inv_std; // [C, D] * [1, D]
+    let b_fold = &b - (&w_fold * &mean).sum_dim_intlist(1, false, Kind::Float);
+    let mut named: Vec<(String, Tensor)> = bb
+        .tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    named.push(("head.weight".into(), w_fold));
+    named.push(("head.bias".into(), b_fold));
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    save_tensors(
+        &o.out.join("checkpoint.safetensors"),
+        &named,
+        HashMap::new(),
+    )?;
+    let mut cfg = bb.config.clone();
+    cfg["labels"] = serde_json::json!(classes);
+    cfg["head"] = serde_json::json!({"kind": "linear_probe", "pool": o.pool, "train": o.train, "epochs": o.epochs, "top1": top1});
+    write_atomic(
+        &o.out.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
+    )?;
+    let csv = o.out.join("confusion.csv");
+    write_atomic(&csv, crate::eval::confusion_csv(&cm, &classes).as_bytes())?;
+    let png = o.out.join("confusion.png");
+    let mut bytes = Vec::new();
+    crate::eval::confusion_png(&cm)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .map_err(|e| Error::Other(format!("{}: {e}", png.display())))?;
+    write_atomic(&png, &bytes)?;
+    let report = ProbeReport {
+        top1,
+        top5,
+        per_class,
+        train_images: train_ds.len(),
+        test_images: test_ds.len(),
+        epochs: o.epochs,
+        final_train_loss: last_loss,
+        checkpoint: o.out.join("checkpoint.safetensors"),
+        confusion_csv: csv,
+        confusion_png: png,
+    };
+    write_atomic(
+        &o.out.join("probe.json"),
+        serde_json::to_string_pretty(&report).unwrap().as_bytes(),
+    )?;
+    Ok(report)
+}
