@@ -46,7 +46,18 @@ impl Graph {
         }
     }
 
-    /// A float initializer.
+    /// Store an initializer from little-endian bytes.
+    fn init_raw(&mut self, name: &str, dims: &[i64], dtype: DataType, raw: Vec<u8>) {
+        self.initializers.push(TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(dtype as i32),
+            raw_data: Some(raw),
+            ..Default::default()
+        });
+    }
+
+    /// A float initializer (stored as fp16 + a Cast node when `fp16_weights`).
     pub fn init_f32(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
         assert_eq!(
             dims.iter().product::<i64>() as usize,
@@ -55,44 +66,36 @@ impl Graph {
         );
         if self.fp16_weights && data.len() > 1 {
             let stored = format!("{name}.fp16");
-            self.initializers.push(TensorProto {
-                name: Some(stored.clone()),
-                dims: dims.to_vec(),
-                data_type: Some(DataType::Float16 as i32),
-                raw_data: Some(
-                    data.iter()
-                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                ),
-                ..Default::default()
-            });
+            let raw = data
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect();
+            self.init_raw(&stored, dims, DataType::Float16, raw);
             self.op_named(
                 "Cast",
                 &[&stored],
                 vec![attr_int("to", DataType::Float as i64)],
                 name,
             );
-            return name.into();
+        } else {
+            self.init_raw(
+                name,
+                dims,
+                DataType::Float,
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            );
         }
-        self.initializers.push(TensorProto {
-            name: Some(name.into()),
-            dims: dims.to_vec(),
-            data_type: Some(DataType::Float as i32),
-            raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            ..Default::default()
-        });
         name.into()
     }
 
     /// An int64 initializer (shapes, axes, indices).
     pub fn init_i64(&mut self, name: &str, dims: &[i64], data: &[i64]) -> String {
-        self.initializers.push(TensorProto {
-            name: Some(name.into()),
-            dims: dims.to_vec(),
-            data_type: Some(DataType::Int64 as i32),
-            raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            ..Default::default()
-        });
+        self.init_raw(
+            name,
+            dims,
+            DataType::Int64,
+            data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        );
         name.into()
     }
 
