@@ -228,3 +228,53 @@ fn bad_inputs_are_one_line_errors() {
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("no zoo entry"));
 }
+
+#[test]
+fn knn_subcommand_agrees_with_the_training_monitor() {
+    let d = tempfile::tempdir().unwrap();
+    write_cifar(d.path());
+    let model = write_model(d.path());
+    let out = d.path().join("run");
+    // (base_cmd disables the monitor; here it runs at the end of training)
+    let o = Command::new(exe())
+        .args(["pretrain", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(format!("cifar:{}:train", d.path().display()))
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--json",
+            "--knn-every",
+            "0",
+        ])
+        .env("EHM_DEVICE", "cpu")
+        .output()
+        .unwrap();
+    let s = json_out(&o);
+    let monitor = s["knn_top1"].as_f64().expect("monitor ran");
+    let cifar = d.path().display().to_string();
+    let o = Command::new(exe())
+        .arg("knn")
+        .arg(&out)
+        .args([
+            "--train",
+            &format!("cifar:{cifar}:train"),
+            "--test",
+            &format!("cifar:{cifar}:test"),
+            "--json",
+        ])
+        .args(["--train-limit", "10000", "--test-limit", "2000"])
+        .env("EHM_DEVICE", "cpu")
+        .output()
+        .unwrap();
+    let k = json_out(&o);
+    assert_eq!(k["knn_top1"].as_f64().unwrap(), monitor);
+    assert!(
+        monitor > 0.25,
+        "above chance on the synthetic classes: {monitor}"
+    );
+}

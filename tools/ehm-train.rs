@@ -31,6 +31,27 @@ enum Cmd {
     Bench(BenchArgs),
     /// Linear probe of a frozen backbone (BatchNorm without affine + linear, on cached features)
     Probe(ProbeArgs),
+    /// Weighted kNN top-1 (k = 20, T = 0.07, as DINO) of a frozen backbone
+    Knn {
+        /// Run folder (or its checkpoint.safetensors)
+        checkpoint: PathBuf,
+        #[arg(long, default_value = "fashion-mnist:train")]
+        train: String,
+        #[arg(long, default_value = "fashion-mnist:test")]
+        test: String,
+        #[arg(long, default_value_t = 0)]
+        train_limit: usize,
+        #[arg(long, default_value_t = 0)]
+        test_limit: usize,
+        #[arg(long, value_enum, default_value_t = ehm::train::probe::Pool::Cls)]
+        pool: ehm::train::probe::Pool,
+        #[arg(long, default_value_t = 20)]
+        k: usize,
+        #[arg(long, default_value_t = 0.07)]
+        temperature: f32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Heads: fine-tuning (not built yet)
     Finetune,
     /// Heads: segmentation (not built yet)
@@ -377,6 +398,15 @@ fn main() -> ExitCode {
             .and_then(|e| ehm::train::pretrain::write_initial_checkpoint(&e, &out))
             .map(|p| println!("wrote {}", p.display())),
         Cmd::Probe(a) => probe(a),
+        Cmd::Knn { checkpoint, train, test, train_limit, test_limit, pool, k, temperature, json } => {
+            ehm::train::probe::knn(&checkpoint, &train, &test, (train_limit, test_limit), pool, k.max(1), temperature).map(|(acc, ntr, nte)| {
+                if json {
+                    println!("{}", serde_json::json!({"knn_top1": acc, "k": k, "temperature": temperature, "train_images": ntr, "test_images": nte}));
+                } else {
+                    println!("kNN (k = {k}, T = {temperature}) top-1 {:.2} % on {nte} test images against {ntr}", 100.0 * acc);
+                }
+            })
+        }
         Cmd::Finetune | Cmd::Segment => {
             eprintln!("ehm-train: this subcommand is not built yet (see the issue tracker)");
             return ExitCode::from(2);

@@ -300,3 +300,46 @@ pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
     )?;
     Ok(report)
 }
+
+/// `ehm-train knn`: weighted kNN (DINO: k neighbours vote with exp(sim / T)) on L2-normalised
+/// frozen features. Returns top-1 on the test set.
+pub fn knn(
+    checkpoint: &Path,
+    train: &str,
+    test: &str,
+    limits: (usize, usize),
+    pool: Pool,
+    k: usize,
+    temperature: f32,
+) -> Result<(f64, usize, usize)> {
+    let bb = Backbone::open(checkpoint, crate::model::default_device())?;
+    // the same seeded subsets as the trainer's kNN monitor, so the numbers agree
+    let (tr, ytr) = labelled(train, limits.0, 1)?;
+    let (te, yte) = labelled(test, limits.1, 2)?;
+    let norm = |f: Tensor| -> Vec<f32> {
+        let f = &f / f.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12);
+        Vec::try_from(f.contiguous().view(-1)).expect("float features")
+    };
+    let ftr = bb.features(tr.as_ref(), pool)?;
+    let d = ftr.size()[1] as usize;
+    let (ftr, fte) = (norm(ftr), norm(bb.features(te.as_ref(), pool)?));
+    let ytr: Vec<usize> = Vec::<i64>::try_from(&ytr)
+        .unwrap()
+        .into_iter()
+        .map(|v| v as usize)
+        .collect();
+    let yte: Vec<usize> = Vec::<i64>::try_from(&yte)
+        .unwrap()
+        .into_iter()
+        .map(|v| v as usize)
+        .collect();
+    let acc = crate::eval::knn_top1(
+        (&ftr, &ytr),
+        (&fte, &yte),
+        d,
+        tr.classes().len(),
+        k,
+        temperature,
+    );
+    Ok((acc, tr.len(), te.len()))
+}
