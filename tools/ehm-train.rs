@@ -35,16 +35,8 @@ enum Cmd {
     Knn {
         /// Run folder (or its checkpoint.safetensors)
         checkpoint: PathBuf,
-        #[arg(long, default_value = "fashion-mnist:train")]
-        train: String,
-        #[arg(long, default_value = "fashion-mnist:test")]
-        test: String,
-        #[arg(long, default_value_t = 0)]
-        train_limit: usize,
-        #[arg(long, default_value_t = 0)]
-        test_limit: usize,
-        #[arg(long, value_enum, default_value_t = ehm::train::probe::Pool::Cls)]
-        pool: ehm::train::probe::Pool,
+        #[command(flatten)]
+        data: EvalData,
         #[arg(long, default_value_t = 20)]
         k: usize,
         #[arg(long, default_value_t = 0.07)]
@@ -131,13 +123,9 @@ struct PretrainArgs {
     no_progress: bool,
 }
 
+/// The labelled train/test sets and the feature a frozen-backbone evaluation uses.
 #[derive(Args)]
-struct ProbeArgs {
-    /// Pretraining run folder (or its checkpoint.safetensors)
-    checkpoint: PathBuf,
-    /// Output folder: checkpoint with head, config.json with labels, probe.json, confusion.{csv,png}
-    #[arg(long, short)]
-    out: PathBuf,
+struct EvalData {
     #[arg(long, default_value = "fashion-mnist:train")]
     train: String,
     #[arg(long, default_value = "fashion-mnist:test")]
@@ -150,6 +138,17 @@ struct ProbeArgs {
     /// Feature: the class token or the mean of the patch tokens
     #[arg(long, value_enum, default_value_t = ehm::train::probe::Pool::Cls)]
     pool: ehm::train::probe::Pool,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// Pretraining run folder (or its checkpoint.safetensors)
+    checkpoint: PathBuf,
+    /// Output folder: checkpoint with head, config.json with labels, probe.json, confusion.{csv,png}
+    #[arg(long, short)]
+    out: PathBuf,
+    #[command(flatten)]
+    data: EvalData,
     #[arg(long, default_value_t = 30)]
     epochs: usize,
     #[arg(long, default_value_t = 256)]
@@ -166,11 +165,11 @@ struct ProbeArgs {
 fn probe(a: ProbeArgs) -> ehm::Result<()> {
     let o = ehm::train::probe::ProbeOptions {
         checkpoint: a.checkpoint,
-        train: a.train,
-        test: a.test,
-        train_limit: a.train_limit,
-        test_limit: a.test_limit,
-        pool: a.pool,
+        train: a.data.train,
+        test: a.data.test,
+        train_limit: a.data.train_limit,
+        test_limit: a.data.test_limit,
+        pool: a.data.pool,
         epochs: a.epochs.max(1),
         batch_size: a.batch_size.max(1),
         lr: a.lr,
@@ -398,8 +397,8 @@ fn main() -> ExitCode {
             .and_then(|e| ehm::train::pretrain::write_initial_checkpoint(&e, &out))
             .map(|p| println!("wrote {}", p.display())),
         Cmd::Probe(a) => probe(a),
-        Cmd::Knn { checkpoint, train, test, train_limit, test_limit, pool, k, temperature, json } => {
-            ehm::train::probe::knn(&checkpoint, &train, &test, (train_limit, test_limit), pool, k.max(1), temperature).map(|(acc, ntr, nte)| {
+        Cmd::Knn { checkpoint, data, k, temperature, json } => {
+            ehm::train::probe::knn(&checkpoint, &data.train, &data.test, (data.train_limit, data.test_limit), data.pool, k.max(1), temperature).map(|(acc, ntr, nte)| {
                 if json {
                     println!("{}", serde_json::json!({"knn_top1": acc, "k": k, "temperature": temperature, "train_images": ntr, "test_images": nte}));
                 } else {
