@@ -105,6 +105,8 @@ impl Backbone {
         let per = pre.tensor_len();
         let s = pre.image_size as i64;
         let mut out = Vec::new();
+        let bar = super::progress_bar(ds.len() as u64, 0, true);
+        bar.set_message("extracting features");
         for start in (0..ds.len()).step_by(256) {
             let n = (ds.len() - start).min(256);
             let mut buf = vec![0f32; n * per];
@@ -120,7 +122,9 @@ impl Backbone {
                 .to_device(self.vs.device());
             let f = tch::no_grad(|| self.encoder.forward_features(&x)).to_kind(Kind::Float);
             out.push(pool_tokens(&f, pool).to_device(Device::Cpu));
+            bar.inc(n as u64);
         }
+        bar.finish_and_clear();
         Ok(Tensor::cat(&out, 0))
     }
 }
