@@ -44,6 +44,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Build the segmentation data set: Tux Paint objects pasted onto registry photos
+    MakeSegdata {
+        #[arg(long, short)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        train: usize,
+        #[arg(long, default_value_t = 400)]
+        val: usize,
+        /// Side of the square images
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        #[arg(long, default_value_t = 4)]
+        max_objects: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Heads: fine-tuning (not built yet)
     Finetune,
     /// Heads: segmentation (not built yet)
@@ -361,6 +377,45 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     Ok(())
 }
 
+fn make_segdata(
+    out: PathBuf,
+    train: usize,
+    val: usize,
+    size: u32,
+    max_objects: usize,
+    seed: u64,
+) -> ehm::Result<()> {
+    let cache = ehm::fsutil::cache_dir();
+    let cfg = ehm::data::segdata::SegDataConfig {
+        out,
+        stamps: cache.join("data/tuxpaint-stamps-default/usr/share/tuxpaint/stamps"),
+        photos: ehm::data::photos::collect(&cache)?,
+        train_images: train,
+        val_images: val,
+        size,
+        max_objects,
+        min_objects_per_class: 10,
+        val_fraction: 0.2,
+        seed,
+    };
+    let t0 = std::time::Instant::now();
+    let s = ehm::data::segdata::make_segdata(&cfg)?;
+    println!(
+        "wrote {} train + {} val images ({}×{}) with {} classes ({}) to {} in {:.1} s, from {} objects and {} background photos",
+        s.train_images,
+        s.val_images,
+        size,
+        size,
+        s.classes.len(),
+        s.classes.join(", "),
+        s.out.display(),
+        t0.elapsed().as_secs_f64(),
+        s.objects,
+        s.backgrounds
+    );
+    Ok(())
+}
+
 fn bench(a: BenchArgs) -> ehm::Result<()> {
     let o = ehm::train::bench::BenchOptions {
         arch: format!("vit_{}", a.model),
@@ -397,6 +452,7 @@ fn main() -> ExitCode {
             .and_then(|e| ehm::train::pretrain::write_initial_checkpoint(&e, &out))
             .map(|p| println!("wrote {}", p.display())),
         Cmd::Probe(a) => probe(a),
+        Cmd::MakeSegdata { out, train, val, size, max_objects, seed } => make_segdata(out, train, val, size, max_objects, seed),
         Cmd::Knn { checkpoint, data, k, temperature, json } => {
             ehm::train::probe::knn(&checkpoint, &data.train, &data.test, (data.train_limit, data.test_limit), data.pool, k.max(1), temperature).map(|(acc, ntr, nte)| {
                 if json {

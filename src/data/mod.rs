@@ -6,6 +6,7 @@ pub mod image_io;
 pub mod photos;
 pub mod preprocess;
 pub mod rcc;
+pub mod segdata;
 
 pub use preprocess::{Augment, Interpolation, Preprocess, ResizeRule};
 
