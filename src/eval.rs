@@ -158,3 +158,113 @@ mod confusion_tests {
         );
     }
 }
+
+/// Segmentation scores from per-pixel class indices.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SegScores {
+    /// Mean IoU over the classes that occur in the truth or the prediction.
+    pub miou: f64,
+    /// IoU per class; `None` for a class absent from both truth and prediction.
+    pub per_class_iou: Vec<Option<f64>>,
+    pub pixel_accuracy: f64,
+}
+
+/// Accumulates an intersection/union table over many images; `ignore` pixels of the truth
+/// (e.g. 255) count nowhere.
+#[derive(Clone, Debug)]
+pub struct SegMeter {
+    classes: usize,
+    ignore: Option<u8>,
+    /// confusion[truth][pred]
+    confusion: Vec<Vec<u64>>,
+}
+
+impl SegMeter {
+    pub fn new(classes: usize, ignore: Option<u8>) -> Self {
+        SegMeter {
+            classes,
+            ignore,
+            confusion: vec![vec![0; classes]; classes],
+        }
+    }
+
+    pub fn add(&mut self, truth: &[u8], pred: &[u8]) {
+        assert_eq!(
+            truth.len(),
+            pred.len(),
+            "truth and prediction differ in size"
+        );
+        for (&t, &p) in truth.iter().zip(pred) {
+            if Some(t) == self.ignore {
+                continue;
+            }
+            let (t, p) = (t as usize, p as usize);
+            if t < self.classes && p < self.classes {
+                self.confusion[t][p] += 1;
+            }
+        }
+    }
+
+    pub fn scores(&self) -> SegScores {
+        let c = self.classes;
+        let mut per_class = Vec::with_capacity(c);
+        for k in 0..c {
+            let tp = self.confusion[k][k];
+            let fn_: u64 = self.confusion[k].iter().sum::<u64>() - tp;
+            let fp: u64 = (0..c).map(|t| self.confusion[t][k]).sum::<u64>() - tp;
+            let union = tp + fn_ + fp;
+            per_class.push((union > 0).then(|| tp as f64 / union as f64));
+        }
+        let present: Vec<f64> = per_class.iter().flatten().copied().collect();
+        let total: u64 = self.confusion.iter().flatten().sum();
+        let correct: u64 = (0..c).map(|k| self.confusion[k][k]).sum();
+        SegScores {
+            miou: if present.is_empty() {
+                0.0
+            } else {
+                present.iter().sum::<f64>() / present.len() as f64
+            },
+            per_class_iou: per_class,
+            pixel_accuracy: if total == 0 {
+                0.0
+            } else {
+                correct as f64 / total as f64
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod seg_tests {
+    use super::*;
+
+    #[test]
+    fn perfect_all_wrong_missing_class_and_ignore() {
+        let truth = [0u8, 0, 1, 1, 2, 2];
+        let mut m = SegMeter::new(3, Some(255));
+        m.add(&truth, &truth);
+        let s = m.scores();
+        assert_eq!((s.miou, s.pixel_accuracy), (1.0, 1.0));
+
+        let mut m = SegMeter::new(3, None);
+        m.add(&truth, &[1, 1, 2, 2, 0, 0]);
+        let s = m.scores();
+        assert_eq!((s.miou, s.pixel_accuracy), (0.0, 0.0));
+
+        // class 2 absent from truth and prediction: excluded from the mean, reported as None
+        let mut m = SegMeter::new(3, None);
+        m.add(&[0, 0, 1, 1], &[0, 1, 1, 1]);
+        let s = m.scores();
+        assert_eq!(s.per_class_iou[2], None);
+        assert_eq!(s.per_class_iou[0], Some(0.5)); // tp 1, fn 1
+        assert!((s.per_class_iou[1].unwrap() - 2.0 / 3.0).abs() < 1e-12); // tp 2, fp 1
+        assert!((s.miou - (0.5 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
+        assert_eq!(s.pixel_accuracy, 0.75);
+
+        // ignored truth pixels count nowhere, whatever is predicted there
+        let mut m = SegMeter::new(2, Some(255));
+        m.add(&[0, 255, 1, 255], &[0, 1, 1, 0]);
+        let s = m.scores();
+        assert_eq!((s.miou, s.pixel_accuracy), (1.0, 1.0));
+    }
+}
