@@ -92,13 +92,6 @@ pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree
     // parent: union-find over representatives, to map a proposal made at the start of a round
     // to the segment that holds it now.
     let mut parent: Vec<u32> = (0..n as u32).collect();
-    fn find(p: &mut [u32], mut x: u32) -> u32 {
-        while p[x as usize] != x {
-            p[x as usize] = p[p[x as usize] as usize];
-            x = p[x as usize];
-        }
-        x
-    }
     let mut merges = Vec::with_capacity(n.saturating_sub(1));
     while merges.len() + 1 < n {
         // Borůvka round: every live segment proposes its best neighbour (highest average
@@ -156,6 +149,15 @@ pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree
     MergeTree { n, merges }
 }
 
+/// Union-find root with path halving.
+fn find(p: &mut [u32], mut x: u32) -> u32 {
+    while p[x as usize] != x {
+        p[x as usize] = p[p[x as usize] as usize];
+        x = p[x as usize];
+    }
+    x
+}
+
 fn dedup(v: &mut Vec<u32>) {
     v.sort_unstable();
     v.dedup();
@@ -167,13 +169,6 @@ impl MergeTree {
     pub fn cut(&self, segments: usize) -> Vec<u32> {
         let segments = segments.clamp(1, self.n.max(1));
         let mut parent: Vec<u32> = (0..self.n as u32).collect();
-        fn find(p: &mut [u32], mut x: u32) -> u32 {
-            while p[x as usize] != x {
-                p[x as usize] = p[p[x as usize] as usize];
-                x = p[x as usize];
-            }
-            x
-        }
         for &(a, b) in &self.merges[..self.n - segments] {
             let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
             parent[rb as usize] = ra;
