@@ -2,6 +2,7 @@
 //!
 //! Layers (arrows point down): tools → {train, export, infer, retrieval} → {model, masking,
 //! eval} → data. Everything that needs libtorch is behind the `train` feature.
+pub mod checkpoint;
 pub mod config;
 pub mod contract;
 pub mod data;

@@ -2,6 +2,7 @@
 //! built from the same checkpoint (random inputs and real Fashion-MNIST images), and bad
 //! requests fail cleanly.
 mod common;
+use ehm::checkpoint::CheckpointConfig;
 use ehm::contract::ModelContract;
 use ehm::data::{self, Dataset};
 use ehm::infer::OrtModel;
@@ -14,22 +15,8 @@ fn checkpoint(dir: &Path) -> PathBuf {
     common::write_cifar(dir);
     let model = common::write_model(dir);
     let out = dir.join("run");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-train"))
-        .args(["pretrain", "--model"])
-        .arg(&model)
-        .arg("--data")
-        .arg(format!("cifar:{}:train", dir.display()))
-        .arg("--out")
-        .arg(&out)
-        .args([
-            "--epochs",
-            "2",
-            "--no-progress",
-            "--knn-every",
-            "-1",
-            "--json",
-        ])
-        .env("EHM_DEVICE", "cpu")
+    let o = common::pretrain_cmd(&model, dir, &out)
+        .args(["--epochs", "2", "--knn-every", "-1"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -59,10 +46,11 @@ fn onnx_matches_tch_for_backbone_and_embed() {
     let d = tempfile::tempdir().unwrap();
     let run = checkpoint(d.path());
     // tch model from the same checkpoint
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
-    let vit: ehm::config::VitConfig = serde_json::from_value(cfg["model"].clone()).unwrap();
-    let pre: ehm::data::Preprocess = serde_json::from_value(cfg["preprocess"].clone()).unwrap();
+    let CheckpointConfig {
+        vit,
+        preprocess: pre,
+        ..
+    } = CheckpointConfig::read(&run).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let enc = ehm::model::Encoder::new(&vs.root(), &vit);
     let (tensors, _) =
@@ -208,9 +196,7 @@ fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
     let d = tempfile::tempdir().unwrap();
     let run = checkpoint(d.path());
     let fm = data::fashion_mnist(&data::fashion_mnist_dir(), "test").unwrap();
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
-    let pre: ehm::data::Preprocess = serde_json::from_value(cfg["preprocess"].clone()).unwrap();
+    let pre = CheckpointConfig::read(&run).unwrap().preprocess;
     let mut x = Vec::new();
     for i in 0..4 {
         x.extend(pre.eval(&fm.image(i * 31).unwrap()));
@@ -285,9 +271,7 @@ fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
     let c = ModelContract::read(&file).unwrap();
     assert_eq!(c.config.preprocess.image_size, 24);
     // tch reference: the same weights, pos_embed resized by PyTorch's own bicubic upsampling
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
-    let mut vit: ehm::config::VitConfig = serde_json::from_value(cfg["model"].clone()).unwrap();
+    let mut vit = CheckpointConfig::read(&run).unwrap().vit;
     let (g0, dim) = (vit.grid() as i64, vit.embed_dim);
     vit.image_size = 24;
     let g1 = vit.grid() as i64;

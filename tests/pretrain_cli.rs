@@ -1,7 +1,7 @@
 //! ehm-train pretrain end to end on a tiny synthetic CIFAR-format set: it trains, the loss
 //! falls, kill -9 at a random moment resumes to the same final step, bad runs stop cleanly.
 mod common;
-use common::{write_cifar, write_model};
+use common::{pretrain_cmd, write_cifar, write_model};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,22 +11,8 @@ fn exe() -> PathBuf {
 }
 
 fn base_cmd(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(exe());
-    c.args(["pretrain", "--model"])
-        .arg(model)
-        .arg("--data")
-        .arg(format!("cifar:{}:train", data.display()));
-    c.arg("--out").arg(out);
-    c.args([
-        "--no-progress",
-        "--json",
-        "--knn-every",
-        "-1",
-        "--workers",
-        "1",
-    ]);
-    c.args(extra);
-    c.env("EHM_DEVICE", "cpu");
+    let mut c = pretrain_cmd(model, data, out);
+    c.args(["--knn-every", "-1", "--workers", "1"]).args(extra);
     c
 }
 
@@ -236,22 +222,8 @@ fn knn_subcommand_agrees_with_the_training_monitor() {
     let model = write_model(d.path());
     let out = d.path().join("run");
     // (base_cmd disables the monitor; here it runs at the end of training)
-    let o = Command::new(exe())
-        .args(["pretrain", "--model"])
-        .arg(&model)
-        .arg("--data")
-        .arg(format!("cifar:{}:train", d.path().display()))
-        .arg("--out")
-        .arg(&out)
-        .args([
-            "--epochs",
-            "2",
-            "--no-progress",
-            "--json",
-            "--knn-every",
-            "0",
-        ])
-        .env("EHM_DEVICE", "cpu")
+    let o = pretrain_cmd(&model, d.path(), &out)
+        .args(["--epochs", "2", "--knn-every", "0"])
         .output()
         .unwrap();
     let s = json_out(&o);

@@ -4,6 +4,7 @@ pub mod graph;
 #[rustfmt::skip]
 pub mod onnx;
 
+use crate::checkpoint::{parse_f32_safetensors, CheckpointConfig, F32Tensors};
 use crate::config::VitConfig;
 use crate::contract::{
     ContractConfig, Source, Task, INPUT, KEY_CONFIG, KEY_LABELS, KEY_SOURCE, KEY_TASK,
@@ -17,7 +18,6 @@ use onnx::{
     ValueInfoProto,
 };
 use prost::Message;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub const OPSET: i64 = 17;
@@ -25,7 +25,7 @@ pub const OPSET: i64 = 17;
 /// Weights of a checkpoint, by name: (shape, values).
 pub struct Checkpoint {
     pub path: PathBuf,
-    pub tensors: HashMap<String, (Vec<i64>, Vec<f32>)>,
+    pub tensors: F32Tensors,
     pub vit: VitConfig,
     pub preprocess: Preprocess,
     pub name: String,
@@ -39,56 +39,24 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Open a run folder or a `.safetensors` file with `config.json` beside it.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() {
-            path.join("checkpoint.safetensors")
-        } else {
-            path.to_path_buf()
-        };
-        let cfg_path = file.with_file_name("config.json");
+        let cfg = CheckpointConfig::read(path)?;
+        let file = cfg.weights.clone();
         let bytes = std::fs::read(&file).at(&file)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::bad_file(&file, format!("not a safetensors checkpoint ({e})")))?;
-        let mut tensors = HashMap::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != safetensors::Dtype::F32 {
-                return Err(Error::bad_file(
-                    &file,
-                    format!("tensor {name} is {:?}, expected F32", view.dtype()),
-                ));
-            }
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            tensors.insert(
-                name,
-                (view.shape().iter().map(|&d| d as i64).collect(), data),
-            );
-        }
-        let cfg_text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
-        let cfg: serde_json::Value = serde_json::from_str(&cfg_text)
-            .map_err(|e| Error::bad_file(&cfg_path, format!("not JSON ({e})")))?;
-        let vit: VitConfig = serde_json::from_value(cfg["model"].clone())
-            .map_err(|e| Error::bad_file(&cfg_path, format!("bad 'model' section ({e})")))?;
-        let preprocess: Preprocess = serde_json::from_value(cfg["preprocess"].clone())
-            .map_err(|e| Error::bad_file(&cfg_path, format!("bad 'preprocess' section ({e})")))?;
-        let labels = cfg
-            .get("labels")
-            .and_then(|l| serde_json::from_value(l.clone()).ok())
-            .unwrap_or_default();
+        let (tensors, _) = parse_f32_safetensors(&bytes, &file)?;
+        let labels = cfg.labels();
         use sha2::Digest;
         let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        let cfg_json = cfg.json;
         Ok(Checkpoint {
             path: file,
             tensors,
-            name: cfg["name"].as_str().unwrap_or("").to_string(),
-            training: serde_json::json!({"pretrain": cfg["pretrain"], "step": cfg["step"]}),
-            vit,
-            preprocess,
+            name: cfg_json["name"].as_str().unwrap_or("").to_string(),
+            training: serde_json::json!({"pretrain": cfg_json["pretrain"], "step": cfg_json["step"]}),
+            vit: cfg.vit,
+            preprocess: cfg.preprocess,
             labels,
             sha256,
-            head_pool: cfg["head"]["pool"].as_str().map(String::from),
+            head_pool: cfg_json["head"]["pool"].as_str().map(String::from),
         })
     }
 

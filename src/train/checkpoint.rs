@@ -3,7 +3,7 @@
 //! atomically, so a kill at any moment leaves the previous set readable.
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::write_atomic;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -47,27 +47,12 @@ pub fn save_tensors(
 /// Read every tensor of a safetensors file as fp32 CPU tensors, plus the metadata.
 pub fn load_tensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).at(path)?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::bad_file(path, format!("not a safetensors file ({e})")))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::bad_file(path, format!("not a safetensors file ({e})")))?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::bad_file(
-                path,
-                format!("tensor {name} is {:?}, expected F32", view.dtype()),
-            ));
-        }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        out.insert(name, Tensor::from_slice(&data).view(shape.as_slice()));
-    }
-    Ok((out, meta.metadata().clone().unwrap_or_default()))
+    let (raw, meta) = crate::checkpoint::parse_f32_safetensors(&bytes, path)?;
+    let tensors = raw
+        .into_iter()
+        .map(|(n, (shape, data))| (n, Tensor::from_slice(&data).view(shape.as_slice())))
+        .collect();
+    Ok((tensors, meta))
 }
 
 /// Copy tensors into the variables of `vs` by name. Every variable must be present with the

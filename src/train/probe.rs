@@ -65,20 +65,10 @@ pub struct Backbone {
 
 impl Backbone {
     pub fn open(path: &Path, device: Device) -> Result<Self> {
-        let file = if path.is_dir() {
-            path.join("checkpoint.safetensors")
-        } else {
-            path.to_path_buf()
-        };
+        let cfg = crate::checkpoint::CheckpointConfig::read(path)?;
+        let file = cfg.weights.clone();
         let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let cfg_path = dir.join("config.json");
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&cfg_path).at(&cfg_path)?)
-                .map_err(|e| Error::bad_file(&cfg_path, format!("not JSON ({e})")))?;
-        let vit: VitConfig = serde_json::from_value(config["model"].clone())
-            .map_err(|e| Error::bad_file(&cfg_path, format!("bad 'model' ({e})")))?;
-        let preprocess: Preprocess = serde_json::from_value(config["preprocess"].clone())
-            .map_err(|e| Error::bad_file(&cfg_path, format!("bad 'preprocess' ({e})")))?;
+        let (vit, preprocess, config) = (cfg.vit, cfg.preprocess, cfg.json);
         let vs = nn::VarStore::new(device);
         let encoder = Encoder::new(&vs.root(), &vit);
         let (tensors, _) = load_tensors(&file)?;

@@ -1,6 +1,7 @@
 //! Synthetic data and a micro model config shared by the CLI tests.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// 320 CIFAR-10 records (256 distinct): simple shapes (bars at class-dependent positions) so MAE can learn.
 pub fn write_cifar(dir: &Path) {
@@ -56,4 +57,15 @@ masking = "ehm"
     )
     .unwrap();
     p
+}
+
+/// `ehm-train pretrain` of `model` on the CIFAR folder `data` into `out`, on the CPU, JSON summary.
+pub fn pretrain_cmd(model: &Path, data: &Path, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ehm-train"));
+    c.args(["pretrain", "--model"]).arg(model);
+    c.arg("--data")
+        .arg(format!("cifar:{}:train", data.display()));
+    c.arg("--out").arg(out);
+    c.args(["--no-progress", "--json"]).env("EHM_DEVICE", "cpu");
+    c
 }
