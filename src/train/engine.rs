@@ -243,20 +243,6 @@ impl Engine {
             + (base - self.run.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
     }
 
-    /// Encoder class-token features for kNN, L2-normalised, on the host.
-    pub fn features(&self, imgs: &Tensor) -> Vec<f32> {
-        let f = tch::no_grad(|| {
-            self.model
-                .encoder
-                .forward_features(imgs)
-                .select(1, 0)
-                .to_kind(Kind::Float)
-        });
-        let f = &f / f.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12);
-        Vec::<f32>::try_from(f.to_device(Device::Cpu).contiguous().view(-1))
-            .expect("float features")
-    }
-
     /// Named fp32 weights for a checkpoint: master slices + fixed buffers.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> = self

@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod engine;
+pub mod features;
 pub mod loader;
 pub mod optim;
 pub mod pretrain;

@@ -2,6 +2,7 @@
 //! Checkpoints atomically every N steps; re-running the same command resumes.
 use super::checkpoint::{load_tensors, save_tensors};
 use super::engine::Engine;
+use super::features::{self, Labelled, Pool};
 use super::loader::Loader;
 use crate::config::{MaskingKind, PretrainConfig, VitConfig, ZooEntry};
 use crate::data::{self, DataSpec, Dataset, Preprocess};
@@ -89,60 +90,18 @@ impl MetricLine {
     }
 }
 
-/// Labelled evaluation images held as CHW bytes (eval preprocessing).
-struct EvalSet {
-    pixels: Vec<u8>,
-    labels: Vec<usize>,
-    classes: usize,
-}
-
-fn eval_set(spec: &str, pre: &Preprocess, limit: usize, seed: u64) -> Result<EvalSet> {
-    let ds = data::subset(spec.parse::<DataSpec>()?.open()?, limit, seed);
-    if ds.classes().is_empty() {
-        return Err(Error::MissingData(format!("kNN data {spec} has no labels")));
-    }
-    let per = pre.tensor_len();
-    let mut pixels = vec![0u8; ds.len() * per];
-    let mut labels = Vec::with_capacity(ds.len());
-    use rayon::prelude::*;
-    pixels
-        .par_chunks_mut(per)
-        .enumerate()
-        .try_for_each(|(i, out)| -> Result<()> {
-            pre.eval_u8_into(&ds.image(i)?, out);
-            Ok(())
-        })?;
-    for i in 0..ds.len() {
-        labels.push(ds.label(i).unwrap_or(0));
-    }
-    Ok(EvalSet {
-        pixels,
-        labels,
-        classes: ds.classes().len(),
-    })
-}
-
-fn features(engine: &Engine, set: &EvalSet, per: usize) -> Vec<f32> {
-    let n = set.labels.len();
-    let mut out = Vec::new();
-    for start in (0..n).step_by(256) {
-        let b = (n - start).min(256);
-        let imgs = engine.upload(&set.pixels[start * per..(start + b) * per], b);
-        out.extend(engine.features(&imgs));
-    }
-    out
-}
-
-fn knn_eval(engine: &Engine, tr: &EvalSet, te: &EvalSet, per: usize) -> f64 {
-    let d = engine.cfg.embed_dim as usize;
-    let (ftr, fte) = (features(engine, tr, per), features(engine, te, per));
-    crate::eval::knn_top1(
-        (&ftr, &tr.labels),
-        (&fte, &te.labels),
-        d,
-        tr.classes,
-        20,
-        0.07,
+/// The kNN monitor: the shared frozen-backbone kNN on the model being trained.
+fn knn_eval(engine: &Engine, pre: &Preprocess, tr: &Labelled, te: &Labelled) -> Result<f64> {
+    features::knn_top1(
+        &engine.model.encoder,
+        pre,
+        tr,
+        te,
+        Pool::Cls,
+        engine.device,
+        features::KNN_K,
+        features::KNN_TEMPERATURE,
+        false,
     )
 }
 
@@ -385,8 +344,8 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         };
         match (tr, te) {
             (Some(a), Some(b)) => Some((
-                eval_set(&a, &pre, opts.knn_limit.0, 1)?,
-                eval_set(&b, &pre, opts.knn_limit.1, 2)?,
+                Labelled::open(&a, opts.knn_limit.0, features::TRAIN_SUBSET_SEED)?,
+                Labelled::open(&b, opts.knn_limit.1, features::TEST_SUBSET_SEED)?,
             )),
             _ => None,
         }
@@ -494,7 +453,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             }
             if let Some((tr, te)) = &knn_sets {
                 if done % knn_every_steps == 0 && done != total {
-                    let acc = knn_eval(&engine, tr, te, per);
+                    let acc = knn_eval(&engine, &pre, tr, te)?;
                     knn_last = Some(acc);
                     let line = MetricLine::knn(done, spe, acc, t0);
                     writeln!(metrics, "{}", serde_json::to_string(&line).unwrap())
@@ -522,7 +481,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     }
     bar.finish_and_clear();
     if let Some((tr, te)) = &knn_sets {
-        let acc = knn_eval(&engine, tr, te, per);
+        let acc = knn_eval(&engine, &pre, tr, te)?;
         knn_last = Some(acc);
         let line = MetricLine::knn(total, spe, acc, t0);
         writeln!(metrics, "{}", serde_json::to_string(&line).unwrap()).at(&metrics_path)?;

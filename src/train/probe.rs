@@ -3,8 +3,10 @@
 //! a timm-named classifier `head.{weight,bias}` (the BatchNorm folded in), class names and
 //! the pooling rule, which `ehm-export onnx --task classify` turns into a classifier.
 use super::checkpoint::{load_into_varstore, load_tensors, save_tensors};
+use super::features::{knn_top1, pooled_features, Labelled, TEST_SUBSET_SEED, TRAIN_SUBSET_SEED};
+pub use super::features::{pool_tokens, Pool};
 use crate::config::VitConfig;
-use crate::data::{self, DataSpec, Dataset, Preprocess};
+use crate::data::{Dataset, Preprocess};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::write_atomic;
 use crate::model::Encoder;
@@ -12,16 +14,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
-
-/// Which token(s) the head reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum Pool {
-    /// The class token.
-    Cls,
-    /// The mean of the patch tokens.
-    Mean,
-}
 
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
@@ -84,70 +76,30 @@ impl Backbone {
         })
     }
 
-    /// Pooled features `[n, D]` of a data set (eval preprocessing), in batches.
+    /// Pooled features `[n, D]` of a data set (eval preprocessing), with a progress bar.
     pub fn features(&self, ds: &dyn Dataset, pool: Pool) -> Result<Tensor> {
-        if ds.is_empty() {
-            return Err(Error::MissingData(
-                "no images to extract features from".into(),
-            ));
-        }
-        let pre = &self.preprocess;
-        let per = pre.tensor_len();
-        let s = pre.image_size as i64;
-        let mut out = Vec::new();
-        let bar = super::progress_bar(ds.len() as u64, 0, true);
-        bar.set_message("extracting features");
-        for start in (0..ds.len()).step_by(256) {
-            let n = (ds.len() - start).min(256);
-            let mut buf = vec![0f32; n * per];
-            use rayon::prelude::*;
-            buf.par_chunks_mut(per)
-                .enumerate()
-                .try_for_each(|(i, o)| -> Result<()> {
-                    pre.eval_into(&ds.image(start + i)?, o);
-                    Ok(())
-                })?;
-            let x = Tensor::from_slice(&buf)
-                .view([n as i64, 3, s, s])
-                .to_device(self.vs.device());
-            let f = tch::no_grad(|| self.encoder.forward_features(&x)).to_kind(Kind::Float);
-            out.push(pool_tokens(&f, pool).to_device(Device::Cpu));
-            bar.inc(n as u64);
-        }
-        bar.finish_and_clear();
-        Ok(Tensor::cat(&out, 0))
+        pooled_features(
+            &self.encoder,
+            &self.preprocess,
+            ds,
+            pool,
+            self.vs.device(),
+            true,
+        )
     }
-}
-
-/// `[n, 1+P, D]` tokens → `[n, D]`.
-pub fn pool_tokens(tokens: &Tensor, pool: Pool) -> Tensor {
-    match pool {
-        Pool::Cls => tokens.select(1, 0),
-        Pool::Mean => {
-            let n = tokens.size()[1];
-            tokens.narrow(1, 1, n - 1).mean_dim(1, false, Kind::Float)
-        }
-    }
-}
-
-fn labelled(spec: &str, limit: usize, seed: u64) -> Result<(std::sync::Arc<dyn Dataset>, Tensor)> {
-    let ds = data::subset(spec.parse::<DataSpec>()?.open()?, limit, seed);
-    if ds.classes().is_empty() {
-        return Err(Error::MissingData(format!(
-            "{spec}: no labels (use a labelled set: fashion-mnist, cifar, or a class/image folder)"
-        )));
-    }
-    let y: Vec<i64> = (0..ds.len())
-        .map(|i| ds.label(i).unwrap_or(0) as i64)
-        .collect();
-    Ok((ds, Tensor::from_slice(&y)))
 }
 
 pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
     let device = crate::model::default_device();
     let bb = Backbone::open(&o.checkpoint, device)?;
-    let (train_ds, ytr) = labelled(&o.train, o.train_limit, o.seed)?;
-    let (test_ds, yte) = labelled(&o.test, o.test_limit, o.seed + 1)?;
+    let train = Labelled::open(&o.train, o.train_limit, o.seed)?;
+    let test = Labelled::open(&o.test, o.test_limit, o.seed + 1)?;
+    let (train_ds, test_ds, ytr, yte) = (
+        &train.ds,
+        &test.ds,
+        train.labels_tensor(),
+        test.labels_tensor(),
+    );
     let classes: Vec<String> = train_ds.classes().to_vec();
     if test_ds.classes() != classes.as_slice() {
         return Err(Error::Config(format!(
@@ -296,7 +248,8 @@ pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
 }
 
 /// `ehm-train knn`: weighted kNN (DINO: k neighbours vote with exp(sim / T)) on L2-normalised
-/// frozen features. Returns top-1 on the test set.
+/// frozen features, on the same seeded subsets as the trainer's monitor. Returns (top-1,
+/// train images, test images).
 pub fn knn(
     checkpoint: &Path,
     train: &str,
@@ -307,33 +260,18 @@ pub fn knn(
     temperature: f32,
 ) -> Result<(f64, usize, usize)> {
     let bb = Backbone::open(checkpoint, crate::model::default_device())?;
-    // the same seeded subsets as the trainer's kNN monitor, so the numbers agree
-    let (tr, ytr) = labelled(train, limits.0, 1)?;
-    let (te, yte) = labelled(test, limits.1, 2)?;
-    let norm = |f: Tensor| -> Vec<f32> {
-        let f = &f / f.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12);
-        Vec::try_from(f.contiguous().view(-1)).expect("float features")
-    };
-    let ftr = bb.features(tr.as_ref(), pool)?;
-    let d = ftr.size()[1] as usize;
-    let (ftr, fte) = (norm(ftr), norm(bb.features(te.as_ref(), pool)?));
-    let ytr: Vec<usize> = Vec::<i64>::try_from(&ytr)
-        .unwrap()
-        .into_iter()
-        .map(|v| v as usize)
-        .collect();
-    let yte: Vec<usize> = Vec::<i64>::try_from(&yte)
-        .unwrap()
-        .into_iter()
-        .map(|v| v as usize)
-        .collect();
-    let acc = crate::eval::knn_top1(
-        (&ftr, &ytr),
-        (&fte, &yte),
-        d,
-        tr.classes().len(),
+    let tr = Labelled::open(train, limits.0, TRAIN_SUBSET_SEED)?;
+    let te = Labelled::open(test, limits.1, TEST_SUBSET_SEED)?;
+    let acc = knn_top1(
+        &bb.encoder,
+        &bb.preprocess,
+        &tr,
+        &te,
+        pool,
+        bb.vs.device(),
         k,
         temperature,
-    );
-    Ok((acc, tr.len(), te.len()))
+        true,
+    )?;
+    Ok((acc, tr.labels.len(), te.labels.len()))
 }
