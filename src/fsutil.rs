@@ -65,3 +65,24 @@ pub fn project_dir(name: &str) -> std::path::PathBuf {
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
 }
+
+/// Encode an image as PNG in memory.
+pub fn png_bytes<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Result<Vec<u8>>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
+    let mut v = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+        .map_err(|e| crate::Error::Other(format!("PNG encoding: {e}")))?;
+    Ok(v)
+}
+
+/// Write an image as PNG, atomically.
+pub fn write_png_atomic<P>(path: &Path, img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Result<()>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
+    write_atomic(path, &png_bytes(img)?)
+}

@@ -7,7 +7,7 @@
 use super::folder::list_images;
 use super::preprocess::{random_resized_crop, resize_crop, Augment, Interpolation};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{write_atomic, write_png_atomic};
 use image::{GrayImage, RgbImage, RgbaImage};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -198,14 +198,6 @@ fn compose(
     Ok((img, mask))
 }
 
-fn png_bytes(
-    write: impl FnOnce(&mut std::io::Cursor<&mut Vec<u8>>) -> image::ImageResult<()>,
-) -> Vec<u8> {
-    let mut v = Vec::new();
-    write(&mut std::io::Cursor::new(&mut v)).expect("PNG encoding to memory");
-    v
-}
-
 /// Build the data set (all files written atomically; `.complete` last).
 pub fn make_segdata(cfg: &SegDataConfig) -> Result<SegDataSummary> {
     let (stamps, classes) = load_stamps(&cfg.stamps, cfg.min_objects_per_class)?;
@@ -252,14 +244,8 @@ pub fn make_segdata(cfg: &SegDataConfig) -> Result<SegDataSummary> {
             r.set_stream(((split == "val") as u64) << 40 | i as u64);
             let (img, mask) = compose(&stamps, objs, bgs, cfg, &mut r)?;
             let f = format!("{i:05}.png");
-            write_atomic(
-                &cfg.out.join("images").join(split).join(&f),
-                &png_bytes(|w| img.write_to(w, image::ImageFormat::Png)),
-            )?;
-            write_atomic(
-                &cfg.out.join("masks").join(split).join(&f),
-                &png_bytes(|w| mask.write_to(w, image::ImageFormat::Png)),
-            )
+            write_png_atomic(&cfg.out.join("images").join(split).join(&f), &img)?;
+            write_png_atomic(&cfg.out.join("masks").join(split).join(&f), &mask)
         })?;
     }
     write_atomic(

@@ -135,13 +135,7 @@ fn mask_picture(engine: &Engine, samples: &[u8], images: &[image::RgbImage]) -> 
         })
         .collect();
     let pic = render(&tiles, engine.masks.grid, 96);
-    let mut bytes = Vec::new();
-    pic.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::Other(format!("mask picture: {e}")))?;
-    Ok(bytes)
+    crate::fsutil::png_bytes(&pic)
 }
 
 fn save_all(engine: &Engine, run: &RunConfig, out: &Path, step: u64, total: u64) -> Result<()> {

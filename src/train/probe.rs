@@ -220,14 +220,7 @@ pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
     let csv = o.out.join("confusion.csv");
     write_atomic(&csv, crate::eval::confusion_csv(&cm, &classes).as_bytes())?;
     let png = o.out.join("confusion.png");
-    let mut bytes = Vec::new();
-    crate::eval::confusion_png(&cm)
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .map_err(|e| Error::Other(format!("{}: {e}", png.display())))?;
-    write_atomic(&png, &bytes)?;
+    crate::fsutil::write_png_atomic(&png, &crate::eval::confusion_png(&cm))?;
     let report = ProbeReport {
         top1,
         top5,
