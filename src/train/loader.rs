@@ -25,8 +25,9 @@ pub struct Loader {
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Which data-set item fills slot `j` of the batch for `step`.
-pub fn item_for(len: usize, batch: usize, seed: u64, step: u64, j: usize) -> usize {
+/// Which data-set item fills slot `j` of the batch for `step` (the workers' mapping, for tests).
+#[cfg(test)]
+fn item_for(len: usize, batch: usize, seed: u64, step: u64, j: usize) -> usize {
     let spe = (len / batch).max(1) as u64;
     epoch_perm(len, seed, step / spe)[((step % spe) as usize * batch + j) % len]
 }

@@ -48,8 +48,8 @@ pub struct Summary {
     pub out: PathBuf,
     pub device: String,
     pub masking: String,
+    /// Steps of the whole run (`resumed_from` says where this invocation started).
     pub steps: u64,
-    pub total_steps: u64,
     pub epochs: f64,
     pub images: usize,
     pub final_loss: Option<f64>,
@@ -486,7 +486,6 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         device: format!("{device:?}"),
         masking: p.masking.to_string(),
         steps: total,
-        total_steps: total,
         epochs: total as f64 / spe as f64,
         images: ds.len(),
         final_loss: last_loss,
