@@ -54,6 +54,12 @@ pub struct CheckpointConfig {
 impl CheckpointConfig {
     /// `path` is a run folder or a `.safetensors` file with `config.json` beside it.
     pub fn read(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::MissingData(format!(
+                "{}: no such checkpoint (give a run folder or its checkpoint.safetensors)",
+                path.display()
+            )));
+        }
         let weights = if path.is_dir() {
             path.join("checkpoint.safetensors")
         } else {
