@@ -14,6 +14,7 @@ pub mod infer;
 pub mod masking;
 #[cfg(feature = "train")]
 pub mod model;
+pub mod picture;
 #[cfg(feature = "train")]
 pub mod train;
 

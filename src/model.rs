@@ -120,16 +120,23 @@ impl Block {
         (qkv.get(0), qkv.get(1), qkv.get(2))
     }
 
-    fn finish(&self, x: &Tensor, attn_out: Tensor) -> Tensor {
+    fn finish(&self, x: &Tensor, attn_out: Tensor, drop_path: f64) -> Tensor {
         let (b, n, d) = x.size3().unwrap();
-        let x = x + self
+        let a = self
             .proj
             .forward(&attn_out.transpose(1, 2).reshape([b, n, d]));
+        let x = x + drop_residual(a, drop_path);
         let h = self.fc1.forward(&self.norm2.forward(&x)).gelu("none");
-        &x + self.fc2.forward(&h)
+        &x + drop_residual(self.fc2.forward(&h), drop_path)
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_drop(x, 0.0)
+    }
+
+    /// Forward with stochastic depth: each residual branch is dropped for a whole sample with
+    /// probability `drop_path` (and the kept ones scaled by 1/(1−p)), as timm's `DropPath`.
+    pub fn forward_drop(&self, x: &Tensor, drop_path: f64) -> Tensor {
         let (q, k, v) = self.qkv(x);
         let a = Tensor::scaled_dot_product_attention(
             &q,
@@ -141,7 +148,7 @@ impl Block {
             None,
             false,
         );
-        self.finish(x, a)
+        self.finish(x, a, drop_path)
     }
 
     /// Forward that also returns the softmax attention summed over heads, `[B, N, N]` fp32.
@@ -150,8 +157,21 @@ impl Block {
         let hd = q.size()[3] as f64;
         let w = (q.matmul(&k.transpose(-2, -1)) * hd.powf(-0.5)).softmax(-1, q.kind());
         let a = w.matmul(&v);
-        (self.finish(x, a), w.sum_dim_intlist(1, false, Kind::Float))
+        (
+            self.finish(x, a, 0.0),
+            w.sum_dim_intlist(1, false, Kind::Float),
+        )
     }
+}
+
+/// `branch` with whole samples zeroed at rate `p` (the rest scaled by 1/(1−p)); `p = 0` is a no-op.
+fn drop_residual(branch: Tensor, p: f64) -> Tensor {
+    if p <= 0.0 {
+        return branch;
+    }
+    let b = branch.size()[0];
+    let keep = Tensor::empty([b, 1, 1], (branch.kind(), branch.device())).bernoulli_float_(1.0 - p);
+    branch * keep / (1.0 - p)
 }
 
 /// The ViT encoder (timm `VisionTransformer` without head).
@@ -252,6 +272,17 @@ impl Encoder {
         let mut x = self.with_cls(self.embed_patches(imgs));
         for blk in &self.blocks {
             x = blk.forward(&x);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// All tokens with stochastic depth for training: block `i` drops its residual branches at
+    /// rate `drop_path · i / (depth − 1)` (timm's linear rule) → `[B, 1 + N, D]` (normed).
+    pub fn forward_features_train(&self, imgs: &Tensor, drop_path: f64) -> Tensor {
+        let mut x = self.with_cls(self.embed_patches(imgs));
+        let last = (self.blocks.len().max(2) - 1) as f64;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward_drop(&x, drop_path * i as f64 / last);
         }
         self.norm.forward(&x)
     }

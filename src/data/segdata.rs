@@ -268,8 +268,8 @@ pub fn make_segdata(cfg: &SegDataConfig) -> Result<SegDataSummary> {
 }
 
 /// Read one pair of a segmentation folder in the common layout: `images/<split>/X.{png,jpg,webp}`
-/// with `masks/<split>/X.png`, an 8-bit grayscale PNG of class indices. (Palette PNGs are
-/// refused for now: the decoder expands palettes to colours and the indices would be lost.)
+/// with `masks/<split>/X.png`, a PNG of class indices — 8-bit grayscale, or a palette PNG
+/// (VOC style) whose palette indices are the classes. 255 means "ignore".
 pub fn read_pair(root: &Path, split: &str, stem: &str) -> Result<(RgbImage, GrayImage)> {
     let img_dir = root.join("images").join(split);
     let img_path = ["png", "jpg", "jpeg", "webp"]
@@ -280,19 +280,7 @@ pub fn read_pair(root: &Path, split: &str, stem: &str) -> Result<(RgbImage, Gray
         .ok_or_else(|| Error::MissingData(format!("{}: no image {stem}", img_dir.display())))?;
     let mask_path = root.join("masks").join(split).join(format!("{stem}.png"));
     let img = super::image_io::load_rgb(&img_path)?;
-    let bytes = std::fs::read(&mask_path).at(&mask_path)?;
-    let mask = match image::load_from_memory(&bytes).map_err(|e| Error::bad_image(&mask_path, e))? {
-        image::DynamicImage::ImageLuma8(m) => m,
-        other => {
-            return Err(Error::bad_file(
-                &mask_path,
-                format!(
-                    "mask must be an 8-bit grayscale PNG of class indices, found {:?}",
-                    other.color()
-                ),
-            ))
-        }
-    };
+    let mask = read_index_png(&mask_path)?;
     if mask.dimensions() != img.dimensions() {
         return Err(Error::bad_file(
             &mask_path,
@@ -304,6 +292,75 @@ pub fn read_pair(root: &Path, split: &str, stem: &str) -> Result<(RgbImage, Gray
         ));
     }
     Ok((img, mask))
+}
+
+/// A class-index PNG: 8-bit grayscale values or palette indices (1/2/4/8-bit), read without
+/// expanding the palette to colours.
+pub fn read_index_png(path: &Path) -> Result<GrayImage> {
+    let file = std::fs::File::open(path).at(path)?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    dec.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| Error::bad_file(path, format!("not a readable PNG ({e})")))?;
+    let (ct, depth) = reader.output_color_type();
+    let ok = matches!(ct, png::ColorType::Grayscale | png::ColorType::Indexed)
+        && (depth == png::BitDepth::Eight || ct == png::ColorType::Indexed);
+    if !ok {
+        return Err(Error::bad_file(
+            path,
+            format!("mask must be an 8-bit grayscale or a palette PNG of class indices, found {ct:?} {depth:?}"),
+        ));
+    }
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| Error::bad_file(path, "PNG too large"))?;
+    let mut buf = vec![0u8; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| Error::bad_file(path, format!("corrupt PNG ({e})")))?;
+    let (w, h) = (info.width, info.height);
+    let bits = depth as u32;
+    let mut out = Vec::with_capacity((w * h) as usize);
+    for row in buf.chunks(info.line_size).take(h as usize) {
+        for x in 0..w {
+            let bit = x * bits;
+            let byte = row[(bit / 8) as usize];
+            let shift = 8 - bits - bit % 8;
+            out.push((byte >> shift) & ((1u16 << bits) - 1) as u8);
+        }
+    }
+    Ok(GrayImage::from_raw(w, h, out).expect("w·h values"))
+}
+
+/// Class names of a segmentation folder: `classes.json`, or `class_0 … class_K` from the
+/// largest index in the masks of `split` when there is none.
+pub fn read_classes(root: &Path, max_index: u8) -> Result<Vec<String>> {
+    let p = root.join("classes.json");
+    if p.exists() {
+        let text = std::fs::read_to_string(&p).at(&p)?;
+        return serde_json::from_str(&text).map_err(|e| {
+            Error::bad_file(&p, format!("expected a JSON list of class names ({e})"))
+        });
+    }
+    Ok((0..=max_index).map(|k| format!("class_{k}")).collect())
+}
+
+/// The stems of `images/<split>` (sorted).
+pub fn list_split(root: &Path, split: &str) -> Result<Vec<String>> {
+    let dir = root.join("images").join(split);
+    if !dir.is_dir() {
+        return Err(Error::MissingData(format!(
+            "{}: no such folder (a segmentation set has images/<split>/ and masks/<split>/; build one with ehm-train make-segdata)",
+            dir.display()
+        )));
+    }
+    let mut stems: Vec<String> = list_images(&dir)?
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    stems.sort();
+    Ok(stems)
 }
 
 #[cfg(test)]
@@ -374,6 +431,31 @@ mod tests {
     }
 
     #[test]
+    fn palette_masks_read_as_indices() {
+        let d = tempfile::tempdir().unwrap();
+        for sub in ["images/val", "masks/val"] {
+            std::fs::create_dir_all(d.path().join(sub)).unwrap();
+        }
+        RgbImage::new(3, 2)
+            .save(d.path().join("images/val/a.png"))
+            .unwrap();
+        // a 4-bit palette PNG holding indices 0..5, written with the png crate
+        let f = std::fs::File::create(d.path().join("masks/val/a.png")).unwrap();
+        let mut enc = png::Encoder::new(f, 3, 2);
+        enc.set_color(png::ColorType::Indexed);
+        enc.set_depth(png::BitDepth::Four);
+        enc.set_palette(vec![0u8; 16 * 3]);
+        let mut w = enc.write_header().unwrap();
+        // rows: [0,1,2] [3,4,5] packed two per byte, rows padded to whole bytes
+        w.write_image_data(&[0x01, 0x20, 0x34, 0x50]).unwrap();
+        drop(w);
+        let (_, m) = read_pair(d.path(), "val", "a").unwrap();
+        assert_eq!(m.as_raw(), &vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(read_classes(d.path(), 5).unwrap().len(), 6);
+        assert_eq!(list_split(d.path(), "val").unwrap(), vec!["a".to_string()]);
+    }
+
+    #[test]
     fn colour_masks_are_refused_with_a_clear_message() {
         let d = tempfile::tempdir().unwrap();
         for sub in ["images/val", "masks/val"] {
@@ -386,6 +468,6 @@ mod tests {
             .save(d.path().join("masks/val/a.png"))
             .unwrap();
         let e = read_pair(d.path(), "val", "a").unwrap_err().to_string();
-        assert!(e.contains("8-bit grayscale") && e.contains("a.png"), "{e}");
+        assert!(e.contains("palette PNG") && e.contains("a.png"), "{e}");
     }
 }

@@ -38,6 +38,15 @@ pub fn attr_float(name: &str, v: f32) -> AttributeProto {
     }
 }
 
+pub fn attr_string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(v.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
 impl Graph {
     pub fn new(fp16_weights: bool) -> Self {
         Graph {

@@ -11,7 +11,7 @@ use crate::contract::{
 };
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
-use graph::{attr_float, attr_int, attr_ints, Graph};
+use graph::{attr_float, attr_int, attr_ints, attr_string, Graph};
 use onnx::{
     tensor_shape_proto::dimension::Value as Dim, tensor_shape_proto::Dimension, type_proto,
     ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorShapeProto, TypeProto,
@@ -292,8 +292,14 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
             format!("the checkpoint has no {what} head (train one with ehm-train probe); export it as backbone or embed"),
         )
     };
+    let seg_classes = ck.tensors.get("seg_head.weight").map(|(shape, _)| shape[0]);
     match task {
-        Task::Segment => return Err(lacks("segment")),
+        Task::Segment if seg_classes.is_none() => {
+            return Err(Error::bad_file(
+                &ck.path,
+                "the checkpoint has no segment head (train one with ehm-train segment); export it as backbone or embed",
+            ))
+        }
         Task::Classify if ck.head_pool.is_none() || !ck.tensors.contains_key("head.weight") => {
             return Err(lacks("classify"))
         }
@@ -393,6 +399,51 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
             let logits = linear(&mut g, ck, &pooled, "head", d, classes)?;
             g.op_named("Identity", &[&logits], vec![], "logits");
             (vec![value_info("logits", &[None, Some(classes)])], None)
+        }
+        Task::Segment => {
+            // Segmenter's linear decoder: class logits per patch token, bilinearly upsampled
+            // (half-pixel centres = torch's align_corners=False) to the input size.
+            let classes = seg_classes.unwrap_or(0);
+            if ck.labels.len() as i64 != classes {
+                return Err(Error::bad_file(
+                    &ck.path,
+                    format!(
+                        "seg_head has {classes} classes but config.json names {}",
+                        ck.labels.len()
+                    ),
+                ));
+            }
+            let starts = g.init_i64("const.start1", &[1], &[1]);
+            let ends = g.init_i64("const.end_max", &[1], &[i64::MAX]);
+            let axes = g.init_i64("const.axis1", &[1], &[1]);
+            let pt = g.op("Slice", &[&x, &starts, &ends, &axes], vec![], "seg_head");
+            let l = linear(&mut g, ck, &pt, "seg_head", d, classes)?;
+            let l = g.op(
+                "Transpose",
+                &[&l],
+                vec![attr_ints("perm", &[0, 2, 1])],
+                "seg_head",
+            );
+            let grid = g.init_i64("seg_head.grid_shape", &[4], &[0, classes, gsz, gsz]);
+            let l = g.op("Reshape", &[&l, &grid], vec![], "seg_head");
+            let scales = g.init_f32("seg_head.scales", &[4], &[1.0, 1.0, p as f32, p as f32]);
+            g.op_named(
+                "Resize",
+                &[&l, "", &scales],
+                vec![
+                    attr_string("mode", "linear"),
+                    attr_string("coordinate_transformation_mode", "half_pixel"),
+                ],
+                "seg_logits",
+            );
+            let s = size as i64;
+            (
+                vec![value_info(
+                    "seg_logits",
+                    &[None, Some(classes), Some(s), Some(s)],
+                )],
+                None,
+            )
         }
         Task::Backbone => {
             g.op_named("Identity", &[&x], vec![], "last_hidden_state");

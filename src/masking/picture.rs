@@ -12,28 +12,6 @@ pub struct Tile<'a> {
     pub mask: Option<&'a [f32]>,
 }
 
-fn palette(i: u32) -> [u8; 3] {
-    // Golden-ratio hues: neighbouring labels get distinct colours.
-    let h = (i as f32 * 0.618_034).fract() * 6.0;
-    let (s, v) = (0.75f32, 0.95f32);
-    let c = v * s;
-    let x = c * (1.0 - ((h % 2.0) - 1.0).abs());
-    let (r, g, b) = match h as u32 {
-        0 => (c, x, 0.0),
-        1 => (x, c, 0.0),
-        2 => (0.0, c, x),
-        3 => (0.0, x, c),
-        4 => (x, 0.0, c),
-        _ => (c, 0.0, x),
-    };
-    let m = v - c;
-    [
-        ((r + m) * 255.0) as u8,
-        ((g + m) * 255.0) as u8,
-        ((b + m) * 255.0) as u8,
-    ]
-}
-
 /// Render `rows × cols` tiles of `tile` pixels with a 2-pixel white gutter.
 pub fn render(tiles: &[Vec<Tile>], grid: Grid, tile: u32) -> RgbImage {
     let rows = tiles.len() as u32;
@@ -58,7 +36,7 @@ pub fn render(tiles: &[Vec<Tile>], grid: Grid, tile: u32) -> RgbImage {
                     let p = pr * grid.w + pc;
                     let mut px = img.get_pixel(x, y).0.map(|v| v as f32);
                     if let Some(seg) = t.segments {
-                        let col = palette(seg[p]);
+                        let col = crate::picture::palette(seg[p]);
                         for k in 0..3 {
                             px[k] = 0.55 * px[k] + 0.45 * col[k] as f32;
                         }

@@ -3,10 +3,13 @@ pub mod bench;
 pub mod checkpoint;
 pub mod engine;
 pub mod features;
+pub mod finetune;
 pub mod loader;
 pub mod optim;
 pub mod pretrain;
 pub mod probe;
+pub mod segment;
+pub mod supervised;
 
 pub use pretrain::{pretrain, PretrainOptions, Summary};
 

@@ -23,6 +23,8 @@ pub struct FlatParams {
     pub v: Tensor,
     /// 1 for weights that get weight decay (≥ 2-d), 0 for biases, norms, tokens.
     wd_mask: Tensor,
+    /// Per-element learning-rate multiplier (layer-wise lr decay); `None` = 1 everywhere.
+    lr_scale: Option<Tensor>,
     pub adam_step: i64,
 }
 
@@ -111,8 +113,18 @@ impl FlatParams {
             wd_mask: Tensor::from_slice(&wd).to_device(device),
             master,
             compute,
+            lr_scale: None,
             adam_step: 0,
         }
+    }
+
+    /// Scale the learning rate of each parameter by `scale(name)` (e.g. layer-wise decay).
+    pub fn set_lr_scale(&mut self, scale: impl Fn(&str) -> f64) {
+        let mut v = vec![1f32; self.numel() as usize];
+        for s in &self.slots {
+            v[s.offset as usize..(s.offset + s.numel) as usize].fill(scale(&s.name) as f32);
+        }
+        self.lr_scale = Some(Tensor::from_slice(&v).to_device(self.device()));
     }
 
     pub fn numel(&self) -> i64 {
@@ -156,11 +168,15 @@ impl FlatParams {
             let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
             let denom = (self.v.sqrt() / bc2.sqrt()) + eps;
             // decoupled decay: p -= lr·wd·p (only where wd_mask is 1), then the Adam update
-            let _ = self.master.addcmul_(
-                &(&self.wd_mask * (-lr * weight_decay)),
-                &self.master.shallow_clone(),
-            );
-            let _ = self.master.addcdiv_(&(&self.m * (-lr / bc1)), &denom);
+            let (decay, step) = match &self.lr_scale {
+                None => (&self.wd_mask * (-lr * weight_decay), &self.m * (-lr / bc1)),
+                Some(s) => (
+                    &self.wd_mask * s * (-lr * weight_decay),
+                    &self.m * s * (-lr / bc1),
+                ),
+            };
+            let _ = self.master.addcmul_(&decay, &self.master.shallow_clone());
+            let _ = self.master.addcdiv_(&step, &denom);
             if let Some(c) = &mut self.compute {
                 c.copy_(&self.master);
             }

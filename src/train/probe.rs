@@ -44,6 +44,60 @@ pub struct ProbeReport {
     pub confusion_png: PathBuf,
 }
 
+/// Top-1 / top-5 / confusion / per-class accuracy of classifier logits on a labelled split —
+/// the one evaluation the probe and fine-tuning share.
+pub struct Evaluation {
+    pub top1: f64,
+    pub top5: f64,
+    pub per_class: Vec<(String, f64)>,
+    pub confusion: Vec<Vec<u64>>,
+}
+
+impl Evaluation {
+    pub fn of(logits: &Tensor, labels: &Tensor, classes: &[String]) -> Self {
+        let c = classes.len() as i64;
+        let pred = logits.argmax(-1, false);
+        let top1 = pred
+            .eq_tensor(labels)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let (_, top) = logits.topk(5.min(c), -1, true, true);
+        let top5 = top
+            .eq_tensor(&labels.unsqueeze(1))
+            .any_dim(1, false)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let yv: Vec<i64> = Vec::try_from(labels).unwrap();
+        let pv: Vec<i64> = Vec::try_from(&pred).unwrap();
+        let confusion = crate::eval::confusion(&yv, &pv, c as usize);
+        let per_class = crate::eval::per_class_accuracy(&confusion)
+            .into_iter()
+            .zip(classes)
+            .map(|(a, n)| (n.clone(), a))
+            .collect();
+        Evaluation {
+            top1,
+            top5,
+            per_class,
+            confusion,
+        }
+    }
+
+    /// `confusion.csv` and `confusion.png` in `out`.
+    pub fn write_confusion(&self, out: &Path, classes: &[String]) -> Result<(PathBuf, PathBuf)> {
+        let csv = out.join("confusion.csv");
+        write_atomic(
+            &csv,
+            crate::eval::confusion_csv(&self.confusion, classes).as_bytes(),
+        )?;
+        let png = out.join("confusion.png");
+        crate::fsutil::write_png_atomic(&png, &crate::eval::confusion_png(&self.confusion))?;
+        Ok((csv, png))
+    }
+}
+
 /// A backbone loaded from a checkpoint folder (or its .safetensors).
 pub struct Backbone {
     pub vs: nn::VarStore,
@@ -168,29 +222,7 @@ pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
 
     // evaluation
     let logits = tch::no_grad(|| xte.apply(&head));
-    let pred = logits.argmax(-1, false);
-    let top1 = pred
-        .eq_tensor(&yte)
-        .to_kind(Kind::Float)
-        .mean(Kind::Float)
-        .double_value(&[]);
-    let k = 5.min(c);
-    let (_, top) = logits.topk(k, -1, true, true);
-    let top5 = top
-        .eq_tensor(&yte.unsqueeze(1))
-        .any_dim(1, false)
-        .to_kind(Kind::Float)
-        .mean(Kind::Float)
-        .double_value(&[]);
-    let yv: Vec<i64> = Vec::try_from(&yte).unwrap();
-    let pv: Vec<i64> = Vec::try_from(&pred).unwrap();
-    let cm = crate::eval::confusion(&yv, &pv, c as usize);
-    let per_class = crate::eval::per_class_accuracy(&cm)
-        .into_iter()
-        .zip(&classes)
-        .map(|(a, n)| (n.clone(), a))
-        .collect();
-
+    let ev = Evaluation::of(&logits, &yte, &classes);
     // the output checkpoint: backbone + head with the BatchNorm folded in (timm `head.*`)
     std::fs::create_dir_all(&o.out).at(&o.out)?;
     let w = hvs.variables()["head.weight"].shallow_clone();
@@ -212,19 +244,16 @@ pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
     )?;
     let mut cfg = bb.config.clone();
     cfg["labels"] = serde_json::json!(classes);
-    cfg["head"] = serde_json::json!({"kind": "linear_probe", "pool": o.pool, "train": o.train, "epochs": o.epochs, "top1": top1});
+    cfg["head"] = serde_json::json!({"kind": "linear_probe", "pool": o.pool, "train": o.train, "epochs": o.epochs, "top1": ev.top1});
     write_atomic(
         &o.out.join("config.json"),
         serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
     )?;
-    let csv = o.out.join("confusion.csv");
-    write_atomic(&csv, crate::eval::confusion_csv(&cm, &classes).as_bytes())?;
-    let png = o.out.join("confusion.png");
-    crate::fsutil::write_png_atomic(&png, &crate::eval::confusion_png(&cm))?;
+    let (csv, png) = ev.write_confusion(&o.out, &classes)?;
     let report = ProbeReport {
-        top1,
-        top5,
-        per_class,
+        top1: ev.top1,
+        top5: ev.top5,
+        per_class: ev.per_class,
         train_images: train_ds.len(),
         test_images: test_ds.len(),
         epochs: o.epochs,

@@ -1,0 +1,296 @@
+//! What fine-tuning and segmentation training share: the recipe (MAE's fine-tuning defaults),
+//! layer-wise lr decay, a backbone opened (and resized) from a checkpoint, the normalisation of
+//! uploaded pixels, and the resumable state (`resume.safetensors`: flat master, Adam moments,
+//! step, and the run description it must match).
+use super::checkpoint::{load_tensors, save_tensors};
+use super::optim::FlatParams;
+use crate::checkpoint::CheckpointConfig;
+use crate::config::VitConfig;
+use crate::data::Preprocess;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// A supervised recipe. Defaults are MAE's fine-tuning recipe scaled to small data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Base learning rate; the actual peak is `blr · batch_size / 256`.
+    pub blr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub weight_decay: f64,
+    /// Layer-wise lr decay: block i of a depth-L encoder gets `layer_decay^(L + 1 − (i + 1))`.
+    pub layer_decay: f64,
+    /// Stochastic depth rate of the last block (linear from 0 at the first).
+    pub drop_path: f64,
+    pub label_smoothing: f64,
+    /// Gradient-norm clip (0 = off).
+    pub clip: f64,
+    pub seed: u64,
+}
+
+impl Recipe {
+    /// Linear warm-up, then half-cycle cosine down to `min_lr`.
+    pub fn lr_at(&self, step: u64, total: u64, warmup: u64) -> f64 {
+        let base = self.blr * self.batch_size as f64 / 256.0;
+        let s = step as f64;
+        if s < warmup as f64 {
+            return base * (s + 1.0) / warmup as f64;
+        }
+        let p = (s - warmup as f64) / ((total.saturating_sub(warmup)).max(1) as f64);
+        self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
+    }
+}
+
+/// BEiT/MAE layer id: embeddings 0, block i → i + 1, everything after the blocks depth + 1.
+pub fn layer_id(name: &str, depth: usize) -> usize {
+    if ["cls_token", "pos_embed", "patch_embed"]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
+        return 0;
+    }
+    if let Some(rest) = name.strip_prefix("blocks.") {
+        if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
+            return i + 1;
+        }
+    }
+    depth + 1
+}
+
+/// The lr multiplier of parameter `name` under layer-wise decay `decay`.
+pub fn layer_scale(name: &str, depth: usize, decay: f64) -> f64 {
+    decay.powi((depth + 1 - layer_id(name, depth).min(depth + 1)) as i32)
+}
+
+/// Encoder weights of a checkpoint, ready for a VarStore at `image_size`.
+pub struct BackboneWeights {
+    pub vit: VitConfig,
+    pub preprocess: Preprocess,
+    pub config: serde_json::Value,
+    /// Encoder tensors only (no decoder, no heads), pos-embeds resized to `vit.image_size`.
+    pub tensors: HashMap<String, Tensor>,
+    pub path: PathBuf,
+}
+
+impl BackboneWeights {
+    /// Open a checkpoint; `image_size` (a multiple of the patch size) resizes the position
+    /// embeddings bicubically, as timm and MAE's fine-tuning do.
+    pub fn open(path: &Path, image_size: Option<u32>) -> Result<Self> {
+        let cfg = CheckpointConfig::read(path)?;
+        let (mut tensors, _) = load_tensors(&cfg.weights)?;
+        tensors.retain(|k, _| {
+            !(super::optim::is_decoder_param(k)
+                || k.starts_with("head.")
+                || k.starts_with("seg_head."))
+        });
+        let (mut vit, mut preprocess) = (cfg.vit, cfg.preprocess);
+        if let Some(size) = image_size.filter(|&s| s != vit.image_size) {
+            if size % vit.patch_size != 0 {
+                return Err(Error::Config(format!(
+                    "--image-size {size} is not a multiple of the patch size {}",
+                    vit.patch_size
+                )));
+            }
+            let (g, d) = (vit.grid() as usize, vit.embed_dim as usize);
+            let pos = tensors
+                .get("pos_embed")
+                .ok_or_else(|| Error::bad_file(&cfg.weights, "missing tensor pos_embed"))?;
+            if pos.size() != [1, 1 + (g * g) as i64, d as i64] {
+                return Err(Error::bad_file(
+                    &cfg.weights,
+                    format!(
+                        "pos_embed has shape {:?}, the config implies grid {g}",
+                        pos.size()
+                    ),
+                ));
+            }
+            let v: Vec<f32> = Vec::try_from(pos.view(-1)).expect("float tensor");
+            let new = (size / vit.patch_size) as usize;
+            let mut grid = crate::export::resize_pos_grid(&v[d..], g, d, new);
+            let mut all = v[..d].to_vec();
+            all.append(&mut grid);
+            tensors.insert(
+                "pos_embed".into(),
+                Tensor::from_slice(&all).view([1, (1 + new * new) as i64, d as i64]),
+            );
+            vit.image_size = size;
+            preprocess.image_size = size;
+        }
+        Ok(BackboneWeights {
+            vit,
+            preprocess,
+            config: cfg.json,
+            tensors,
+            path: cfg.weights,
+        })
+    }
+}
+
+/// CHW bytes `[B, 3, S, S]` → normalised fp32 on `device`.
+pub fn normalise(pixels: &[u8], batch: usize, pre: &Preprocess, device: Device) -> Tensor {
+    let s = pre.image_size as i64;
+    let stat = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
+    let t = Tensor::from_slice(pixels)
+        .view([batch as i64, 3, s, s])
+        .to_device(device);
+    (t.to_kind(Kind::Float) / 255.0 - stat(pre.mean)) / stat(pre.std)
+}
+
+/// fp32 weights by name for a checkpoint: trainable ones from the master buffer, plus the
+/// fixed buffers (pos_embed) of `vs`.
+pub fn named_weights(flat: &FlatParams, vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = flat
+        .slots
+        .iter()
+        .map(|s| {
+            let t = flat
+                .master
+                .narrow(0, s.offset, s.numel)
+                .view(s.shape.as_slice());
+            (s.name.clone(), t)
+        })
+        .collect();
+    for (n, t) in vs.variables() {
+        if !flat.slots.iter().any(|s| s.name == n) {
+            out.push((n, t.to_kind(Kind::Float)));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Write the resume state (first of a checkpoint's files: it is the source of truth).
+pub fn save_state(out: &Path, flat: &FlatParams, step: u64, run: &serde_json::Value) -> Result<()> {
+    let meta = HashMap::from([
+        ("step".to_string(), step.to_string()),
+        ("adam_step".to_string(), flat.adam_step.to_string()),
+        ("run".to_string(), run.to_string()),
+    ]);
+    let state = vec![
+        ("master".to_string(), flat.master.shallow_clone()),
+        ("adam_m".to_string(), flat.m.shallow_clone()),
+        ("adam_v".to_string(), flat.v.shallow_clone()),
+    ];
+    save_tensors(&out.join("resume.safetensors"), &state, meta)
+}
+
+/// Load the resume state of `out` if there is one for the same `run`; the step to go on from.
+pub fn load_state(
+    out: &Path,
+    flat: &mut FlatParams,
+    run: &serde_json::Value,
+) -> Result<Option<u64>> {
+    let path = out.join("resume.safetensors");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let (t, meta) = load_tensors(&path)?;
+    let saved: serde_json::Value = meta
+        .get("run")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| Error::bad_file(&path, "no run description in the resume file"))?;
+    if &saved != run {
+        return Err(Error::Config(format!(
+            "{} holds a different run (backbone, data or recipe differ); pass --fresh to start over or choose another --out",
+            out.display()
+        )));
+    }
+    let dev = flat.device();
+    tch::no_grad(|| -> Result<()> {
+        for (dst, key) in [
+            (&mut flat.master, "master"),
+            (&mut flat.m, "adam_m"),
+            (&mut flat.v, "adam_v"),
+        ] {
+            let src = t
+                .get(key)
+                .ok_or_else(|| Error::bad_file(&path, format!("missing {key}")))?;
+            if src.size() != dst.size() {
+                return Err(Error::bad_file(
+                    &path,
+                    format!(
+                        "{key} has {:?} values, the model needs {:?}",
+                        src.size(),
+                        dst.size()
+                    ),
+                ));
+            }
+            dst.copy_(&src.to_device(dev));
+        }
+        Ok(())
+    })?;
+    flat.sync_compute();
+    flat.adam_step = meta
+        .get("adam_step")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let step = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::bad_file(&path, "no step in the resume file"))?;
+    Ok(Some(step))
+}
+
+/// Remove the resume state and metrics of a previous run (`--fresh`).
+pub fn clear_state(out: &Path) {
+    for f in ["resume.safetensors", "metrics.jsonl"] {
+        let _ = std::fs::remove_file(out.join(f));
+    }
+}
+
+/// Append one JSON line to `out/metrics.jsonl`.
+pub fn log_metrics(out: &Path, line: &serde_json::Value) -> Result<()> {
+    use crate::error::IoContext;
+    use std::io::Write;
+    let p = out.join("metrics.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p)
+        .at(&p)?;
+    writeln!(f, "{line}").at(&p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_ids_follow_beit() {
+        assert_eq!(layer_id("cls_token", 12), 0);
+        assert_eq!(layer_id("patch_embed.proj.weight", 12), 0);
+        assert_eq!(layer_id("blocks.0.attn.qkv.weight", 12), 1);
+        assert_eq!(layer_id("blocks.11.mlp.fc2.bias", 12), 12);
+        assert_eq!(layer_id("norm.weight", 12), 13);
+        assert_eq!(layer_id("head.weight", 12), 13);
+        assert!((layer_scale("head.weight", 12, 0.75) - 1.0).abs() < 1e-12);
+        assert!((layer_scale("blocks.11.norm1.weight", 12, 0.5) - 0.5).abs() < 1e-12);
+        assert!((layer_scale("pos_embed", 2, 0.5) - 0.125).abs() < 1e-12);
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        let r = Recipe {
+            epochs: 1,
+            batch_size: 256,
+            blr: 1e-3,
+            min_lr: 1e-6,
+            warmup_epochs: 1.0,
+            weight_decay: 0.05,
+            layer_decay: 0.75,
+            drop_path: 0.1,
+            label_smoothing: 0.1,
+            clip: 0.0,
+            seed: 0,
+        };
+        assert!((r.lr_at(0, 100, 10) - 1e-4).abs() < 1e-12);
+        assert!((r.lr_at(9, 100, 10) - 1e-3).abs() < 1e-12);
+        assert!(r.lr_at(50, 100, 10) < 1e-3 && r.lr_at(50, 100, 10) > 1e-6);
+        assert!((r.lr_at(100, 100, 10) - 1e-6).abs() < 1e-12);
+    }
+}
