@@ -15,6 +15,8 @@ pub mod masking;
 #[cfg(feature = "train")]
 pub mod model;
 pub mod picture;
+pub mod pipeline;
+pub mod progress;
 #[cfg(feature = "train")]
 pub mod train;
 

@@ -10,19 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{nn, Device, Kind, Tensor};
 
-/// Pretrain the micro model for a few steps: a real checkpoint with non-initial weights.
-fn checkpoint(dir: &Path) -> PathBuf {
-    common::write_cifar(dir);
-    let model = common::write_model(dir);
-    let out = dir.join("run");
-    let o = common::pretrain_cmd(&model, dir, &out)
-        .args(["--epochs", "2", "--knn-every", "-1"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out
-}
-
 fn export(ckpt: &Path, task: &str, out: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ehm-export"))
         .arg("onnx")
@@ -44,7 +31,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn onnx_matches_tch_for_backbone_and_embed() {
     let d = tempfile::tempdir().unwrap();
-    let run = checkpoint(d.path());
+    let run = common::pretrained_micro(d.path());
     // tch model from the same checkpoint
     let CheckpointConfig {
         vit,
@@ -145,7 +132,7 @@ fn onnx_matches_tch_for_backbone_and_embed() {
 #[test]
 fn bad_exports_fail_cleanly_and_leave_no_file() {
     let d = tempfile::tempdir().unwrap();
-    let run = checkpoint(d.path());
+    let run = common::pretrained_micro(d.path());
     let out = d.path().join("x.onnx");
     // a head the checkpoint lacks
     let o = export(&run, "classify", &out);
@@ -194,7 +181,7 @@ fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
         py.display()
     );
     let d = tempfile::tempdir().unwrap();
-    let run = checkpoint(d.path());
+    let run = common::pretrained_micro(d.path());
     let fm = data::fashion_mnist(&data::fashion_mnist_dir(), "test").unwrap();
     let pre = CheckpointConfig::read(&run).unwrap().preprocess;
     let mut x = Vec::new();
@@ -258,7 +245,7 @@ fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
 #[test]
 fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
     let d = tempfile::tempdir().unwrap();
-    let run = checkpoint(d.path());
+    let run = common::pretrained_micro(d.path());
     let file = d.path().join("embed24.onnx");
     let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
         .arg("onnx")
@@ -314,7 +301,7 @@ fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
 #[test]
 fn probe_head_learns_and_exports_as_a_classifier() {
     let d = tempfile::tempdir().unwrap();
-    let run = checkpoint(d.path());
+    let run = common::pretrained_micro(d.path());
     let probe_dir = d.path().join("probe");
     let cifar = d.path().display().to_string();
     let o = Command::new(env!("CARGO_BIN_EXE_ehm-train"))

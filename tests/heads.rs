@@ -3,22 +3,9 @@
 mod common;
 use ehm::contract::ModelContract;
 use ehm::infer::OrtModel;
-use image::{GrayImage, Rgb, RgbImage};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
-
-fn pretrained(dir: &Path) -> PathBuf {
-    common::write_cifar(dir);
-    let model = common::write_model(dir);
-    let out = dir.join("run");
-    let o = common::pretrain_cmd(&model, dir, &out)
-        .args(["--epochs", "2", "--knn-every", "-1"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out
-}
 
 fn train_cmd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ehm-train"));
@@ -29,7 +16,7 @@ fn train_cmd() -> Command {
 #[test]
 fn finetune_learns_resumes_and_exports_a_classifier() {
     let d = tempfile::tempdir().unwrap();
-    let run = pretrained(d.path());
+    let run = common::pretrained_micro(d.path());
     let cifar = d.path().display().to_string();
     let out = d.path().join("ft");
     let cmd = || {
@@ -91,60 +78,12 @@ fn finetune_learns_resumes_and_exports_a_classifier() {
     assert_eq!(ModelContract::read(&file).unwrap().labels.len(), 10);
 }
 
-/// A segmentation folder: 32×32 grey noise with a red (1) or blue (2) square, the border of each
-/// square marked 255 (ignore).
-fn write_segset(root: &Path, n_train: usize, n_val: usize) {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    for (split, n) in [("train", n_train), ("val", n_val)] {
-        std::fs::create_dir_all(root.join("images").join(split)).unwrap();
-        std::fs::create_dir_all(root.join("masks").join(split)).unwrap();
-        for i in 0..n {
-            let mut img = RgbImage::from_fn(32, 32, |_, _| {
-                let v = rng.random_range(90..140u8);
-                Rgb([v, v, v])
-            });
-            let mut mask = GrayImage::new(32, 32);
-            let class = 1 + (i % 2) as u8;
-            let (x0, y0, s) = (
-                rng.random_range(0..16u32),
-                rng.random_range(0..16u32),
-                rng.random_range(8..16u32),
-            );
-            for y in y0..y0 + s {
-                for x in x0..x0 + s {
-                    img.put_pixel(
-                        x,
-                        y,
-                        if class == 1 {
-                            Rgb([220, 30, 30])
-                        } else {
-                            Rgb([30, 30, 220])
-                        },
-                    );
-                    let edge = x == x0 || y == y0 || x == x0 + s - 1 || y == y0 + s - 1;
-                    mask.put_pixel(x, y, image::Luma([if edge { 255 } else { class }]));
-                }
-            }
-            img.save(root.join(format!("images/{split}/{i:03}.png")))
-                .unwrap();
-            mask.save(root.join(format!("masks/{split}/{i:03}.png")))
-                .unwrap();
-        }
-    }
-    std::fs::write(
-        root.join("classes.json"),
-        r#"["background", "red", "blue"]"#,
-    )
-    .unwrap();
-}
-
 #[test]
 fn segment_head_learns_and_exports_with_tch_parity() {
     let d = tempfile::tempdir().unwrap();
-    let run = pretrained(d.path());
+    let run = common::pretrained_micro(d.path());
     let seg = d.path().join("seg");
-    write_segset(&seg, 64, 16);
+    common::write_segset(&seg, 64, 16);
     let out = d.path().join("segrun");
     let o = train_cmd()
         .arg("segment")

@@ -1,19 +1,142 @@
-//! ehm-classify: not built yet (see the issue tracker); prints help and says so.
+//! ehm-classify: images → top-k labels with an exported `classify` model (ONNX Runtime).
+//! A thin front over `ehm::pipeline`; everything the tool needs comes from the model file.
 use clap::Parser;
+use ehm::contract::Task;
+use ehm::infer::OrtModel;
+use ehm::pipeline::{self, Format, Item, RunOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
     name = "ehm-classify",
     version,
-    about = "ehm-classify — not built yet in this version of ehm"
+    about = "Classify images with an ehm classify model (ONNX): top-k labels per image",
+    after_help = "INPUTS: image files, folders (recursive), globs (quoted), or - to read paths from stdin.\n\
+Exit status: 0 all images classified, 1 some inputs failed (each reported on stderr), 2 usage or model error."
 )]
 struct Cli {
-    /// Arguments (ignored: this tool is not built yet)
-    args: Vec<String>,
+    /// Model exported with `ehm-export onnx --task classify`
+    #[arg(long, short)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// Images per inference call
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Threads for decoding and for inference (each)
+    #[arg(long, default_value_t = default_threads())]
+    threads: usize,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    #[arg(required = true)]
+    inputs: Vec<String>,
 }
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("ehm-classify: not built yet in this version of ehm (planned: see README.md)");
-    std::process::exit(2);
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `s` shortened to `width` characters from the left (the file name is the informative end).
+fn fit(s: &str, width: usize) -> String {
+    let n = s.chars().count();
+    if n <= width {
+        return s.to_string();
+    }
+    format!("…{}", s.chars().skip(n + 1 - width).collect::<String>())
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn run(cli: Cli) -> ehm::Result<usize> {
+    let mut model = OrtModel::open(&cli.model, cli.threads)?;
+    pipeline::require_task(&model, Task::Classify, "ehm-classify")?;
+    let labels = model.contract.labels.clone();
+    let (paths, problems) = pipeline::expand_inputs(&cli.inputs)?;
+    for p in &problems {
+        eprintln!("skipped: {p}");
+    }
+    let k = cli.top_k.clamp(1, labels.len().max(1));
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let io = |e: std::io::Error| ehm::Error::Other(format!("writing output: {e}"));
+    let width = paths
+        .iter()
+        .map(|p| p.display().to_string().chars().count())
+        .max()
+        .unwrap_or(4)
+        .clamp(4, 60);
+    match cli.format {
+        Format::Csv => writeln!(out, "path,rank,label,probability").map_err(io)?,
+        Format::Table => writeln!(out, "{:<width$}  top-{k}", "path").map_err(io)?,
+        Format::Jsonl => {}
+    }
+    let opts = RunOptions {
+        batch: cli.batch,
+        threads: cli.threads,
+        keep_images: false,
+        progress: true,
+    };
+    let failed = pipeline::run(&mut model, &paths, &opts, |item| {
+        let Item::Done {
+            prepared, output, ..
+        } = item
+        else {
+            return Ok(());
+        };
+        let top = pipeline::top_k(&pipeline::softmax(output), k);
+        let path = prepared.path.display().to_string();
+        match cli.format {
+            Format::Jsonl => {
+                let t: Vec<_> = top
+                    .iter()
+                    .map(|&(i, p)| serde_json::json!({"label": labels[i], "index": i, "probability": p}))
+                    .collect();
+                writeln!(out, "{}", serde_json::json!({"path": path, "top": t})).map_err(io)?
+            }
+            Format::Csv => {
+                for (r, &(i, p)) in top.iter().enumerate() {
+                    writeln!(
+                        out,
+                        "{},{},{},{p:.6}",
+                        csv_field(&path),
+                        r + 1,
+                        csv_field(&labels[i])
+                    )
+                    .map_err(io)?
+                }
+            }
+            Format::Table => {
+                let cells: Vec<String> = top
+                    .iter()
+                    .map(|&(i, p)| format!("{} {:.1}%", labels[i], 100.0 * p))
+                    .collect();
+                writeln!(out, "{:<width$}  {}", fit(&path, width), cells.join("  ")).map_err(io)?
+            }
+        }
+        Ok(())
+    })?;
+    out.flush().map_err(io)?;
+    Ok(failed + problems.len())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => {
+            eprintln!("ehm-classify: {n} input(s) failed");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

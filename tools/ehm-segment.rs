@@ -1,19 +1,148 @@
-//! ehm-segment: not built yet (see the issue tracker); prints help and says so.
+//! ehm-segment: images → per-pixel class maps with an exported `segment` model (ONNX Runtime).
+//! Per image: a class-index PNG at the input's size, a colour overlay PNG with a legend, and a
+//! JSON line with the pixel fraction of each class. A thin front over `ehm::pipeline`.
 use clap::Parser;
+use ehm::contract::Task;
+use ehm::infer::OrtModel;
+use ehm::pipeline::{self, Item, RunOptions};
+use image::GrayImage;
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
     name = "ehm-segment",
     version,
-    about = "ehm-segment — not built yet in this version of ehm"
+    about = "Segment images with an ehm segment model (ONNX): class maps, overlays, class fractions",
+    after_help = "INPUTS: image files, folders (recursive), globs (quoted), or - to read paths from stdin.\n\
+Writes OUTDIR/<name>.classes.png (8-bit class indices) and OUTDIR/<name>.overlay.png; one JSON line per image on stdout.\n\
+Exit status: 0 all images segmented, 1 some inputs failed (each reported on stderr), 2 usage or model error."
 )]
 struct Cli {
-    /// Arguments (ignored: this tool is not built yet)
-    args: Vec<String>,
+    /// Model exported with `ehm-export onnx --task segment`
+    #[arg(long, short)]
+    model: PathBuf,
+    /// Output folder
+    #[arg(long, short, default_value = "segment_out")]
+    out: PathBuf,
+    /// Images per inference call
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Threads for decoding and for inference (each)
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    threads: usize,
+    /// Opacity of the class colours in the overlay
+    #[arg(long, default_value_t = 0.55)]
+    alpha: f32,
+    #[arg(required = true)]
+    inputs: Vec<String>,
 }
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("ehm-segment: not built yet in this version of ehm (planned: see README.md)");
-    std::process::exit(2);
+/// A file name for `path` not used yet in this run (`stem`, `stem-2`, …).
+fn unique_name(path: &std::path::Path, used: &mut HashSet<String>) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let mut name = stem.clone();
+    let mut k = 2;
+    while !used.insert(name.clone()) {
+        name = format!("{stem}-{k}");
+        k += 1;
+    }
+    name
+}
+
+fn run(cli: Cli) -> ehm::Result<usize> {
+    let mut model = OrtModel::open(&cli.model, cli.threads)?;
+    pipeline::require_task(&model, Task::Segment, "ehm-segment")?;
+    let labels = model.contract.labels.clone();
+    let s = model.contract.config.preprocess.image_size as usize;
+    let (paths, problems) = pipeline::expand_inputs(&cli.inputs)?;
+    for p in &problems {
+        eprintln!("skipped: {p}");
+    }
+    std::fs::create_dir_all(&cli.out).map_err(|e| ehm::Error::io(&cli.out, e))?;
+    let mut used = HashSet::new();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let io = |e: std::io::Error| ehm::Error::Other(format!("writing output: {e}"));
+    let opts = RunOptions {
+        batch: cli.batch,
+        threads: cli.threads,
+        keep_images: true,
+        progress: true,
+    };
+    let failed = pipeline::run(&mut model, &paths, &opts, |item| {
+        let Item::Done {
+            prepared,
+            output,
+            shape,
+        } = item
+        else {
+            return Ok(());
+        };
+        let classes = shape[0];
+        let (w, h) = (prepared.width, prepared.height);
+        let map = pipeline::argmax_resized(output, classes, s, w as usize, h as usize);
+        let mut counts = vec![0u64; classes];
+        for &c in &map {
+            counts[c as usize] += 1;
+        }
+        let mask = GrayImage::from_raw(w, h, map).expect("w·h class indices");
+        let name = unique_name(&prepared.path, &mut used);
+        let classes_png = cli.out.join(format!("{name}.classes.png"));
+        ehm::fsutil::write_png_atomic(&classes_png, &mask)?;
+        let img = prepared.image.as_ref().expect("kept for the overlay");
+        let present: Vec<(u8, String)> = (1..classes)
+            .filter(|&c| counts[c] > 0)
+            .map(|c| {
+                let frac = counts[c] as f64 / (w as f64 * h as f64);
+                (c as u8, format!("{} {:.1}%", labels[c], 100.0 * frac))
+            })
+            .collect();
+        let over = ehm::picture::overlay(img, &mask, cli.alpha);
+        let key = ehm::picture::legend(&present, w);
+        let mut sheet =
+            image::RgbImage::from_pixel(w.max(key.width()), h + key.height(), image::Rgb([255; 3]));
+        ehm::picture::paste(&mut sheet, &over, 0, 0);
+        ehm::picture::paste(&mut sheet, &key, 0, h);
+        let overlay_png = cli.out.join(format!("{name}.overlay.png"));
+        ehm::fsutil::write_png_atomic(&overlay_png, &sheet)?;
+        let total = (w as f64) * (h as f64);
+        let fractions: serde_json::Map<String, serde_json::Value> = (0..classes)
+            .filter(|&c| counts[c] > 0)
+            .map(|c| {
+                (
+                    labels[c].clone(),
+                    serde_json::json!(counts[c] as f64 / total),
+                )
+            })
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"path": prepared.path, "width": w, "height": h,
+                "classes_png": classes_png, "overlay_png": overlay_png, "fractions": fractions})
+        )
+        .map_err(io)
+    })?;
+    out.flush().map_err(io)?;
+    Ok(failed + problems.len())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => {
+            eprintln!("ehm-segment: {n} input(s) failed");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

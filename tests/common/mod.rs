@@ -69,3 +69,65 @@ pub fn pretrain_cmd(model: &Path, data: &Path, out: &Path) -> Command {
     c.args(["--no-progress", "--json"]).env("EHM_DEVICE", "cpu");
     c
 }
+
+/// Pretrain the micro model for 2 epochs on the synthetic CIFAR set written into `dir`: a real
+/// checkpoint with non-initial weights. Returns the run folder.
+pub fn pretrained_micro(dir: &Path) -> PathBuf {
+    write_cifar(dir);
+    let model = write_model(dir);
+    let out = dir.join("run");
+    let o = pretrain_cmd(&model, dir, &out)
+        .args(["--epochs", "2", "--knn-every", "-1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// A segmentation folder: 32×32 grey noise with a red (1) or blue (2) square, the border of each
+/// square marked 255 (ignore).
+pub fn write_segset(root: &Path, n_train: usize, n_val: usize) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for (split, n) in [("train", n_train), ("val", n_val)] {
+        std::fs::create_dir_all(root.join("images").join(split)).unwrap();
+        std::fs::create_dir_all(root.join("masks").join(split)).unwrap();
+        for i in 0..n {
+            let mut img = image::RgbImage::from_fn(32, 32, |_, _| {
+                let v = rng.random_range(90..140u8);
+                image::Rgb([v, v, v])
+            });
+            let mut mask = image::GrayImage::new(32, 32);
+            let class = 1 + (i % 2) as u8;
+            let (x0, y0, s) = (
+                rng.random_range(0..16u32),
+                rng.random_range(0..16u32),
+                rng.random_range(8..16u32),
+            );
+            for y in y0..y0 + s {
+                for x in x0..x0 + s {
+                    img.put_pixel(
+                        x,
+                        y,
+                        if class == 1 {
+                            image::Rgb([220, 30, 30])
+                        } else {
+                            image::Rgb([30, 30, 220])
+                        },
+                    );
+                    let edge = x == x0 || y == y0 || x == x0 + s - 1 || y == y0 + s - 1;
+                    mask.put_pixel(x, y, image::Luma([if edge { 255 } else { class }]));
+                }
+            }
+            img.save(root.join(format!("images/{split}/{i:03}.png")))
+                .unwrap();
+            mask.save(root.join(format!("masks/{split}/{i:03}.png")))
+                .unwrap();
+        }
+    }
+    std::fs::write(
+        root.join("classes.json"),
+        r#"["background", "red", "blue"]"#,
+    )
+    .unwrap();
+}

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The downstream comparison grid: for each masking strategy and seed, pretrain the same backbone
+# the same way, then kNN, linear probe, fine-tune and segmentation (frozen backbone, linear
+# head) — and one table of mean ± std over seeds (Markdown, also as JSON Lines per cell).
+#
+# Usage: benches/compare_masking.sh [OUTDIR]
+# Size knobs (environment; defaults are the small CPU grid, about 2–3 min per cell on 2 cores):
+#   MASKINGS="random block ehm"  SEEDS="0 1 2"  MODEL=vit_tiny_p4_fmnist
+#   PRETRAIN_LIMIT=2000 PRETRAIN_EPOCHS=1 BATCH=128
+#   EVAL_TRAIN=5000 EVAL_TEST=1000      (kNN / probe / fine-tune subsets of Fashion-MNIST)
+#   FT_EPOCHS=1 SEG_TRAIN=400 SEG_VAL=100 SEG_SIZE=64 SEG_EPOCHS=4
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/compare}
+MASKINGS=${MASKINGS:-"random block ehm"}
+SEEDS=${SEEDS:-"0 1 2"}
+MODEL=${MODEL:-vit_tiny_p4_fmnist}
+PRETRAIN_LIMIT=${PRETRAIN_LIMIT:-2000}
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-1}
+BATCH=${BATCH:-128}
+EVAL_TRAIN=${EVAL_TRAIN:-5000}
+EVAL_TEST=${EVAL_TEST:-1000}
+FT_EPOCHS=${FT_EPOCHS:-1}
+SEG_TRAIN=${SEG_TRAIN:-400}
+SEG_VAL=${SEG_VAL:-100}
+SEG_SIZE=${SEG_SIZE:-64}
+SEG_EPOCHS=${SEG_EPOCHS:-4}
+tools/setup.sh libs >&2; tools/setup.sh data >&2
+cargo build --release --bin ehm-train >&2
+T=./target/release/ehm-train
+mkdir -p "$OUT"
+[ -f "$OUT/segdata/.complete" ] || $T make-segdata -o "$OUT/segdata" --train "$SEG_TRAIN" --val "$SEG_VAL" --size "$SEG_SIZE" >&2
+EVAL=(--train-limit "$EVAL_TRAIN" --test-limit "$EVAL_TEST")
+CELLS="$OUT/cells.jsonl"
+: > "$CELLS"
+for m in $MASKINGS; do
+  for s in $SEEDS; do
+    d="$OUT/$m/seed$s"; mkdir -p "$OUT/$m"
+    echo "== $m seed $s" >&2
+    $T pretrain --model "$MODEL" --masking "$m" --seed "$s" --limit "$PRETRAIN_LIMIT" \
+      --epochs "$PRETRAIN_EPOCHS" --batch-size "$BATCH" --knn-every -1 --out "$d/pretrain" \
+      --no-progress --json > "$d.pretrain.json"
+    $T knn "$d/pretrain" "${EVAL[@]}" --json > "$d.knn.json"
+    $T probe "$d/pretrain" -o "$d/probe" "${EVAL[@]}" --seed "$s" --json > "$d.probe.json"
+    $T finetune "$d/pretrain" -o "$d/finetune" "${EVAL[@]}" --epochs "$FT_EPOCHS" --seed "$s" \
+      --json > "$d.finetune.json" 2>/dev/null
+    $T segment "$d/pretrain" --data "$OUT/segdata" -o "$d/segment" --image-size "$SEG_SIZE" \
+      --freeze-backbone --epochs "$SEG_EPOCHS" --batch-size 32 --seed "$s" --json \
+      > "$d.segment.json" 2>/dev/null
+    python3 - "$d" "$m" "$s" >> "$CELLS" <<'PY'
+import json, sys
+d, m, s = sys.argv[1:]
+j = lambda k: json.load(open(f"{d}.{k}.json"))
+print(json.dumps({"masking": m, "seed": int(s),
+  "pretrain_loss": j("pretrain")["final_loss"], "knn_top1": j("knn")["knn_top1"],
+  "probe_top1": j("probe")["top1"], "finetune_top1": j("finetune")["top1"],
+  "seg_miou": j("segment")["miou"], "seg_pixel_acc": j("segment")["pixel_accuracy"]}))
+PY
+  done
+done
+python3 - "$CELLS" "$OUT/table.md" <<'PY'
+import json, statistics as st, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+cols = [("knn_top1", "kNN top-1 %"), ("probe_top1", "linear probe top-1 %"),
+        ("finetune_top1", "fine-tune top-1 %"), ("seg_miou", "seg mIoU %"),
+        ("seg_pixel_acc", "seg pixel acc %")]
+def fmt(v):
+    v = [100 * x for x in v]
+    return f"{st.mean(v):.2f} ± {st.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+lines = ["| masking | seeds | " + " | ".join(c[1] for c in cols) + " |",
+         "|---|---|" + "---|" * len(cols)]
+for m in dict.fromkeys(r["masking"] for r in rows):
+    rs = [r for r in rows if r["masking"] == m]
+    lines.append(f"| {m} | {len(rs)} | " + " | ".join(fmt([r[c] for r in rs]) for c, _ in cols) + " |")
+open(sys.argv[2], "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY

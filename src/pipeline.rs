@@ -1,0 +1,313 @@
+//! The inference pipeline the tools share: expand INPUTS (files, folders, globs, `-` for paths
+//! on stdin), decode + EXIF-orient + resize + normalise on a thread pool one batch ahead of the
+//! model, run batches through ONNX Runtime, hand results back in input order. Memory stays
+//! bounded: at most two prepared batches exist at a time. A file that cannot be read is
+//! reported (one line) and skipped; the rest go on.
+use crate::data::image_io::{has_image_extension, load_rgb};
+use crate::data::Preprocess;
+use crate::error::{Error, Result};
+use crate::infer::OrtModel;
+use image::RgbImage;
+use rayon::prelude::*;
+use std::io::BufRead;
+use std::path::PathBuf;
+
+/// Output format of the tools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people
+    Table,
+    /// One JSON object per line
+    Jsonl,
+    /// Comma-separated values with a header
+    Csv,
+}
+
+/// Inputs as given on the command line, expanded: `(images in order, problems)`. A problem is a
+/// one-line message (missing path, glob without matches, folder without images).
+pub fn expand_inputs(inputs: &[String]) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let (mut paths, mut problems) = (Vec::new(), Vec::new());
+    let mut add = |p: PathBuf, explicit: bool, problems: &mut Vec<String>| {
+        if p.is_dir() {
+            match crate::data::folder::list_images(&p) {
+                Ok(v) if v.is_empty() => {
+                    problems.push(format!("{}: no images in this folder", p.display()))
+                }
+                Ok(v) => paths.extend(v),
+                Err(e) => problems.push(e.to_string()),
+            }
+        } else if p.exists() {
+            if explicit || has_image_extension(&p) {
+                paths.push(p);
+            }
+        } else {
+            problems.push(format!("{}: no such file or folder", p.display()));
+        }
+    };
+    for arg in inputs {
+        if arg == "-" {
+            for line in std::io::stdin().lock().lines() {
+                let line =
+                    line.map_err(|e| Error::Other(format!("reading paths from stdin: {e}")))?;
+                let t = line.trim();
+                if !t.is_empty() {
+                    add(PathBuf::from(t), true, &mut problems);
+                }
+            }
+        } else if arg.contains(['*', '?', '[']) && !std::path::Path::new(arg).exists() {
+            let matches: Vec<PathBuf> = glob::glob(arg)
+                .map_err(|e| Error::Config(format!("bad glob {arg}: {e}")))?
+                .filter_map(|r| r.ok())
+                .collect();
+            if matches.is_empty() {
+                problems.push(format!("{arg}: the pattern matches nothing"));
+            }
+            for m in matches {
+                add(m, false, &mut problems);
+            }
+        } else {
+            add(PathBuf::from(arg), true, &mut problems);
+        }
+    }
+    Ok((paths, problems))
+}
+
+/// One decoded, preprocessed image.
+pub struct Prepared {
+    pub path: PathBuf,
+    /// CHW fp32, `3 × S × S`.
+    pub pixels: Vec<f32>,
+    /// The oriented image (kept only when the tool asked for it, e.g. for overlays).
+    pub image: Option<RgbImage>,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// What one batch of the run gives the tool: each input's result in order.
+pub enum Item<'a> {
+    Done {
+        prepared: Prepared,
+        /// This image's slice of the model output.
+        output: &'a [f32],
+        /// The output shape without the batch dimension.
+        shape: &'a [usize],
+    },
+    Failed {
+        path: PathBuf,
+        error: String,
+    },
+}
+
+/// Options of a pipeline run.
+pub struct RunOptions {
+    pub batch: usize,
+    /// Threads for decoding and for ONNX Runtime each (they work on different batches).
+    pub threads: usize,
+    pub keep_images: bool,
+    /// Progress bar on stderr (shown when there are more inputs than a screenful).
+    pub progress: bool,
+}
+
+/// Run `paths` through `model`'s main output, calling `each` in input order. Returns the
+/// number of failed inputs.
+pub fn run<F>(model: &mut OrtModel, paths: &[PathBuf], o: &RunOptions, mut each: F) -> Result<usize>
+where
+    F: FnMut(Item) -> Result<()>,
+{
+    let pre: Preprocess = model.contract.config.preprocess.clone();
+    let output = model.contract.task.output();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(o.threads.max(1))
+        .build()
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let bar = if o.progress && paths.len() > 40 {
+        crate::progress::bar(paths.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let (tx, rx) =
+        crossbeam_channel::bounded::<Vec<std::result::Result<Prepared, (PathBuf, String)>>>(1);
+    let batch = o.batch.max(1);
+    let keep = o.keep_images;
+    let mut failed = 0;
+    std::thread::scope(|scope| -> Result<()> {
+        let pre = &pre;
+        scope.spawn(move || {
+            for chunk in paths.chunks(batch) {
+                let prepared: Vec<_> = pool.install(|| {
+                    chunk
+                        .par_iter()
+                        .map(|p| prepare(p, pre, keep).map_err(|e| (p.clone(), e.to_string())))
+                        .collect()
+                });
+                if tx.send(prepared).is_err() {
+                    return;
+                }
+            }
+        });
+        let len = pre.tensor_len();
+        for items in rx.iter() {
+            let ok: Vec<&Prepared> = items.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let (shape, values) = if ok.is_empty() {
+                (vec![0], vec![])
+            } else {
+                let mut px = Vec::with_capacity(ok.len() * len);
+                for p in &ok {
+                    px.extend_from_slice(&p.pixels);
+                }
+                model.run(&px, ok.len(), output)?
+            };
+            let per: usize = shape.iter().skip(1).product();
+            let mut k = 0;
+            for r in items {
+                bar.inc(1);
+                match r {
+                    Ok(prepared) => {
+                        let out = &values[k * per..(k + 1) * per];
+                        k += 1;
+                        each(Item::Done {
+                            prepared,
+                            output: out,
+                            shape: &shape[1..],
+                        })?;
+                    }
+                    Err((path, error)) => {
+                        failed += 1;
+                        bar.suspend(|| eprintln!("skipped: {error}"));
+                        each(Item::Failed { path, error })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(failed)
+}
+
+fn prepare(path: &std::path::Path, pre: &Preprocess, keep: bool) -> Result<Prepared> {
+    let img = load_rgb(path)?;
+    let mut pixels = vec![0f32; pre.tensor_len()];
+    pre.eval_into(&img, &mut pixels);
+    Ok(Prepared {
+        path: path.to_path_buf(),
+        pixels,
+        width: img.width(),
+        height: img.height(),
+        image: keep.then_some(img),
+    })
+}
+
+/// Softmax of one row of logits.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|&v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+/// The `k` best (index, probability) pairs, best first (ties: lower index first).
+pub fn top_k(probs: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<usize> = (0..probs.len()).collect();
+    idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    idx.into_iter().take(k).map(|i| (i, probs[i])).collect()
+}
+
+/// Per-pixel argmax of `[C, S, S]` logits bilinearly resized to `w × h` — the same sampling
+/// as torch's `upsample_bilinear2d(align_corners=False)`, so the class map a tool writes is the
+/// one training's evaluation scored.
+pub fn argmax_resized(logits: &[f32], classes: usize, s: usize, w: usize, h: usize) -> Vec<u8> {
+    let taps = |out: usize, dst: usize| -> (usize, usize, f32) {
+        let scale = s as f32 / out as f32;
+        let src = ((dst as f32 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(s - 1);
+        let i1 = if i0 < s - 1 { i0 + 1 } else { i0 };
+        (i0, i1, src - i0 as f32)
+    };
+    let xs: Vec<_> = (0..w).map(|x| taps(w, x)).collect();
+    let mut out = vec![0u8; w * h];
+    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        let (y0, y1, ly) = taps(h, y);
+        for (x, o) in row.iter_mut().enumerate() {
+            let (x0, x1, lx) = xs[x];
+            let (mut best, mut arg) = (f32::NEG_INFINITY, 0usize);
+            for c in 0..classes {
+                let m = &logits[c * s * s..(c + 1) * s * s];
+                let top = m[y0 * s + x0] * (1.0 - lx) + m[y0 * s + x1] * lx;
+                let bot = m[y1 * s + x0] * (1.0 - lx) + m[y1 * s + x1] * lx;
+                let v = top * (1.0 - ly) + bot * ly;
+                if v > best {
+                    best = v;
+                    arg = c;
+                }
+            }
+            *o = arg as u8;
+        }
+    });
+    out
+}
+
+/// Refuse a model made for another tool, saying which tool fits.
+pub fn require_task(model: &OrtModel, want: crate::contract::Task, tool: &str) -> Result<()> {
+    use crate::contract::Task;
+    let got = model.contract.task;
+    if got == want {
+        return Ok(());
+    }
+    let fits = match got {
+        Task::Classify => "ehm-classify",
+        Task::Segment => "ehm-segment",
+        Task::Embed => "ehm-retrieve",
+        Task::Backbone => "none of the tools (export it with --task embed, classify or segment)",
+    };
+    Err(Error::bad_file(
+        &model.path,
+        format!(
+            "is a {} model, {tool} needs a {} model; use {fits}",
+            got.name(),
+            want.name()
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_and_top_k() {
+        let p = softmax(&[1.0, 3.0, 2.0]);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let t = top_k(&p, 2);
+        assert_eq!((t[0].0, t[1].0), (1, 2));
+    }
+
+    #[test]
+    fn argmax_resize_matches_nearest_at_integer_scale_and_keeps_regions() {
+        // 2 classes on a 2×2 grid: class 1 wins in the right column
+        let logits = [1.0, 0.0, 1.0, 0.0, /* class 1 */ 0.0, 1.0, 0.0, 1.0];
+        let m = argmax_resized(&logits, 2, 2, 4, 4);
+        assert_eq!(&m[..4], &[0, 0, 1, 1]);
+        assert_eq!(&m[12..], &[0, 0, 1, 1]);
+        // same size: plain argmax
+        assert_eq!(argmax_resized(&logits, 2, 2, 2, 2), vec![0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn inputs_expand_folders_globs_and_report_missing() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("sub")).unwrap();
+        for f in ["a.png", "sub/b.jpg", "notes.txt"] {
+            std::fs::write(d.path().join(f), b"x").unwrap();
+        }
+        let glob = format!("{}/*.png", d.path().display());
+        let missing = d.path().join("nope.png").display().to_string();
+        let (p, bad) = expand_inputs(&[d.path().display().to_string(), glob, missing]).unwrap();
+        assert_eq!(p.len(), 3, "{p:?}"); // a.png, sub/b.jpg from the folder, a.png from the glob
+        assert_eq!(bad.len(), 1);
+        assert!(
+            bad[0].contains("nope.png") && bad[0].contains("no such"),
+            "{bad:?}"
+        );
+    }
+}
