@@ -17,6 +17,7 @@ pub mod model;
 pub mod picture;
 pub mod pipeline;
 pub mod progress;
+pub mod retrieval;
 #[cfg(feature = "train")]
 pub mod train;
 

@@ -72,10 +72,16 @@ pub fn expand_inputs(inputs: &[String]) -> Result<(Vec<PathBuf>, Vec<String>)> {
     Ok((paths, problems))
 }
 
+/// A view of an image as fractions of its width and height: (left, top, width, height).
+pub type View = [f32; 4];
+
+/// The whole image.
+pub const FULL: View = [0.0, 0.0, 1.0, 1.0];
+
 /// One decoded, preprocessed image.
 pub struct Prepared {
     pub path: PathBuf,
-    /// CHW fp32, `3 × S × S`.
+    /// CHW fp32, `views × 3 × S × S` (one tensor per view, in `RunOptions::views` order).
     pub pixels: Vec<f32>,
     /// The oriented image (kept only when the tool asked for it, e.g. for overlays).
     pub image: Option<RgbImage>,
@@ -87,7 +93,7 @@ pub struct Prepared {
 pub enum Item<'a> {
     Done {
         prepared: Prepared,
-        /// This image's slice of the model output.
+        /// This image's slice of the model output (`views` rows).
         output: &'a [f32],
         /// The output shape without the batch dimension.
         shape: &'a [usize],
@@ -104,6 +110,8 @@ pub struct RunOptions {
     /// Threads for decoding and for ONNX Runtime each (they work on different batches).
     pub threads: usize,
     pub keep_images: bool,
+    /// The views each image is run as (usually just `FULL`).
+    pub views: Vec<View>,
     /// Progress bar on stderr (shown when there are more inputs than a screenful).
     pub progress: bool,
 }
@@ -129,6 +137,12 @@ where
         crossbeam_channel::bounded::<Vec<std::result::Result<Prepared, (PathBuf, String)>>>(1);
     let batch = o.batch.max(1);
     let keep = o.keep_images;
+    let views: &[View] = if o.views.is_empty() {
+        &[FULL]
+    } else {
+        &o.views
+    };
+    let nv = views.len();
     let mut failed = 0;
     std::thread::scope(|scope| -> Result<()> {
         let pre = &pre;
@@ -137,7 +151,9 @@ where
                 let prepared: Vec<_> = pool.install(|| {
                     chunk
                         .par_iter()
-                        .map(|p| prepare(p, pre, keep).map_err(|e| (p.clone(), e.to_string())))
+                        .map(|p| {
+                            prepare(p, pre, keep, views).map_err(|e| (p.clone(), e.to_string()))
+                        })
                         .collect()
                 });
                 if tx.send(prepared).is_err() {
@@ -155,9 +171,9 @@ where
                 for p in &ok {
                     px.extend_from_slice(&p.pixels);
                 }
-                model.run(&px, ok.len(), output)?
+                model.run(&px, ok.len() * nv, output)?
             };
-            let per: usize = shape.iter().skip(1).product();
+            let per: usize = shape.iter().skip(1).product::<usize>() * nv;
             let mut k = 0;
             for r in items {
                 bar.inc(1);
@@ -185,10 +201,22 @@ where
     Ok(failed)
 }
 
-fn prepare(path: &std::path::Path, pre: &Preprocess, keep: bool) -> Result<Prepared> {
+fn prepare(
+    path: &std::path::Path,
+    pre: &Preprocess,
+    keep: bool,
+    views: &[View],
+) -> Result<Prepared> {
     let img = load_rgb(path)?;
-    let mut pixels = vec![0f32; pre.tensor_len()];
-    pre.eval_into(&img, &mut pixels);
+    let len = pre.tensor_len();
+    let mut pixels = vec![0f32; len * views.len()];
+    for (v, out) in views.iter().zip(pixels.chunks_mut(len)) {
+        if *v == FULL {
+            pre.eval_into(&img, out);
+        } else {
+            pre.eval_into(&crop_view(&img, v), out);
+        }
+    }
     Ok(Prepared {
         path: path.to_path_buf(),
         pixels,
@@ -196,6 +224,16 @@ fn prepare(path: &std::path::Path, pre: &Preprocess, keep: bool) -> Result<Prepa
         height: img.height(),
         image: keep.then_some(img),
     })
+}
+
+/// The part of `img` a view covers (at least 1×1 pixel).
+pub fn crop_view(img: &RgbImage, v: &View) -> RgbImage {
+    let (w, h) = (img.width() as f32, img.height() as f32);
+    let x = ((v[0] * w) as u32).min(img.width() - 1);
+    let y = ((v[1] * h) as u32).min(img.height() - 1);
+    let cw = ((v[2] * w).round() as u32).clamp(1, img.width() - x);
+    let ch = ((v[3] * h).round() as u32).clamp(1, img.height() - y);
+    image::imageops::crop_imm(img, x, y, cw, ch).to_image()
 }
 
 /// Softmax of one row of logits.

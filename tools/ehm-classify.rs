@@ -82,6 +82,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
         batch: cli.batch,
         threads: cli.threads,
         keep_images: false,
+        views: vec![pipeline::FULL],
         progress: true,
     };
     let failed = pipeline::run(&mut model, &paths, &opts, |item| {

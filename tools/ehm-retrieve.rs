@@ -1,19 +1,273 @@
-//! ehm-retrieve: not built yet (see the issue tracker); prints help and says so.
-use clap::Parser;
+//! ehm-retrieve: partial-duplicate image search on an HNSW index — index, query, remove,
+//! compact, dedup, info. A thin front over `ehm::retrieval`.
+use clap::{Args, Parser, Subcommand};
+use ehm::pipeline::{expand_inputs, Format};
+use ehm::retrieval::descriptor::{Describer, DescriptorKind, Regions};
+use ehm::retrieval::index::{HnswParams, Index};
+use ehm::retrieval::{self, BuildOptions, Searcher};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
     name = "ehm-retrieve",
     version,
-    about = "ehm-retrieve — not built yet in this version of ehm"
+    about = "Find cropped, rotated, recompressed, overlaid copies of images: an HNSW index of ehm embeddings (or pHash)",
+    after_help = "Exit status: 0 success, 1 some inputs failed (each reported on stderr), 2 usage, model or index error."
 )]
 struct Cli {
-    /// Arguments (ignored: this tool is not built yet)
-    args: Vec<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("ehm-retrieve: not built yet in this version of ehm (planned: see README.md)");
-    std::process::exit(2);
+#[derive(Args)]
+struct Common {
+    /// Index folder
+    #[arg(long, short)]
+    index: PathBuf,
+    /// Threads for decoding and for inference (each)
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    threads: usize,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Add images to the index (created on first use); re-running adds only new or changed files
+    Index {
+        #[command(flatten)]
+        c: Common,
+        /// Embed model (ehm-export onnx --task embed); required for a new embed index
+        #[arg(long, short)]
+        model: Option<PathBuf>,
+        /// Descriptor of a new index
+        #[arg(long, value_enum, default_value_t = DescriptorKind::Embed)]
+        descriptor: DescriptorKind,
+        /// Regional views per indexed image (new index); they let crops find their original
+        #[arg(long, value_enum, default_value_t = Regions::Standard)]
+        regions: Regions,
+        /// HNSW links per node (new index)
+        #[arg(long, default_value_t = 16)]
+        m: usize,
+        #[arg(long, default_value_t = 200)]
+        ef_construction: usize,
+        /// Default search breadth stored in the index
+        #[arg(long, default_value_t = 64)]
+        ef_search: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long)]
+        json: bool,
+        /// Image files, folders (recursive), globs, or - for paths on stdin
+        #[arg(required = true)]
+        inputs: Vec<String>,
+    },
+    /// Find the indexed images that each query image is a (partial) copy of
+    Query {
+        #[command(flatten)]
+        c: Common,
+        /// The index's model, if it moved (must be the same file content)
+        #[arg(long, short)]
+        model: Option<PathBuf>,
+        #[arg(long, short, default_value_t = 10)]
+        k: usize,
+        /// Only matches with at least this score (cosine similarity)
+        #[arg(long, default_value_t = -1.0)]
+        threshold: f32,
+        /// Search breadth (default: the index's)
+        #[arg(long)]
+        ef: Option<usize>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        #[arg(required = true)]
+        inputs: Vec<String>,
+    },
+    /// Mark images deleted (they stop appearing in results; `compact` drops them for good)
+    Remove {
+        #[command(flatten)]
+        c: Common,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Rewrite the index without deleted images
+    Compact {
+        #[command(flatten)]
+        c: Common,
+    },
+    /// Groups of duplicates within the indexed collection
+    Dedup {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long, default_value_t = 0.9)]
+        threshold: f32,
+        /// Also write an HTML page with thumbnails
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// What the index holds
+    Info {
+        #[command(flatten)]
+        c: Common,
+    },
+}
+
+fn out_err(e: std::io::Error) -> ehm::Error {
+    ehm::Error::Other(format!("writing output: {e}"))
+}
+
+fn run(cli: Cli) -> ehm::Result<usize> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match cli.cmd {
+        Cmd::Index { c, model, descriptor, regions, m, ef_construction, ef_search, batch, json, inputs } => {
+            let (paths, problems) = expand_inputs(&inputs)?;
+            for p in &problems {
+                eprintln!("skipped: {p}");
+            }
+            let mut d = if Index::exists(&c.index) {
+                let ix = Index::open(&c.index)?;
+                match model.as_deref() {
+                    Some(mp) if ix.meta.descriptor == DescriptorKind::Embed => Describer::embed(mp, c.threads)?,
+                    _ => retrieval::describer_for(&ix, None, c.threads)?,
+                }
+            } else {
+                match descriptor {
+                    DescriptorKind::Phash => Describer::phash(),
+                    DescriptorKind::Embed => {
+                        let mp = model.ok_or_else(|| ehm::Error::Config("a new embed index needs --model EMBED.onnx (or --descriptor phash)".into()))?;
+                        Describer::embed(&mp, c.threads)?
+                    }
+                }
+            };
+            let o = BuildOptions { regions, hnsw: HnswParams { m, ef_construction, ef_search }, batch, threads: c.threads, progress: true };
+            let s = retrieval::add(&c.index, &mut d, &paths, &o)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&s).unwrap()).map_err(out_err)?;
+            } else {
+                writeln!(
+                    out,
+                    "{}: added {}, replaced {}, unchanged {}, failed {} — now {} images ({} deleted), {} vectors; {:.1} s ({:.1} images/s)",
+                    c.index.display(), s.added, s.replaced, s.unchanged, s.failed, s.items, s.deleted, s.vectors, s.seconds, s.images_per_s
+                )
+                .map_err(out_err)?;
+            }
+            Ok(s.failed + problems.len())
+        }
+        Cmd::Query { c, model, k, threshold, ef, format, inputs } => {
+            let ix = Index::open(&c.index)?;
+            let mut d = retrieval::describer_for(&ix, model.as_deref(), c.threads)?;
+            let (paths, problems) = expand_inputs(&inputs)?;
+            for p in &problems {
+                eprintln!("skipped: {p}");
+            }
+            let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
+            let s = Searcher::new(&ix);
+            let mut described = Vec::new();
+            let failed = d.describe(&paths, &[ehm::pipeline::FULL], 32, c.threads, true, |r| {
+                described.push(r);
+                Ok(())
+            })?;
+            ix.with_graph(&c.index, |g| -> ehm::Result<()> {
+                if format == Format::Csv {
+                    writeln!(out, "query,rank,path,score,id").map_err(out_err)?;
+                }
+                for r in described.into_iter().flatten() {
+                    let matches = s.search(g, &r.vectors, k, ef, threshold);
+                    match format {
+                        Format::Jsonl => writeln!(out, "{}", serde_json::json!({"query": r.path, "matches": matches})).map_err(out_err)?,
+                        Format::Csv => {
+                            for (i, m) in matches.iter().enumerate() {
+                                writeln!(out, "{},{},{},{:.6},{}", r.path.display(), i + 1, m.path.display(), m.score, m.id).map_err(out_err)?
+                            }
+                        }
+                        Format::Table => {
+                            writeln!(out, "{}", r.path.display()).map_err(out_err)?;
+                            if matches.is_empty() {
+                                writeln!(out, "    (no match)").map_err(out_err)?;
+                            }
+                            for (i, m) in matches.iter().enumerate() {
+                                writeln!(out, "  {:>2}. {:.4}  {}", i + 1, m.score, m.path.display()).map_err(out_err)?
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })??;
+            Ok(failed + problems.len())
+        }
+        Cmd::Remove { c, paths } => {
+            let (n, missing) = retrieval::remove(&c.index, &paths)?;
+            for p in &missing {
+                eprintln!("not in the index: {}", p.display());
+            }
+            writeln!(out, "{}: marked {n} image(s) deleted", c.index.display()).map_err(out_err)?;
+            Ok(missing.len())
+        }
+        Cmd::Compact { c } => {
+            let (kept, dropped) = retrieval::compact(&c.index)?;
+            writeln!(out, "{}: kept {kept} images, dropped {dropped} deleted", c.index.display()).map_err(out_err)?;
+            Ok(0)
+        }
+        Cmd::Dedup { c, threshold, report, format } => {
+            let ix = Index::open(&c.index)?;
+            let groups = retrieval::dedup(&c.index, threshold, ix.meta.hnsw.ef_search)?;
+            match format {
+                Format::Jsonl => {
+                    for g in &groups {
+                        writeln!(out, "{}", serde_json::json!({"group": g})).map_err(out_err)?
+                    }
+                }
+                Format::Csv => {
+                    writeln!(out, "group,path,score,id").map_err(out_err)?;
+                    for (n, g) in groups.iter().enumerate() {
+                        for m in g {
+                            writeln!(out, "{},{},{:.6},{}", n + 1, m.path.display(), m.score, m.id).map_err(out_err)?
+                        }
+                    }
+                }
+                Format::Table => {
+                    for (n, g) in groups.iter().enumerate() {
+                        writeln!(out, "group {} ({} images)", n + 1, g.len()).map_err(out_err)?;
+                        for m in g {
+                            writeln!(out, "    {:.4}  {}", m.score, m.path.display()).map_err(out_err)?
+                        }
+                    }
+                    writeln!(out, "{} groups at threshold {threshold}", groups.len()).map_err(out_err)?;
+                }
+            }
+            if let Some(r) = report {
+                let html = retrieval::report::dedup_html(&c.index.display().to_string(), threshold, &groups);
+                ehm::fsutil::write_atomic(&r, html.as_bytes())?;
+                eprintln!("report: {}", r.display());
+            }
+            Ok(0)
+        }
+        Cmd::Info { c } => {
+            let ix = Index::open(&c.index)?;
+            let mut meta = serde_json::to_value(&ix.meta).unwrap();
+            meta.as_object_mut().unwrap().remove("files");
+            writeln!(out, "{}", serde_json::to_string_pretty(&meta).unwrap()).map_err(out_err)?;
+            Ok(0)
+        }
+    }
+    .and_then(|n| {
+        out.flush().map_err(out_err)?;
+        Ok(n)
+    })
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => {
+            eprintln!("ehm-retrieve: {n} input(s) failed");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

@@ -73,6 +73,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
         batch: cli.batch,
         threads: cli.threads,
         keep_images: true,
+        views: vec![pipeline::FULL],
         progress: true,
     };
     let failed = pipeline::run(&mut model, &paths, &opts, |item| {

@@ -112,7 +112,7 @@ setup_data() {
 }
 
 # Python packages used only by the tests that cross-check our ONNX files with independent tools.
-PYDEPS="onnx==1.19.1 onnxruntime==1.31.1 numpy==2.2.6"
+PYDEPS="onnx==1.19.1 onnxruntime==1.31.1 numpy==2.2.6 pillow==12.0.0"
 setup_pydeps() {
   local venv="$CACHE/venv"
   if stamped "$venv" "$PYDEPS"; then say "python test deps: up to date ($venv)"; return; fi

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# End-to-end classification speed on real photos (the 294 GCompris WebP images of the photo
+# collection): ehm-classify vs the obvious Python (PIL + numpy + onnxruntime, benches/py/
+# classify_ref.py), same model file, same thread count, same batch, same run. Prints a table of
+# images/s and the ratio, and how often both give the same top-1 label.
+# The models are untrained-backbone classifiers (init + a 1-epoch probe on 64 images): speed
+# does not depend on the weights.
+# Usage: benches/classify_speed.sh [OUTDIR]   (THREADS=2 BATCH=32 MODELS="vit_tiny_p16_224 vit_small_p16_224")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/classify_speed}
+THREADS=${THREADS:-2}
+BATCH=${BATCH:-32}
+MODELS=${MODELS:-"vit_tiny_p16_224 vit_small_p16_224"}
+tools/setup.sh all >&2; tools/setup.sh pydeps >&2
+cargo build --release --bins >&2
+mkdir -p "$OUT"
+ls -d "$PWD"/.cache/photos/gcompris_* > "$OUT/images.txt"
+N=$(wc -l < "$OUT/images.txt")
+PY=.cache/venv/bin/python
+printf '%-20s %7s %7s %14s %14s %7s %9s\n' model threads images "ehm img/s" "python img/s" ratio same_top1
+for m in $MODELS; do
+  if [ ! -f "$OUT/$m.onnx" ]; then
+    ./target/release/ehm-train init --model "$m" -o "$OUT/$m/init" >&2
+    EHM_DEVICE=cpu ./target/release/ehm-train probe "$OUT/$m/init" -o "$OUT/$m/probe" \
+      --train-limit 64 --test-limit 32 --epochs 1 --json >/dev/null
+    ./target/release/ehm-export onnx "$OUT/$m/probe" --task classify -o "$OUT/$m.onnx" >&2
+  fi
+  # warm the page cache and both runtimes once on a few images
+  head -n 8 "$OUT/images.txt" | ./target/release/ehm-classify -m "$OUT/$m.onnx" --threads "$THREADS" --format jsonl - >/dev/null
+  head -n 8 "$OUT/images.txt" > "$OUT/warm.txt"; $PY benches/py/classify_ref.py "$OUT/$m.onnx" "$THREADS" "$BATCH" "$OUT/warm.txt" >/dev/null
+  t0=$(date +%s.%N)
+  ./target/release/ehm-classify -m "$OUT/$m.onnx" --threads "$THREADS" --batch "$BATCH" --format jsonl - \
+    < "$OUT/images.txt" > "$OUT/$m.ehm.jsonl"
+  t1=$(date +%s.%N)
+  $PY benches/py/classify_ref.py "$OUT/$m.onnx" "$THREADS" "$BATCH" "$OUT/images.txt" > "$OUT/$m.py.jsonl"
+  t2=$(date +%s.%N)
+  python3 - "$m" "$THREADS" "$N" "$t0" "$t1" "$t2" "$OUT/$m.ehm.jsonl" "$OUT/$m.py.jsonl" <<'PY'
+import json, sys
+m, th, n, t0, t1, t2, a, b = sys.argv[1:]
+n, t0, t1, t2 = int(n), float(t0), float(t1), float(t2)
+top = lambda f: [json.loads(l)["top"][0]["label"] for l in open(f)]
+ta, tb = top(a), top(b)
+same = sum(x == y for x, y in zip(ta, tb)) / max(1, len(ta))
+e, p = n / (t1 - t0), n / (t2 - t1)
+print(f"{m:<20} {th:>7} {n:>7} {e:>14.1f} {p:>14.1f} {e / p:>6.2f}x {100 * same:>8.1f}%")
+PY
+done

@@ -1,0 +1,253 @@
+//! Image descriptors for retrieval: an exported `embed` model (class token ⊕ GeM, L2-normalised)
+//! or the perceptual hash baseline (pHash as imagehash computes it, stored as ±1/8 so that the
+//! dot product of two hashes is 1 − 2·hamming/64). Both are compared by dot product, so one
+//! index and one query path serve both. Regional views (crops at several scales) let a partial
+//! copy match the part of the original it shows.
+use crate::contract::Task;
+use crate::data::image_io::load_rgb;
+use crate::error::{Error, Result};
+use crate::infer::OrtModel;
+use crate::pipeline::{self, crop_view, Item, RunOptions, View, FULL};
+use image::RgbImage;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which descriptor an index holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DescriptorKind {
+    /// An exported embed model (`--model`)
+    Embed,
+    /// 64-bit DCT perceptual hash (imagehash's phash)
+    Phash,
+}
+
+/// Which regional views each indexed image gets besides the whole image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Regions {
+    /// The whole image only
+    None,
+    /// Whole image + 5 crops of 60 % side (4 corners, centre): 6 vectors per image
+    Standard,
+    /// Standard + a 3×3 grid of 40 % crops: 15 vectors per image
+    Dense,
+}
+
+/// The views an indexed image is described by.
+pub fn views(r: Regions) -> Vec<View> {
+    let mut v = vec![FULL];
+    if r == Regions::None {
+        return v;
+    }
+    let s = 0.6;
+    for (x, y) in [(0.0, 0.0), (0.4, 0.0), (0.0, 0.4), (0.4, 0.4), (0.2, 0.2)] {
+        v.push([x, y, s, s]);
+    }
+    if r == Regions::Dense {
+        for i in 0..3 {
+            for j in 0..3 {
+                v.push([0.3 * j as f32, 0.3 * i as f32, 0.4, 0.4]);
+            }
+        }
+    }
+    v
+}
+
+/// pHash of an image: luma → 32×32 → 2-D DCT-II → the 8×8 lowest frequencies → bit = above their
+/// median; returned as 64 values of ±1/8.
+pub fn phash(img: &RgbImage) -> Vec<f32> {
+    let gray = image::imageops::grayscale(img);
+    let small = image::imageops::resize(&gray, 32, 32, image::imageops::FilterType::Lanczos3);
+    let px: Vec<f64> = small.pixels().map(|p| p.0[0] as f64).collect();
+    let n = 32;
+    // DCT-II along rows then columns, only the 8 lowest frequencies are needed in each
+    let cos: Vec<f64> = (0..8 * n)
+        .map(|i| {
+            let (k, x) = (i / n, i % n);
+            (std::f64::consts::PI * k as f64 * (2 * x + 1) as f64 / (2 * n) as f64).cos()
+        })
+        .collect();
+    let mut rows = vec![0f64; n * 8]; // [y][k]
+    for y in 0..n {
+        for k in 0..8 {
+            rows[y * 8 + k] = (0..n).map(|x| px[y * n + x] * cos[k * n + x]).sum();
+        }
+    }
+    let mut low = [0f64; 64]; // [ky][kx]
+    for ky in 0..8 {
+        for kx in 0..8 {
+            low[ky * 8 + kx] = (0..n).map(|y| rows[y * 8 + kx] * cos[ky * n + y]).sum();
+        }
+    }
+    let mut sorted = low;
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = (sorted[31] + sorted[32]) / 2.0;
+    low.iter()
+        .map(|&v| if v > median { 0.125 } else { -0.125 })
+        .collect()
+}
+
+/// What turns images into vectors.
+pub struct Describer {
+    pub kind: DescriptorKind,
+    pub dim: usize,
+    model: Option<OrtModel>,
+    /// sha256 of the model file (embed), for the index's same-model check.
+    pub model_sha256: Option<String>,
+    pub model_path: Option<PathBuf>,
+    pub model_name: Option<String>,
+}
+
+/// One described image.
+pub struct Described {
+    pub path: PathBuf,
+    /// `views × dim` values.
+    pub vectors: Vec<f32>,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Describer {
+    pub fn embed(model: &Path, threads: usize) -> Result<Self> {
+        let m = OrtModel::open(model, threads)?;
+        pipeline::require_task(&m, Task::Embed, "ehm-retrieve")?;
+        let dim =
+            m.contract.config.embedding_dim.ok_or_else(|| {
+                Error::bad_file(model, "embed model without ehm.config embedding_dim")
+            })? as usize;
+        let name = m.contract.source.as_ref().map(|s| s.name.clone());
+        Ok(Describer {
+            kind: DescriptorKind::Embed,
+            dim,
+            model: Some(m),
+            model_sha256: Some(crate::fsutil::sha256_file(model)?),
+            model_path: Some(std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf())),
+            model_name: name,
+        })
+    }
+
+    pub fn phash() -> Self {
+        Describer {
+            kind: DescriptorKind::Phash,
+            dim: 64,
+            model: None,
+            model_sha256: None,
+            model_path: None,
+            model_name: None,
+        }
+    }
+
+    /// Describe `paths` with `views` each, calling `each` in input order with the result or
+    /// the one-line reason the file was skipped. Returns the number of failed files.
+    pub fn describe<F>(
+        &mut self,
+        paths: &[PathBuf],
+        views: &[View],
+        batch: usize,
+        threads: usize,
+        progress: bool,
+        mut each: F,
+    ) -> Result<usize>
+    where
+        F: FnMut(std::result::Result<Described, (PathBuf, String)>) -> Result<()>,
+    {
+        match &mut self.model {
+            Some(model) => {
+                let opts = RunOptions {
+                    batch,
+                    threads,
+                    keep_images: false,
+                    views: views.to_vec(),
+                    progress,
+                };
+                pipeline::run(model, paths, &opts, |item| match item {
+                    Item::Done {
+                        prepared, output, ..
+                    } => each(Ok(Described {
+                        path: prepared.path,
+                        vectors: output.to_vec(),
+                        width: prepared.width,
+                        height: prepared.height,
+                    })),
+                    Item::Failed { path, error } => each(Err((path, error))),
+                })
+            }
+            None => {
+                let bar = if progress && paths.len() > 40 {
+                    crate::progress::bar(paths.len() as u64)
+                } else {
+                    indicatif::ProgressBar::hidden()
+                };
+                let mut failed = 0;
+                for chunk in paths.chunks(batch.max(1) * 4) {
+                    let done: Vec<_> = chunk
+                        .par_iter()
+                        .map(|p| {
+                            let img = load_rgb(p).map_err(|e| (p.clone(), e.to_string()))?;
+                            let vectors = views
+                                .iter()
+                                .flat_map(|v| {
+                                    if *v == FULL {
+                                        phash(&img)
+                                    } else {
+                                        phash(&crop_view(&img, v))
+                                    }
+                                })
+                                .collect();
+                            Ok(Described {
+                                path: p.clone(),
+                                vectors,
+                                width: img.width(),
+                                height: img.height(),
+                            })
+                        })
+                        .collect();
+                    for d in done {
+                        bar.inc(1);
+                        if let Err((_, e)) = &d {
+                            failed += 1;
+                            bar.suspend(|| eprintln!("skipped: {e}"));
+                        }
+                        each(d)?;
+                    }
+                }
+                bar.finish_and_clear();
+                Ok(failed)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phash_is_stable_under_mild_changes_and_differs_across_images() {
+        let a = RgbImage::from_fn(120, 90, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 2) as u8, ((x * y) % 255) as u8])
+        });
+        let b = image::imageops::resize(&a, 200, 150, image::imageops::FilterType::Triangle);
+        let c = RgbImage::from_fn(120, 90, |x, y| {
+            image::Rgb([(y * 3) as u8, 255 - (x * 2) as u8, 40])
+        });
+        let dot = |p: &[f32], q: &[f32]| p.iter().zip(q).map(|(x, y)| x * y).sum::<f32>();
+        let (ha, hb, hc) = (phash(&a), phash(&b), phash(&c));
+        assert_eq!(ha.len(), 64);
+        assert!((dot(&ha, &ha) - 1.0).abs() < 1e-6);
+        assert!(dot(&ha, &hb) > 0.8, "resized copy: {}", dot(&ha, &hb));
+        assert!(dot(&ha, &hc) < 0.5, "other image: {}", dot(&ha, &hc));
+    }
+
+    #[test]
+    fn region_presets() {
+        assert_eq!(views(Regions::None).len(), 1);
+        assert_eq!(views(Regions::Standard).len(), 6);
+        assert_eq!(views(Regions::Dense).len(), 15);
+        for v in views(Regions::Dense) {
+            assert!(v[0] + v[2] <= 1.0 + 1e-6 && v[1] + v[3] <= 1.0 + 1e-6);
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The on-disk index: a folder whose `CURRENT` file names the live generation folder
+//! (`gen-000007/`). A generation holds `index.json` (descriptor, model hash, dim, metric, HNSW
+//! parameters, counts, and the sha256 of every other file), `items.jsonl` (id ↔ path, content
+//! hash, size, vector range, deleted flag), `vectors.f32` (row-major little-endian f32) and the
+//! hnsw_rs dump (`graph.hnsw.graph`, `graph.hnsw.data`). A write builds a complete new
+//! generation, fsyncs it, then replaces `CURRENT` atomically: an interrupted run leaves the
+//! previous generation live, and the next run sweeps the half-built one away.
+use super::descriptor::{DescriptorKind, Regions};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{sha256_file, write_atomic};
+use crate::pipeline::View;
+use hnsw_rs::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: &str = "ehm-index/1";
+const GRAPH: &str = "graph";
+/// hnsw_rs's layer count (its private `NB_LAYER_MAX`); it dumps only graphs built with all of them.
+const HNSW_LAYERS: usize = 16;
+
+/// Distance for L2-normalised vectors (and ±1/8 hashes): 1 − dot, clamped at 0 so exact
+/// duplicates do not trip hnsw_rs's non-negativity assertion.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DotDistance;
+
+impl Distance<f32> for DotDistance {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - dot(a, b)).max(0.0)
+    }
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HnswParams {
+    /// Links per node (hnswlib's M).
+    pub m: usize,
+    pub ef_construction: usize,
+    /// Default search breadth of queries.
+    pub ef_search: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IndexMeta {
+    pub format: String,
+    pub descriptor: DescriptorKind,
+    pub model: Option<ModelRef>,
+    pub dim: usize,
+    /// Always "dot" (cosine on L2-normalised vectors).
+    pub metric: String,
+    pub regions: Regions,
+    pub views: Vec<View>,
+    pub hnsw: HnswParams,
+    pub items: usize,
+    pub deleted: usize,
+    pub vectors: usize,
+    pub next_id: u64,
+    /// sha256 of every data file of the generation.
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub id: u64,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub width: u32,
+    pub height: u32,
+    /// Rows `first .. first + count` of the vector table.
+    pub first: usize,
+    pub count: usize,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// An index in memory.
+pub struct Index {
+    pub meta: IndexMeta,
+    pub items: Vec<Item>,
+    pub vectors: Vec<f32>,
+}
+
+fn current_gen(root: &Path) -> Result<Option<PathBuf>> {
+    let cur = root.join("CURRENT");
+    if !cur.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&cur).at(&cur)?;
+    let name = name.trim();
+    if !name.starts_with("gen-") || name.contains('/') {
+        return Err(Error::bad_file(&cur, "not an ehm index (bad CURRENT)"));
+    }
+    Ok(Some(root.join(name)))
+}
+
+impl Index {
+    pub fn empty(meta: IndexMeta) -> Self {
+        Index {
+            meta,
+            items: Vec::new(),
+            vectors: Vec::new(),
+        }
+    }
+
+    /// Whether `root` holds an index.
+    pub fn exists(root: &Path) -> bool {
+        root.join("CURRENT").exists()
+    }
+
+    /// Open the live generation, checking every file against its recorded sha256.
+    pub fn open(root: &Path) -> Result<Self> {
+        let gen = current_gen(root)?.ok_or_else(|| {
+            Error::MissingData(format!(
+                "{}: no index here (build one with ehm-retrieve index)",
+                root.display()
+            ))
+        })?;
+        let meta_path = gen.join("index.json");
+        let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
+        let meta: IndexMeta = serde_json::from_str(&text).map_err(|e| {
+            Error::bad_file(&meta_path, format!("not an ehm index description ({e})"))
+        })?;
+        if meta.format != FORMAT {
+            return Err(Error::bad_file(
+                &meta_path,
+                format!("index format {}, this ehm reads {FORMAT}", meta.format),
+            ));
+        }
+        for (name, sha) in &meta.files {
+            let p = gen.join(name);
+            if !p.exists() {
+                return Err(Error::bad_file(&p, "missing index file; rebuild the index"));
+            }
+            if &sha256_file(&p)? != sha {
+                return Err(Error::bad_file(
+                    &p,
+                    "does not match its checksum in index.json (truncated or modified); rebuild the index",
+                ));
+            }
+        }
+        let items_path = gen.join("items.jsonl");
+        let items: Vec<Item> = std::fs::read_to_string(&items_path)
+            .at(&items_path)?
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map_err(|e| Error::bad_file(&items_path, format!("line {}: {e}", i + 1)))
+            })
+            .collect::<Result<_>>()?;
+        let vec_path = gen.join("vectors.f32");
+        let bytes = std::fs::read(&vec_path).at(&vec_path)?;
+        if bytes.len() != meta.vectors * meta.dim * 4 {
+            return Err(Error::bad_file(
+                &vec_path,
+                format!(
+                    "{} bytes, expected {} vectors of {}",
+                    bytes.len(),
+                    meta.vectors,
+                    meta.dim
+                ),
+            ));
+        }
+        let vectors = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(Index {
+            meta,
+            items,
+            vectors,
+        })
+    }
+
+    /// The live generation folder of `root`.
+    pub fn generation(root: &Path) -> Result<PathBuf> {
+        current_gen(root)?
+            .ok_or_else(|| Error::MissingData(format!("{}: no index", root.display())))
+    }
+
+    /// The item owning each vector row.
+    pub fn owners(&self) -> Vec<u32> {
+        let mut o = vec![0u32; self.meta.vectors];
+        for (i, it) in self.items.iter().enumerate() {
+            o[it.first..it.first + it.count].fill(i as u32);
+        }
+        o
+    }
+
+    pub fn vector(&self, row: usize) -> &[f32] {
+        &self.vectors[row * self.meta.dim..(row + 1) * self.meta.dim]
+    }
+
+    /// Build the HNSW graph over all vectors (deleted ones are filtered at query time).
+    fn build_graph(&self) -> Hnsw<'_, f32, DotDistance> {
+        let n = self.meta.vectors.max(1);
+        // hnsw_rs dumps only graphs built with its full layer count
+        let h = Hnsw::new(
+            self.meta.hnsw.m,
+            n,
+            HNSW_LAYERS,
+            self.meta.hnsw.ef_construction,
+            DotDistance,
+        );
+        let data: Vec<(&[f32], usize)> = (0..self.meta.vectors)
+            .map(|r| (self.vector(r), r))
+            .collect();
+        h.parallel_insert_slice(&data);
+        h
+    }
+
+    /// Write a new generation and make it live. Old generations are removed afterwards.
+    pub fn save(&mut self, root: &Path) -> Result<()> {
+        std::fs::create_dir_all(root).at(root)?;
+        let old = current_gen(root)?;
+        let next = match &old {
+            Some(p) => {
+                let n: u64 = p
+                    .file_name()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| s.strip_prefix("gen-"))
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                n + 1
+            }
+            None => 1,
+        };
+        let name = format!("gen-{next:06}");
+        let gen = root.join(&name);
+        if gen.exists() {
+            std::fs::remove_dir_all(&gen).at(&gen)?;
+        }
+        std::fs::create_dir_all(&gen).at(&gen)?;
+        self.meta.items = self.items.iter().filter(|i| !i.deleted).count();
+        self.meta.deleted = self.items.len() - self.meta.items;
+        self.meta.vectors = self.vectors.len() / self.meta.dim.max(1);
+        let items: String = self
+            .items
+            .iter()
+            .map(|i| serde_json::to_string(i).unwrap() + "\n")
+            .collect();
+        write_atomic(&gen.join("items.jsonl"), items.as_bytes())?;
+        let bytes: Vec<u8> = self.vectors.iter().flat_map(|v| v.to_le_bytes()).collect();
+        write_atomic(&gen.join("vectors.f32"), &bytes)?;
+        if self.meta.vectors > 0 {
+            let graph = self.build_graph();
+            graph.file_dump(&gen, GRAPH).map_err(|e| {
+                Error::Other(format!("{}: writing the HNSW graph: {e}", gen.display()))
+            })?;
+        }
+        let mut files = BTreeMap::new();
+        for f in std::fs::read_dir(&gen).at(&gen)? {
+            let p = f.at(&gen)?.path();
+            // make the graph files durable too (hnsw_rs writes them in place)
+            std::fs::File::open(&p).and_then(|f| f.sync_all()).at(&p)?;
+            files.insert(
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                sha256_file(&p)?,
+            );
+        }
+        self.meta.files = files;
+        write_atomic(
+            &gen.join("index.json"),
+            serde_json::to_string_pretty(&self.meta).unwrap().as_bytes(),
+        )?;
+        write_atomic(&root.join("CURRENT"), name.as_bytes())?;
+        sweep(root, &name);
+        Ok(())
+    }
+
+    /// Run `f` with the live generation's HNSW graph loaded.
+    pub fn with_graph<R>(
+        &self,
+        root: &Path,
+        f: impl FnOnce(Option<&Hnsw<f32, DotDistance>>) -> R,
+    ) -> Result<R> {
+        if self.meta.vectors == 0 {
+            return Ok(f(None));
+        }
+        let gen = Index::generation(root)?;
+        let mut io = HnswIo::new(&gen, GRAPH);
+        let graph: Hnsw<f32, DotDistance> = io.load_hnsw().map_err(|e| {
+            Error::bad_file(
+                &gen.join("graph.hnsw.graph"),
+                format!("cannot load the HNSW graph ({e})"),
+            )
+        })?;
+        Ok(f(Some(&graph)))
+    }
+}
+
+/// Remove generation folders other than `keep` (left by earlier or interrupted runs).
+fn sweep(root: &Path, keep: &str) {
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("gen-") && n != keep {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Remove half-built generations of an interrupted run (anything but the live one).
+pub fn sweep_stale(root: &Path) -> Result<()> {
+    if let Some(g) = current_gen(root)? {
+        sweep(root, &g.file_name().unwrap().to_string_lossy());
+    }
+    Ok(())
+}

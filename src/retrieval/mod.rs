@@ -1,0 +1,409 @@
+//! Partial-duplicate image search: descriptors (embed model or pHash, with regional views), an
+//! on-disk HNSW index with incremental adds, tombstones and compaction, queries aggregated per
+//! image (best view), duplicate groups, and the HTML report.
+pub mod descriptor;
+pub mod index;
+pub mod report;
+
+use crate::error::{Error, Result};
+use descriptor::{views, Describer, DescriptorKind, Regions};
+use index::{HnswParams, Index, IndexMeta, ModelRef};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// How to build an index the first time (later runs reuse what index.json says).
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub regions: Regions,
+    pub hnsw: HnswParams,
+    pub batch: usize,
+    pub threads: usize,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AddSummary {
+    pub added: usize,
+    pub unchanged: usize,
+    pub replaced: usize,
+    pub failed: usize,
+    pub items: usize,
+    pub deleted: usize,
+    pub vectors: usize,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+/// Absolute path for storing and matching (the input as given when it cannot be resolved).
+pub fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Check that `d` describes images the way the index at `root` was built.
+fn check_same_descriptor(ix: &Index, d: &Describer, root: &Path) -> Result<()> {
+    if ix.meta.descriptor != d.kind {
+        return Err(Error::Config(format!(
+            "{} holds {:?} descriptors, not {:?}; use another --index",
+            root.display(),
+            ix.meta.descriptor,
+            d.kind
+        )));
+    }
+    if let (Some(m), Some(sha)) = (&ix.meta.model, &d.model_sha256) {
+        if &m.sha256 != sha {
+            return Err(Error::Config(format!(
+                "{} was built with another model ({}, sha256 {}…); vectors of {} (sha256 {}…) cannot be mixed in — use that model or another --index",
+                root.display(),
+                m.path.display(),
+                &m.sha256[..12],
+                d.model_path.as_deref().unwrap_or(Path::new("?")).display(),
+                &sha[..12]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The describer an existing index needs: its model (or `model` if given, checked by hash).
+pub fn describer_for(ix: &Index, model: Option<&Path>, threads: usize) -> Result<Describer> {
+    match ix.meta.descriptor {
+        DescriptorKind::Phash => Ok(Describer::phash()),
+        DescriptorKind::Embed => {
+            let m = ix
+                .meta
+                .model
+                .as_ref()
+                .ok_or_else(|| Error::Config("embed index without a model".into()))?;
+            let path = model.unwrap_or(&m.path);
+            if !path.exists() {
+                return Err(Error::MissingData(format!(
+                    "{}: the index's model is not there any more; pass --model with the same file (sha256 {}…)",
+                    path.display(),
+                    &m.sha256[..12]
+                )));
+            }
+            Describer::embed(path, threads)
+        }
+    }
+}
+
+/// `ehm-retrieve index`: add new and changed files (by content hash) to the index at `root`,
+/// creating it with `d` and `o` if there is none.
+pub fn add(
+    root: &Path,
+    d: &mut Describer,
+    inputs: &[PathBuf],
+    o: &BuildOptions,
+) -> Result<AddSummary> {
+    let t0 = std::time::Instant::now();
+    let mut ix = if Index::exists(root) {
+        index::sweep_stale(root)?;
+        let ix = Index::open(root)?;
+        check_same_descriptor(&ix, d, root)?;
+        ix
+    } else {
+        Index::empty(IndexMeta {
+            format: index::FORMAT.into(),
+            descriptor: d.kind,
+            model: d.model_sha256.as_ref().map(|sha| ModelRef {
+                path: d.model_path.clone().unwrap_or_default(),
+                sha256: sha.clone(),
+                name: d.model_name.clone(),
+            }),
+            dim: d.dim,
+            metric: "dot".into(),
+            regions: o.regions,
+            views: views(o.regions),
+            hnsw: o.hnsw.clone(),
+            items: 0,
+            deleted: 0,
+            vectors: 0,
+            next_id: 0,
+            files: Default::default(),
+        })
+    };
+    // decide per file: unchanged (same path, same content), replaced (same path, new content), new
+    let live: HashMap<PathBuf, usize> = ix
+        .items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| !it.deleted)
+        .map(|(i, it)| (it.path.clone(), i))
+        .collect();
+    let (mut todo, mut hashes, mut unchanged, mut replaced_idx) =
+        (Vec::new(), HashMap::new(), 0, Vec::new());
+    let mut failed = 0;
+    let mut seen = std::collections::HashSet::new();
+    for p in inputs {
+        let c = canonical(p);
+        if !seen.insert(c.clone()) {
+            continue;
+        }
+        let sha = match crate::fsutil::sha256_file(&c) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        match live.get(&c) {
+            Some(&i) if ix.items[i].sha256 == sha => unchanged += 1,
+            Some(&i) => {
+                replaced_idx.push(i);
+                todo.push(c.clone());
+                hashes.insert(c, sha);
+            }
+            None => {
+                todo.push(c.clone());
+                hashes.insert(c, sha);
+            }
+        }
+    }
+    let view_list = ix.meta.views.clone();
+    let nv = view_list.len();
+    let mut added = 0;
+    let mut new_paths = std::collections::HashSet::new();
+    failed += d.describe(&todo, &view_list, o.batch, o.threads, o.progress, |r| {
+        if let Ok(desc) = r {
+            let first = ix.vectors.len() / ix.meta.dim;
+            if desc.vectors.len() != nv * ix.meta.dim {
+                return Err(Error::Shape(format!(
+                    "{}: descriptor has {} values, expected {nv} × {}",
+                    desc.path.display(),
+                    desc.vectors.len(),
+                    ix.meta.dim
+                )));
+            }
+            ix.vectors.extend_from_slice(&desc.vectors);
+            new_paths.insert(desc.path.clone());
+            ix.items.push(index::Item {
+                id: ix.meta.next_id,
+                sha256: hashes.get(&desc.path).cloned().unwrap_or_default(),
+                bytes: std::fs::metadata(&desc.path).map(|m| m.len()).unwrap_or(0),
+                path: desc.path,
+                width: desc.width,
+                height: desc.height,
+                first,
+                count: nv,
+                deleted: false,
+            });
+            ix.meta.next_id += 1;
+            added += 1;
+        }
+        Ok(())
+    })?;
+    // a changed file's old entry is retired only when its new version made it in
+    let mut replaced = 0;
+    for i in replaced_idx {
+        if new_paths.contains(&ix.items[i].path) {
+            ix.items[i].deleted = true;
+            replaced += 1;
+        }
+    }
+    if added > 0 || replaced > 0 || !Index::exists(root) {
+        ix.save(root)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(AddSummary {
+        added: added - replaced,
+        unchanged,
+        replaced,
+        failed,
+        items: ix.items.iter().filter(|i| !i.deleted).count(),
+        deleted: ix.items.iter().filter(|i| i.deleted).count(),
+        vectors: ix.vectors.len() / ix.meta.dim.max(1),
+        seconds: secs,
+        images_per_s: todo.len() as f64 / secs.max(1e-9),
+    })
+}
+
+/// `ehm-retrieve remove`: mark the items of these paths deleted. Returns how many were found.
+pub fn remove(root: &Path, paths: &[PathBuf]) -> Result<(usize, Vec<PathBuf>)> {
+    let mut ix = Index::open(root)?;
+    let (mut n, mut missing) = (0, Vec::new());
+    for p in paths {
+        let c = canonical(p);
+        let mut hit = false;
+        for it in ix
+            .items
+            .iter_mut()
+            .filter(|it| !it.deleted && (it.path == c || it.path == *p))
+        {
+            it.deleted = true;
+            hit = true;
+        }
+        if hit {
+            n += 1;
+        } else {
+            missing.push(p.clone());
+        }
+    }
+    if n > 0 {
+        ix.save(root)?;
+    }
+    Ok((n, missing))
+}
+
+/// `ehm-retrieve compact`: rewrite the index without deleted items (ids are kept).
+pub fn compact(root: &Path) -> Result<(usize, usize)> {
+    let ix = Index::open(root)?;
+    let dim = ix.meta.dim;
+    let mut out = Index::empty(ix.meta.clone());
+    let mut dropped = 0;
+    for it in &ix.items {
+        if it.deleted {
+            dropped += 1;
+            continue;
+        }
+        let mut it2 = it.clone();
+        it2.first = out.vectors.len() / dim;
+        out.vectors
+            .extend_from_slice(&ix.vectors[it.first * dim..(it.first + it.count) * dim]);
+        out.items.push(it2);
+    }
+    out.save(root)?;
+    Ok((out.items.len(), dropped))
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Match {
+    pub path: PathBuf,
+    pub score: f32,
+    pub id: u64,
+}
+
+/// Search per image: the best view's score, deleted items filtered, above `threshold`, top `k`.
+pub struct Searcher<'a> {
+    pub ix: &'a Index,
+    owners: Vec<u32>,
+    alive: Vec<bool>,
+}
+
+impl<'a> Searcher<'a> {
+    pub fn new(ix: &'a Index) -> Self {
+        let owners = ix.owners();
+        let alive = owners
+            .iter()
+            .map(|&o| !ix.items[o as usize].deleted)
+            .collect();
+        Searcher { ix, owners, alive }
+    }
+
+    fn aggregate(
+        &self,
+        hits: impl Iterator<Item = (usize, f32)>,
+        k: usize,
+        threshold: f32,
+    ) -> Vec<Match> {
+        let mut best: HashMap<u32, f32> = HashMap::new();
+        for (row, score) in hits {
+            let o = self.owners[row];
+            let e = best.entry(o).or_insert(f32::NEG_INFINITY);
+            *e = e.max(score);
+        }
+        let mut m: Vec<Match> = best
+            .into_iter()
+            .filter(|(_, s)| *s >= threshold)
+            .map(|(o, s)| {
+                let it = &self.ix.items[o as usize];
+                Match {
+                    path: it.path.clone(),
+                    score: s,
+                    id: it.id,
+                }
+            })
+            .collect();
+        m.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        m.truncate(k);
+        m
+    }
+
+    /// Approximate search through the HNSW graph.
+    pub fn search(
+        &self,
+        graph: Option<&hnsw_rs::hnsw::Hnsw<f32, index::DotDistance>>,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        threshold: f32,
+    ) -> Vec<Match> {
+        let Some(g) = graph else { return vec![] };
+        let nv = self.ix.meta.views.len().max(1);
+        let want = (k * nv * 2 + 8).min(self.ix.meta.vectors);
+        let alive = |id: &usize| self.alive[*id];
+        let hits = g.search_filter(q, want, ef.max(want), Some(&alive));
+        self.aggregate(
+            hits.into_iter().map(|n| (n.d_id, 1.0 - n.distance)),
+            k,
+            threshold,
+        )
+    }
+
+    /// Exact search (every vector): the yardstick for HNSW recall.
+    pub fn exact(&self, q: &[f32], k: usize, threshold: f32) -> Vec<Match> {
+        let hits = (0..self.ix.meta.vectors)
+            .filter(|&r| self.alive[r])
+            .map(|r| (r, index::dot(q, self.ix.vector(r))));
+        self.aggregate(hits, k, threshold)
+    }
+}
+
+/// Groups of near-duplicates among the live items: items whose best-view scores against each
+/// other's whole-image descriptor reach `threshold`, joined transitively (union-find).
+pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> {
+    let ix = Index::open(root)?;
+    let s = Searcher::new(&ix);
+    let live: Vec<usize> = (0..ix.items.len())
+        .filter(|&i| !ix.items[i].deleted)
+        .collect();
+    let by_id: HashMap<u64, usize> = ix
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (it.id, i))
+        .collect();
+    let mut parent: Vec<usize> = (0..ix.items.len()).collect();
+    fn find(p: &mut [usize], mut x: usize) -> usize {
+        while p[x] != x {
+            p[x] = p[p[x]];
+            x = p[x];
+        }
+        x
+    }
+    let mut best: HashMap<usize, f32> = HashMap::new();
+    ix.with_graph(root, |g| {
+        for &i in &live {
+            let q = ix.vector(ix.items[i].first); // the whole-image view
+            for m in s.search(g, q, 20, ef, threshold) {
+                let j = by_id[&m.id];
+                if j != i {
+                    let (a, b) = (find(&mut parent, i), find(&mut parent, j));
+                    if a != b {
+                        parent[a] = b;
+                    }
+                    let e = best.entry(j).or_insert(0.0);
+                    *e = e.max(m.score);
+                    let e = best.entry(i).or_insert(0.0);
+                    *e = e.max(m.score);
+                }
+            }
+        }
+    })?;
+    let mut groups: HashMap<usize, Vec<Match>> = HashMap::new();
+    for &i in &live {
+        let r = find(&mut parent, i);
+        groups.entry(r).or_default().push(Match {
+            path: ix.items[i].path.clone(),
+            score: best.get(&i).copied().unwrap_or(1.0),
+            id: ix.items[i].id,
+        });
+    }
+    let mut out: Vec<Vec<Match>> = groups.into_values().filter(|g| g.len() > 1).collect();
+    for g in &mut out {
+        g.sort_by_key(|m| m.id);
+    }
+    out.sort_by(|a, b| b.len().cmp(&a.len()).then(a[0].id.cmp(&b[0].id)));
+    Ok(out)
+}

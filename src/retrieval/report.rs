@@ -1,0 +1,73 @@
+//! The duplicate report: one self-contained HTML page (thumbnails embedded as base64 JPEG), one
+//! row per group, each image with its score and path.
+use super::Match;
+use base64::Engine;
+use std::fmt::Write;
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A `data:` URL of a thumbnail (longest side `side`), or `None` if the file cannot be read.
+pub fn thumbnail(path: &std::path::Path, side: u32) -> Option<String> {
+    let img = crate::data::image_io::load_rgb(path).ok()?;
+    let (w, h) = (img.width() as f32, img.height() as f32);
+    let s = (side as f32 / w.max(h)).min(1.0);
+    let (tw, th) = (
+        (w * s).round().max(1.0) as u32,
+        (h * s).round().max(1.0) as u32,
+    );
+    let t = image::imageops::resize(&img, tw, th, image::imageops::FilterType::Triangle);
+    let mut jpg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 80)
+        .encode_image(&t)
+        .ok()?;
+    Some(format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(jpg)
+    ))
+}
+
+/// The HTML page for duplicate `groups` found in `index` at `threshold`.
+pub fn dedup_html(index: &str, threshold: f32, groups: &[Vec<Match>]) -> String {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>ehm-retrieve dedup</title><style>\
+body{{font-family:sans-serif;margin:16px;background:#fafafa}}h1{{font-size:20px}}\
+.g{{background:#fff;border:1px solid #ddd;border-radius:6px;margin:10px 0;padding:8px}}\
+.g h2{{font-size:14px;margin:0 0 6px 0;color:#444}}.i{{display:inline-block;width:170px;margin:4px;vertical-align:top;font-size:11px;color:#333;word-break:break-all}}\
+.i img{{max-width:160px;max-height:160px;display:block;margin-bottom:3px;border:1px solid #ccc}}.s{{font-weight:bold}}\
+</style></head><body><h1>Duplicate groups in {} (threshold {threshold:.2})</h1><p>{} groups, {} images.</p>",
+        escape(index),
+        groups.len(),
+        groups.iter().map(|g| g.len()).sum::<usize>()
+    );
+    for (n, g) in groups.iter().enumerate() {
+        let _ = write!(
+            h,
+            "<div class=\"g\"><h2>group {} · {} images</h2>",
+            n + 1,
+            g.len()
+        );
+        for m in g {
+            let p = m.path.display().to_string();
+            let img = thumbnail(&m.path, 160)
+                .map(|u| format!("<img src=\"{u}\" alt=\"\">"))
+                .unwrap_or_else(|| "<div>(unreadable)</div>".into());
+            let _ = write!(
+                h,
+                "<div class=\"i\">{img}<span class=\"s\">{:.3}</span> · id {}<br>{}</div>",
+                m.score,
+                m.id,
+                escape(&p)
+            );
+        }
+        h.push_str("</div>");
+    }
+    h.push_str("</body></html>\n");
+    h
+}

@@ -1,0 +1,345 @@
+//! ehm-retrieve end to end: index → query finds an exact copy at rank 1; re-indexing adds only
+//! new or changed files; remove hides an image, compact keeps the rest; a truncated or foreign
+//! index file and a model other than the index's are clear errors; a half-built generation
+//! leaves the live index usable; dedup groups copies and writes its HTML report; pHash goes
+//! through the same interface.
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn retrieve() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ehm-retrieve"))
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// Distinct synthetic "photos": smooth colour fields with a few random discs each.
+fn write_images(dir: &Path, n: usize) -> Vec<PathBuf> {
+    use rand::{Rng, SeedableRng};
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(i as u64 + 11);
+            let (a, b, c) = (
+                r.random_range(0..255u32),
+                r.random_range(0..255u32),
+                r.random_range(1..5u32),
+            );
+            let discs: Vec<(i32, i32, i32, [u8; 3])> = (0..5)
+                .map(|_| {
+                    (
+                        r.random_range(0..96),
+                        r.random_range(0..80),
+                        r.random_range(6..20),
+                        [r.random(), r.random(), r.random()],
+                    )
+                })
+                .collect();
+            let img = image::RgbImage::from_fn(96, 80, |x, y| {
+                for &(cx, cy, rad, col) in &discs {
+                    let (dx, dy) = (x as i32 - cx, y as i32 - cy);
+                    if dx * dx + dy * dy < rad * rad {
+                        return image::Rgb(col);
+                    }
+                }
+                image::Rgb([
+                    ((a + x * c) % 256) as u8,
+                    ((b + y * c) % 256) as u8,
+                    ((x + y) * 2 % 256) as u8,
+                ])
+            });
+            let p = dir.join(format!("photo{i}.png"));
+            img.save(&p).unwrap();
+            p
+        })
+        .collect()
+}
+
+fn query(index: &Path, q: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let o = ok(retrieve()
+        .arg("query")
+        .arg("-i")
+        .arg(index)
+        .args(["--format", "jsonl"])
+        .args(extra)
+        .arg(q)
+        .output()
+        .unwrap());
+    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["query"].as_str().unwrap(), q.display().to_string());
+    line["matches"].as_array().unwrap().clone()
+}
+
+fn export_embed(ckpt: &Path, out: &Path) {
+    ok(Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(ckpt)
+        .args(["--task", "embed", "-o"])
+        .arg(out)
+        .output()
+        .unwrap());
+}
+
+#[test]
+fn index_query_remove_compact_and_refusals() {
+    let d = tempfile::tempdir().unwrap();
+    let run = common::pretrained_micro(d.path());
+    let model = d.path().join("embed.onnx");
+    export_embed(&run, &model);
+    let photos = write_images(&d.path().join("photos"), 8);
+    let ix = d.path().join("index");
+    let o = ok(retrieve()
+        .arg("index")
+        .arg("-i")
+        .arg(&ix)
+        .arg("-m")
+        .arg(&model)
+        .arg("--json")
+        .arg(d.path().join("photos"))
+        .output()
+        .unwrap());
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (
+            s["added"].as_u64(),
+            s["items"].as_u64(),
+            s["vectors"].as_u64()
+        ),
+        (Some(8), Some(8), Some(48))
+    );
+
+    // an exact copy (other path, other format) finds its original at rank 1
+    let copy = d.path().join("copy_of_3.jpg");
+    image::open(&photos[3])
+        .unwrap()
+        .to_rgb8()
+        .save(&copy)
+        .unwrap();
+    let m = query(&ix, &copy, &["-k", "3"]);
+    assert_eq!(
+        m[0]["path"].as_str().unwrap(),
+        photos[3].canonicalize().unwrap().display().to_string()
+    );
+    assert!(m[0]["score"].as_f64().unwrap() > 0.95, "{m:?}");
+
+    // re-indexing: nothing new; a changed file replaces its entry
+    let o = ok(retrieve()
+        .arg("index")
+        .arg("-i")
+        .arg(&ix)
+        .arg("--json")
+        .arg(d.path().join("photos"))
+        .output()
+        .unwrap());
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (s["added"].as_u64(), s["unchanged"].as_u64()),
+        (Some(0), Some(8))
+    );
+    image::open(&photos[5])
+        .unwrap()
+        .fliph()
+        .save(&photos[5])
+        .unwrap();
+    let o = ok(retrieve()
+        .arg("index")
+        .arg("-i")
+        .arg(&ix)
+        .arg("--json")
+        .arg(d.path().join("photos"))
+        .output()
+        .unwrap());
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (
+            s["replaced"].as_u64(),
+            s["unchanged"].as_u64(),
+            s["items"].as_u64()
+        ),
+        (Some(1), Some(7), Some(8))
+    );
+
+    // remove hides photo 3; compact drops the deleted entries and keeps the rest findable
+    ok(retrieve()
+        .arg("remove")
+        .arg("-i")
+        .arg(&ix)
+        .arg(&photos[3])
+        .output()
+        .unwrap());
+    let m = query(&ix, &copy, &["-k", "8"]);
+    assert!(
+        m.iter()
+            .all(|x| !x["path"].as_str().unwrap().ends_with("photo3.png")),
+        "{m:?}"
+    );
+    assert_eq!(m.len(), 7);
+    ok(retrieve()
+        .arg("compact")
+        .arg("-i")
+        .arg(&ix)
+        .output()
+        .unwrap());
+    let info: serde_json::Value = serde_json::from_slice(
+        &ok(retrieve().arg("info").arg("-i").arg(&ix).output().unwrap()).stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            info["items"].as_u64(),
+            info["deleted"].as_u64(),
+            info["vectors"].as_u64()
+        ),
+        (Some(7), Some(0), Some(42))
+    );
+    let m = query(&ix, &photos[6], &["-k", "1"]);
+    assert!(m[0]["path"].as_str().unwrap().ends_with("photo6.png"));
+
+    // a half-built generation (interrupted run) does not disturb the live one, and is swept
+    std::fs::create_dir_all(ix.join("gen-999999")).unwrap();
+    std::fs::write(ix.join("gen-999999/vectors.f32"), b"junk").unwrap();
+    let m = query(&ix, &photos[6], &["-k", "1"]);
+    assert!(m[0]["path"].as_str().unwrap().ends_with("photo6.png"));
+    ok(retrieve()
+        .arg("index")
+        .arg("-i")
+        .arg(&ix)
+        .arg(&photos[3])
+        .output()
+        .unwrap());
+    assert!(!ix.join("gen-999999").exists());
+
+    // another model's vectors are refused
+    let other = d.path().join("other.onnx");
+    ok(Command::new(env!("CARGO_BIN_EXE_ehm-train"))
+        .args(["init", "--model"])
+        .arg(d.path().join("micro.toml"))
+        .arg("-o")
+        .arg(d.path().join("init"))
+        .output()
+        .unwrap());
+    export_embed(&d.path().join("init"), &other);
+    let o = retrieve()
+        .arg("index")
+        .arg("-i")
+        .arg(&ix)
+        .arg("-m")
+        .arg(&other)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("another model") && e.lines().count() == 1, "{e}");
+
+    // a truncated vector file and a foreign index.json are clear errors
+    let gen = std::fs::read_to_string(ix.join("CURRENT")).unwrap();
+    let vec_file = ix.join(gen.trim()).join("vectors.f32");
+    let bytes = std::fs::read(&vec_file).unwrap();
+    std::fs::write(&vec_file, &bytes[..bytes.len() / 2]).unwrap();
+    let o = retrieve()
+        .arg("query")
+        .arg("-i")
+        .arg(&ix)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("vectors.f32") && e.contains("checksum") && e.lines().count() == 1,
+        "{e}"
+    );
+    std::fs::write(ix.join(gen.trim()).join("index.json"), b"{\"hello\": 1}").unwrap();
+    let o = retrieve()
+        .arg("query")
+        .arg("-i")
+        .arg(&ix)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not an ehm index"));
+    let o = retrieve()
+        .arg("query")
+        .arg("-i")
+        .arg(d.path().join("nowhere"))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn phash_index_and_dedup_report() {
+    let d = tempfile::tempdir().unwrap();
+    let photos = write_images(&d.path().join("photos"), 6);
+    // two near-copies of photo 1 inside the collection: recompressed, and resized
+    let img = image::open(&photos[1]).unwrap().to_rgb8();
+    let mut jpg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 30)
+        .encode_image(&img)
+        .unwrap();
+    std::fs::write(d.path().join("photos/dup_jpeg.jpg"), jpg).unwrap();
+    image::imageops::resize(&img, 150, 125, image::imageops::FilterType::Triangle)
+        .save(d.path().join("photos/dup_big.png"))
+        .unwrap();
+    let ix = d.path().join("ph");
+    ok(retrieve()
+        .arg("index")
+        .arg("-i")
+        .arg(&ix)
+        .args(["--descriptor", "phash", "--regions", "none"])
+        .arg(d.path().join("photos"))
+        .output()
+        .unwrap());
+    let m = query(&ix, &photos[4], &["-k", "1"]);
+    assert!(m[0]["path"].as_str().unwrap().ends_with("photo4.png"));
+    assert!((m[0]["score"].as_f64().unwrap() - 1.0).abs() < 1e-6);
+    let report = d.path().join("dups.html");
+    let o = ok(retrieve()
+        .arg("dedup")
+        .arg("-i")
+        .arg(&ix)
+        .args(["--threshold", "0.8", "--format", "jsonl", "--report"])
+        .arg(&report)
+        .output()
+        .unwrap());
+    let groups: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    let names: Vec<String> = groups[0]["group"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["path"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names.len(), 3);
+    for n in ["photo1.png", "dup_jpeg.jpg", "dup_big.png"] {
+        assert!(names.contains(&n.to_string()), "{names:?}");
+    }
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(html.matches("data:image/jpeg;base64,").count(), 3);
+    // a query image that is not there: reported, exit 1
+    let o = retrieve()
+        .arg("query")
+        .arg("-i")
+        .arg(&ix)
+        .arg(d.path().join("missing.png"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+}
