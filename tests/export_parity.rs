@@ -6,7 +6,7 @@ use ehm::checkpoint::CheckpointConfig;
 use ehm::contract::ModelContract;
 use ehm::data::{self, Dataset};
 use ehm::infer::OrtModel;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use tch::{nn, Device, Kind, Tensor};
 

@@ -3,7 +3,6 @@
 mod common;
 use ehm::contract::ModelContract;
 use ehm::infer::OrtModel;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
 

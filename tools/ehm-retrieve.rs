@@ -106,6 +106,29 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Build the partial-duplicate benchmark from the registry photos (attacked copies + ground truth)
+    MakeBench {
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Photos that get attacked copies (the rest are distractors)
+        #[arg(long, default_value_t = 100)]
+        originals: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Score an index (built over the benchmark's database.txt) on the benchmark's queries
+    Eval {
+        #[command(flatten)]
+        c: Common,
+        #[arg(long)]
+        bench: PathBuf,
+        #[arg(long, short)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        ef: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// What the index holds
     Info {
         #[command(flatten)]
@@ -241,6 +264,44 @@ fn run(cli: Cli) -> ehm::Result<usize> {
                 let html = retrieval::report::dedup_html(&c.index.display().to_string(), threshold, &groups);
                 ehm::fsutil::write_atomic(&r, html.as_bytes())?;
                 eprintln!("report: {}", r.display());
+            }
+            Ok(0)
+        }
+        Cmd::MakeBench { out: dir, originals, seed } => {
+            let cache = ehm::fsutil::cache_dir();
+            let photos = ehm::data::photos::collect(&cache)?;
+            let stamps = cache.join("data/tuxpaint-stamps-default/usr/share/tuxpaint/stamps");
+            let s = retrieval::bench::make_bench(&photos, &stamps, &dir, originals, seed)?;
+            writeln!(
+                out,
+                "wrote {} queries ({} originals × {} attack families) to {}; database: {} photos listed in {}",
+                s.queries,
+                s.originals,
+                retrieval::bench::FAMILIES.len(),
+                dir.join("queries").display(),
+                s.database,
+                dir.join("database.txt").display()
+            )
+            .map_err(out_err)?;
+            Ok(0)
+        }
+        Cmd::Eval { c, bench, model, ef, json } => {
+            let ix = Index::open(&c.index)?;
+            let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
+            let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), c.threads, ef)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&r).unwrap()).map_err(out_err)?;
+            } else {
+                writeln!(out, "{:<12} {:>7} {:>7} {:>7} {:>7}", "family", "queries", "mAP", "R@1", "R@10").map_err(out_err)?;
+                for (f, s) in r.per_family.iter().chain(std::iter::once((&"overall".to_string(), &r.overall))) {
+                    writeln!(out, "{f:<12} {:>7} {:>7.3} {:>7.3} {:>7.3}", s.queries, s.map, s.recall_at_1, s.recall_at_10).map_err(out_err)?;
+                }
+                writeln!(
+                    out,
+                    "µAP {:.3}; HNSW recall@10 vs exact {:.4}; query latency p50 {:.2} ms, p99 {:.2} ms",
+                    r.micro_ap, r.hnsw_recall_at_10, r.query_ms_p50, r.query_ms_p99
+                )
+                .map_err(out_err)?;
             }
             Ok(0)
         }

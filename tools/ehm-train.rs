@@ -44,6 +44,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write images of a data set as PNG files named NNNNN_<class>.png (e.g. to try the tools)
+    DumpImages {
+        /// fashion-mnist:train|test, cifar:DIR[:split], folder:DIR or photos
+        #[arg(long, default_value = "fashion-mnist:test")]
+        data: String,
+        /// A fixed seeded subset of this many images (0 = all)
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Build the segmentation data set: Tux Paint objects pasted onto registry photos
     MakeSegdata {
         #[arg(long, short)]
@@ -566,6 +577,20 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     Ok(())
 }
 
+fn dump_images(spec: &str, limit: usize, out: &std::path::Path) -> ehm::Result<()> {
+    let ds = ehm::data::subset(spec.parse::<ehm::data::DataSpec>()?.open()?, limit, 0);
+    for i in 0..ds.len() {
+        let class = ds
+            .label(i)
+            .map(|l| ds.classes()[l].replace(['/', ' '], "-"))
+            .unwrap_or_else(|| "unlabelled".into());
+        let p = out.join(format!("{i:05}_{class}.png"));
+        ehm::fsutil::write_png_atomic(&p, &ds.image(i)?)?;
+    }
+    println!("wrote {} images of {spec} to {}", ds.len(), out.display());
+    Ok(())
+}
+
 fn make_segdata(
     out: PathBuf,
     train: usize,
@@ -641,6 +666,7 @@ fn main() -> ExitCode {
             .and_then(|e| ehm::train::pretrain::write_initial_checkpoint(&e, &out))
             .map(|p| println!("wrote {}", p.display())),
         Cmd::Probe(a) => probe(a),
+        Cmd::DumpImages { data, limit, out } => dump_images(&data, limit, &out),
         Cmd::MakeSegdata { out, train, val, size, max_objects, seed } => make_segdata(out, train, val, size, max_objects, seed),
         Cmd::Knn { checkpoint, data, k, temperature, json } => {
             ehm::train::probe::knn(&checkpoint, &data.train, &data.test, (data.train_limit, data.test_limit), data.pool, k.max(1), temperature).map(|(acc, ntr, nte)| {

@@ -292,12 +292,30 @@ impl Index {
         let mut io = HnswIo::new(&gen, GRAPH);
         let graph: Hnsw<f32, DotDistance> = io.load_hnsw().map_err(|e| {
             Error::bad_file(
-                &gen.join("graph.hnsw.graph"),
+                gen.join("graph.hnsw.graph"),
                 format!("cannot load the HNSW graph ({e})"),
             )
         })?;
         Ok(f(Some(&graph)))
     }
+}
+
+/// An HNSW graph over the rows of `vectors` (`dim` each; data id = row), built in parallel.
+pub fn build_hnsw<'a>(
+    vectors: &'a [f32],
+    dim: usize,
+    p: &HnswParams,
+) -> Hnsw<'a, f32, DotDistance> {
+    let n = (vectors.len() / dim.max(1)).max(1);
+    // hnsw_rs dumps only graphs built with its full layer count
+    let h = Hnsw::new(p.m, n, HNSW_LAYERS, p.ef_construction, DotDistance);
+    let data: Vec<(&[f32], usize)> = vectors
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(r, v)| (v, r))
+        .collect();
+    h.parallel_insert_slice(&data);
+    h
 }
 
 /// Remove generation folders other than `keep` (left by earlier or interrupted runs).

@@ -1,6 +1,7 @@
 //! Partial-duplicate image search: descriptors (embed model or pHash, with regional views), an
 //! on-disk HNSW index with incremental adds, tombstones and compaction, queries aggregated per
 //! image (best view), duplicate groups, and the HTML report.
+pub mod bench;
 pub mod descriptor;
 pub mod index;
 pub mod report;

@@ -272,7 +272,7 @@ pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
     let classes = read_classes(&o.data, train.max_label().max(val.max_label()))?;
     if classes.len() < 2 || classes.len() > 255 {
         return Err(Error::bad_file(
-            &o.data.join("classes.json"),
+            o.data.join("classes.json"),
             format!("need 2–255 classes, found {}", classes.len()),
         ));
     }

@@ -96,7 +96,7 @@ impl BackboneWeights {
                     vit.patch_size
                 )));
             }
-            let (g, d) = (vit.grid() as usize, vit.embed_dim as usize);
+            let (g, d) = (vit.grid(), vit.embed_dim as usize);
             let pos = tensors
                 .get("pos_embed")
                 .ok_or_else(|| Error::bad_file(&cfg.weights, "missing tensor pos_embed"))?;

@@ -1,0 +1,97 @@
+//! HNSW speed and recall: our index's graph (hnsw_rs + the clamped dot distance, built exactly as
+//! `ehm-retrieve index` builds it) on clustered unit vectors; prints one JSON line with build
+//! time, single-thread queries/s and recall@10 against exact search. `benches/hnsw_speed.sh`
+//! runs it next to Python hnswlib on the same vectors (written to the file given as argument).
+//! `cargo bench --bench hnsw -- OUT.f32 [N] [DIM] [QUERIES] [M] [EF_CONSTRUCTION] [EF…]`
+use ehm::retrieval::index::{build_hnsw, dot, HnswParams};
+use rand::{Rng, SeedableRng};
+use std::io::Write;
+
+fn unit(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= n);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let out = args
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "target/hnsw_vectors.f32".into());
+    let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (n, dim, nq, m, efc) = (
+        num(1, 50_000),
+        num(2, 384),
+        num(3, 1000),
+        num(4, 16),
+        num(5, 200),
+    );
+    let efs: Vec<usize> = if args.len() > 6 {
+        args[6..].iter().filter_map(|s| s.parse().ok()).collect()
+    } else {
+        vec![16, 32, 64, 128]
+    };
+    // clustered data: 500 centres, points = centre + noise, unit length (like image embeddings)
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let centres: Vec<Vec<f32>> = (0..500)
+        .map(|_| (0..dim).map(|_| r.random::<f32>() - 0.5).collect())
+        .collect();
+    let draw = |r: &mut rand_chacha::ChaCha8Rng| {
+        let c = &centres[r.random_range(0..centres.len())];
+        let mut v: Vec<f32> = c
+            .iter()
+            .map(|x| x + 0.35 * (r.random::<f32>() - 0.5))
+            .collect();
+        unit(&mut v);
+        v
+    };
+    let data: Vec<f32> = (0..n).flat_map(|_| draw(&mut r)).collect();
+    let queries: Vec<f32> = (0..nq).flat_map(|_| draw(&mut r)).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&out).unwrap());
+    for v in data.iter().chain(&queries) {
+        f.write_all(&v.to_le_bytes()).unwrap();
+    }
+    drop(f);
+    // exact top-10
+    let truth: Vec<Vec<usize>> = queries
+        .chunks(dim)
+        .map(|q| {
+            let mut s: Vec<(f32, usize)> = data
+                .chunks(dim)
+                .enumerate()
+                .map(|(i, v)| (dot(q, v), i))
+                .collect();
+            s.select_nth_unstable_by(10, |a, b| b.0.total_cmp(&a.0));
+            s[..10].iter().map(|x| x.1).collect()
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let h = build_hnsw(
+        &data,
+        dim,
+        &HnswParams {
+            m,
+            ef_construction: efc,
+            ef_search: 64,
+        },
+    );
+    let build_s = t0.elapsed().as_secs_f64();
+    for ef in efs {
+        let t0 = std::time::Instant::now();
+        let mut hit = 0;
+        for (q, t) in queries.chunks(dim).zip(&truth) {
+            let res = h.search(q, 10, ef);
+            hit += res.iter().filter(|nb| t.contains(&nb.d_id)).count();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"impl": "ehm (hnsw_rs)", "n": n, "dim": dim, "m": m, "ef_construction": efc,
+                "build_s": build_s, "threads_build": rayon::current_num_threads(), "ef": ef,
+                "queries_per_s": nq as f64 / secs, "recall_at_10": hit as f64 / (10 * nq) as f64})
+        );
+    }
+}

@@ -1,0 +1,559 @@
+//! A Copydays-style partial-duplicate benchmark built from the registry photos: some photos are
+//! originals, every other photo is a distractor, and each original gets one attacked copy per
+//! attack family (crops, rotations, flips, JPEG, blur, colour jitter, grayscale, text and object
+//! overlays, borders, and 'strong' combinations). The database is the whole photo collection;
+//! the queries are the copies. Evaluation: AP per query (one relevant image: 1/rank), mAP per
+//! family and overall, recall@1/@10, and µAP over all (query, match) pairs as DISC21 scores it.
+use super::{Match, Searcher};
+use crate::data::image_io::load_rgb;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::write_atomic;
+use image::{Rgb, RgbImage, RgbaImage};
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FAMILIES: &[&str] = &[
+    "crop",
+    "rotate90",
+    "rotate_free",
+    "flip",
+    "jpeg",
+    "blur",
+    "jitter",
+    "gray",
+    "text",
+    "object",
+    "border",
+    "strong",
+];
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroundTruth {
+    pub query: PathBuf,
+    pub family: String,
+    /// What was done, e.g. "crop 23% area".
+    pub attack: String,
+    pub original: PathBuf,
+}
+
+/// Bilinear sample with a fill colour outside.
+fn sample(img: &RgbImage, x: f32, y: f32, fill: [u8; 3]) -> [u8; 3] {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let (x0, y0) = (x.floor() as i64, y.floor() as i64);
+    let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+    let px = |xx: i64, yy: i64| {
+        if xx < 0 || yy < 0 || xx >= w || yy >= h {
+            fill
+        } else {
+            img.get_pixel(xx as u32, yy as u32).0
+        }
+    };
+    let (a, b, c, d) = (
+        px(x0, y0),
+        px(x0 + 1, y0),
+        px(x0, y0 + 1),
+        px(x0 + 1, y0 + 1),
+    );
+    std::array::from_fn(|i| {
+        let top = a[i] as f32 * (1.0 - fx) + b[i] as f32 * fx;
+        let bot = c[i] as f32 * (1.0 - fx) + d[i] as f32 * fx;
+        (top * (1.0 - fy) + bot * fy).round() as u8
+    })
+}
+
+/// Rotate by `deg` about the centre, same canvas size, corners filled black.
+fn rotate_free(img: &RgbImage, deg: f32) -> RgbImage {
+    let (s, c) = deg.to_radians().sin_cos();
+    let (cx, cy) = (img.width() as f32 / 2.0, img.height() as f32 / 2.0);
+    RgbImage::from_fn(img.width(), img.height(), |x, y| {
+        let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+        Rgb(sample(
+            img,
+            c * dx + s * dy + cx - 0.5,
+            -s * dx + c * dy + cy - 0.5,
+            [0, 0, 0],
+        ))
+    })
+}
+
+fn jpeg(img: &RgbImage, q: u8) -> RgbImage {
+    let mut b = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut b, q)
+        .encode_image(img)
+        .unwrap();
+    image::load_from_memory(&b).unwrap().to_rgb8()
+}
+
+fn crop_area(img: &RgbImage, area: f32, r: &mut ChaCha8Rng) -> RgbImage {
+    let aspect: f32 = r.random_range(0.75..1.33);
+    let (w, h) = (img.width() as f32, img.height() as f32);
+    let cw = (w * (area * aspect).sqrt()).clamp(8.0, w) as u32;
+    let ch = (h * (area / aspect).sqrt()).clamp(8.0, h) as u32;
+    let x = r.random_range(0..=img.width() - cw);
+    let y = r.random_range(0..=img.height() - ch);
+    image::imageops::crop_imm(img, x, y, cw, ch).to_image()
+}
+
+fn jitter(img: &RgbImage, r: &mut ChaCha8Rng) -> RgbImage {
+    let b = image::imageops::colorops::brighten(img, r.random_range(-50..50));
+    let c = image::imageops::colorops::contrast(&b, r.random_range(-30.0..40.0));
+    image::imageops::colorops::huerotate(&c, r.random_range(-60..60))
+}
+
+fn overlay_text(img: &mut RgbImage, r: &mut ChaCha8Rng) {
+    const WORDS: &[&str] = &[
+        "SALE",
+        "copy",
+        "meme",
+        "LOL",
+        "news",
+        "2026",
+        "look!",
+        "share",
+        "watermark",
+        "ehm",
+    ];
+    let scale = (img.width().min(img.height()) / 120).max(1) * r.random_range(1..3);
+    for _ in 0..r.random_range(1..4) {
+        let text: Vec<&str> = (0..r.random_range(1..4))
+            .map(|_| *WORDS.choose(r).unwrap())
+            .collect();
+        let text = text.join(" ");
+        let x = r.random_range(0..img.width().max(2) / 2) as i64;
+        let y = r.random_range(0..img.height().max(2)) as i64;
+        let col = [r.random(), r.random(), r.random()];
+        crate::picture::draw_text(img, x, y, &text, col, scale);
+    }
+}
+
+fn overlay_object(img: &mut RgbImage, obj: &RgbaImage, r: &mut ChaCha8Rng) {
+    let side = img.width().min(img.height()) as f32 * r.random_range(0.25..0.5);
+    let s = side / obj.width().max(obj.height()) as f32;
+    let o = image::imageops::resize(
+        obj,
+        (obj.width() as f32 * s).max(1.0) as u32,
+        (obj.height() as f32 * s).max(1.0) as u32,
+        image::imageops::FilterType::Triangle,
+    );
+    let x = r.random_range(0..=img.width().saturating_sub(o.width())) as i64;
+    let y = r.random_range(0..=img.height().saturating_sub(o.height())) as i64;
+    // alpha-composite the object
+    for (ox, oy, p) in o.enumerate_pixels() {
+        let (tx, ty) = (x as u32 + ox, y as u32 + oy);
+        if tx < img.width() && ty < img.height() {
+            let a = p.0[3] as f32 / 255.0;
+            let b = img.get_pixel(tx, ty).0;
+            img.put_pixel(
+                tx,
+                ty,
+                Rgb(std::array::from_fn(|i| {
+                    (p.0[i] as f32 * a + b[i] as f32 * (1.0 - a)).round() as u8
+                })),
+            );
+        }
+    }
+}
+
+fn border(img: &RgbImage, r: &mut ChaCha8Rng) -> RgbImage {
+    let f = r.random_range(0.1..0.3);
+    let (bw, bh) = (
+        (img.width() as f32 * f) as u32,
+        (img.height() as f32 * f) as u32,
+    );
+    let bar = if r.random_bool(0.5) {
+        img.height() / 10
+    } else {
+        0
+    }; // a title bar, screenshot-like
+    let col: [u8; 3] = if r.random_bool(0.5) {
+        [255, 255, 255]
+    } else {
+        [r.random(), r.random(), r.random()]
+    };
+    let mut out = RgbImage::from_pixel(img.width() + 2 * bw, img.height() + 2 * bh + bar, Rgb(col));
+    for x in 0..out.width() {
+        for y in 0..bar {
+            out.put_pixel(x, y, Rgb([60, 60, 70]));
+        }
+    }
+    image::imageops::overlay(&mut out, img, bw as i64, (bh + bar) as i64);
+    out
+}
+
+/// One attacked copy of `img` for `family`, with a description.
+pub fn attack(
+    img: &RgbImage,
+    family: &str,
+    objects: &[RgbaImage],
+    r: &mut ChaCha8Rng,
+) -> (RgbImage, String) {
+    match family {
+        "crop" => {
+            let a = r.random_range(0.1..0.8);
+            (crop_area(img, a, r), format!("crop {:.0}% area", a * 100.0))
+        }
+        "rotate90" => match r.random_range(0..3) {
+            0 => (image::imageops::rotate90(img), "rotate 90°".into()),
+            1 => (image::imageops::rotate180(img), "rotate 180°".into()),
+            _ => (image::imageops::rotate270(img), "rotate 270°".into()),
+        },
+        "rotate_free" => {
+            let d = r.random_range(10.0..35.0) * if r.random_bool(0.5) { 1.0 } else { -1.0 };
+            (rotate_free(img, d), format!("rotate {d:.0}°"))
+        }
+        "flip" => (
+            image::imageops::flip_horizontal(img),
+            "horizontal flip".into(),
+        ),
+        "jpeg" => {
+            let q = r.random_range(3..=75);
+            (jpeg(img, q), format!("JPEG quality {q}"))
+        }
+        "blur" => {
+            let s = r.random_range(1.5..5.0) * img.width().max(img.height()) as f32 / 512.0;
+            (
+                image::imageops::blur(img, s),
+                format!("gaussian blur σ={s:.1}"),
+            )
+        }
+        "jitter" => (jitter(img, r), "brightness/contrast/hue".into()),
+        "gray" => (
+            image::DynamicImage::ImageLuma8(image::imageops::grayscale(img)).to_rgb8(),
+            "grayscale".into(),
+        ),
+        "text" => {
+            let mut c = img.clone();
+            overlay_text(&mut c, r);
+            (c, "text overlay".into())
+        }
+        "object" => {
+            let mut c = img.clone();
+            for _ in 0..r.random_range(1..3) {
+                overlay_object(&mut c, objects.choose(r).expect("stamps"), r);
+            }
+            (c, "object overlay".into())
+        }
+        "border" => (border(img, r), "border / screenshot frame".into()),
+        _ => {
+            // strong: crop + one geometric + overlay + photometric + heavy JPEG
+            let a = r.random_range(0.3..0.7);
+            let mut c = crop_area(img, a, r);
+            if r.random_bool(0.5) {
+                c = image::imageops::flip_horizontal(&c);
+            }
+            overlay_text(&mut c, r);
+            let c = jitter(&c, r);
+            let q = r.random_range(10..40);
+            (
+                jpeg(&c, q),
+                format!("crop {:.0}% + flip? + text + jitter + JPEG {q}", a * 100.0),
+            )
+        }
+    }
+}
+
+/// Shrink so the longer side is at most `max` pixels (queries are web-sized copies).
+fn fit(img: RgbImage, max: u32) -> RgbImage {
+    let m = img.width().max(img.height());
+    if m <= max {
+        return img;
+    }
+    let s = max as f32 / m as f32;
+    image::imageops::resize(
+        &img,
+        ((img.width() as f32 * s) as u32).max(1),
+        ((img.height() as f32 * s) as u32).max(1),
+        image::imageops::FilterType::Triangle,
+    )
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchSummary {
+    pub out: PathBuf,
+    pub database: usize,
+    pub originals: usize,
+    pub queries: usize,
+}
+
+/// Build the benchmark in `out`: `database.txt` (every photo), `queries/<family>/NNN.jpg`,
+/// `ground_truth.jsonl`. `.complete` is written last.
+pub fn make_bench(
+    photos: &Path,
+    stamps: &Path,
+    out: &Path,
+    originals: usize,
+    seed: u64,
+) -> Result<BenchSummary> {
+    let db = crate::data::folder::list_images(photos)?;
+    if db.len() < originals + 10 {
+        return Err(Error::MissingData(format!(
+            "{}: {} photos, need more than {originals}",
+            photos.display(),
+            db.len()
+        )));
+    }
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let mut order = db.clone();
+    order.shuffle(&mut r);
+    let orig: Vec<PathBuf> = order[..originals].to_vec();
+    let mut stamp_paths: Vec<PathBuf> = crate::data::folder::list_images(stamps)?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    stamp_paths.shuffle(&mut r);
+    let objects: Vec<RgbaImage> = stamp_paths
+        .iter()
+        .take(60)
+        .filter_map(|p| image::open(p).ok().map(|i| i.to_rgba8()))
+        .collect();
+    if objects.is_empty() {
+        return Err(Error::MissingData(format!(
+            "{}: no Tux Paint stamps (run tools/setup.sh data)",
+            stamps.display()
+        )));
+    }
+    std::fs::create_dir_all(out).at(out)?;
+    let truth: Vec<GroundTruth> = orig
+        .par_iter()
+        .enumerate()
+        .map(|(i, p)| -> Result<Vec<GroundTruth>> {
+            let img = load_rgb(p)?;
+            let mut v = Vec::new();
+            for (f, fam) in FAMILIES.iter().enumerate() {
+                let mut rr = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9);
+                rr.set_stream((i * 64 + f) as u64);
+                let (a, what) = attack(&img, fam, &objects, &mut rr);
+                let a = fit(a, 512);
+                let q = out.join("queries").join(fam).join(format!("{i:04}.jpg"));
+                let mut b = Vec::new();
+                image::codecs::jpeg::JpegEncoder::new_with_quality(
+                    &mut b,
+                    if *fam == "jpeg" || *fam == "strong" {
+                        100
+                    } else {
+                        90
+                    },
+                )
+                .encode_image(&a)
+                .map_err(|e| Error::Other(e.to_string()))?;
+                write_atomic(&q, &b)?;
+                v.push(GroundTruth {
+                    query: q,
+                    family: fam.to_string(),
+                    attack: what,
+                    original: p.clone(),
+                });
+            }
+            Ok(v)
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let gt: String = truth
+        .iter()
+        .map(|t| serde_json::to_string(t).unwrap() + "\n")
+        .collect();
+    write_atomic(&out.join("ground_truth.jsonl"), gt.as_bytes())?;
+    let dbl: String = db.iter().map(|p| format!("{}\n", p.display())).collect();
+    write_atomic(&out.join("database.txt"), dbl.as_bytes())?;
+    write_atomic(&out.join(".complete"), b"ok")?;
+    Ok(BenchSummary {
+        out: out.to_path_buf(),
+        database: db.len(),
+        originals,
+        queries: truth.len(),
+    })
+}
+
+pub fn read_truth(bench: &Path) -> Result<Vec<GroundTruth>> {
+    let p = bench.join("ground_truth.jsonl");
+    std::fs::read_to_string(&p)
+        .at(&p)?
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| Error::bad_file(&p, e.to_string())))
+        .collect()
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Scores {
+    pub queries: usize,
+    pub map: f64,
+    pub recall_at_1: f64,
+    pub recall_at_10: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub overall: Scores,
+    pub micro_ap: f64,
+    pub per_family: BTreeMap<String, Scores>,
+    /// HNSW vs exact search: mean overlap of the top-10 image lists.
+    pub hnsw_recall_at_10: f64,
+    pub query_ms_p50: f64,
+    pub query_ms_p99: f64,
+}
+
+/// Score ranked results against the ground truth. `results[i]` are the matches for `truth[i]`.
+pub fn score(
+    truth: &[GroundTruth],
+    results: &[Vec<Match>],
+) -> (Scores, f64, BTreeMap<String, Scores>) {
+    let mut fam: BTreeMap<String, Vec<(f64, bool, bool)>> = BTreeMap::new();
+    let mut pairs: Vec<(f32, bool)> = Vec::new();
+    for (t, res) in truth.iter().zip(results) {
+        let orig = super::canonical(&t.original);
+        let rank = res.iter().position(|m| m.path == orig);
+        let ap = rank.map_or(0.0, |r| 1.0 / (r + 1) as f64);
+        fam.entry(t.family.clone()).or_default().push((
+            ap,
+            rank == Some(0),
+            rank.is_some_and(|r| r < 10),
+        ));
+        for m in res.iter().take(10) {
+            pairs.push((m.score, m.path == orig));
+        }
+    }
+    let agg = |v: &[(f64, bool, bool)]| Scores {
+        queries: v.len(),
+        map: v.iter().map(|x| x.0).sum::<f64>() / v.len().max(1) as f64,
+        recall_at_1: v.iter().filter(|x| x.1).count() as f64 / v.len().max(1) as f64,
+        recall_at_10: v.iter().filter(|x| x.2).count() as f64 / v.len().max(1) as f64,
+    };
+    let all: Vec<_> = fam.values().flatten().copied().collect();
+    // µAP: all (query, match) pairs ranked by score; positives = one per query
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut tp, mut ap) = (0usize, 0f64);
+    for (i, (_, hit)) in pairs.iter().enumerate() {
+        if *hit {
+            tp += 1;
+            ap += tp as f64 / (i + 1) as f64;
+        }
+    }
+    let micro = ap / truth.len().max(1) as f64;
+    (
+        agg(&all),
+        micro,
+        fam.iter().map(|(k, v)| (k.clone(), agg(v))).collect(),
+    )
+}
+
+/// Run every query of the benchmark against the index at `root` and score it.
+pub fn evaluate(
+    root: &Path,
+    bench: &Path,
+    model: Option<&Path>,
+    threads: usize,
+    ef: usize,
+) -> Result<EvalReport> {
+    let truth = read_truth(bench)?;
+    let ix = super::index::Index::open(root)?;
+    let mut d = super::describer_for(&ix, model, threads)?;
+    let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
+    let mut vecs: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
+    d.describe(&paths, &[crate::pipeline::FULL], 32, threads, true, |r| {
+        vecs.push(r.ok().map(|x| x.vectors));
+        Ok(())
+    })?;
+    let s = Searcher::new(&ix);
+    let (results, times, recall) = ix.with_graph(root, |g| {
+        let mut results = Vec::with_capacity(vecs.len());
+        let mut times = Vec::with_capacity(vecs.len());
+        let mut overlap = 0f64;
+        for v in &vecs {
+            let Some(v) = v else {
+                results.push(vec![]);
+                continue;
+            };
+            let t0 = std::time::Instant::now();
+            let m = s.search(g, v, 100, ef, -1.0);
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            let exact = s.exact(v, 10, -1.0);
+            let top: std::collections::HashSet<u64> = m.iter().take(10).map(|x| x.id).collect();
+            overlap += exact.iter().filter(|x| top.contains(&x.id)).count() as f64
+                / exact.len().max(1) as f64;
+            results.push(m);
+        }
+        (
+            results,
+            times,
+            overlap / vecs.iter().flatten().count().max(1) as f64,
+        )
+    })?;
+    let (overall, micro_ap, per_family) = score(&truth, &results);
+    let mut t = times;
+    t.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        t.get(((t.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(EvalReport {
+        overall,
+        micro_ap,
+        per_family,
+        hnsw_recall_at_10: recall,
+        query_ms_p50: pct(0.5),
+        query_ms_p99: pct(0.99),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(p: &str, s: f32) -> Match {
+        Match {
+            path: PathBuf::from(p),
+            score: s,
+            id: 0,
+        }
+    }
+
+    #[test]
+    fn scores_on_hand_made_rankings() {
+        let t = |q: &str, f: &str, o: &str| GroundTruth {
+            query: q.into(),
+            family: f.into(),
+            attack: String::new(),
+            original: o.into(),
+        };
+        let truth = vec![
+            t("q1", "crop", "/nope/a"),
+            t("q2", "crop", "/nope/b"),
+            t("q3", "jpeg", "/nope/c"),
+        ];
+        let res = vec![
+            vec![m("/nope/a", 0.9), m("/nope/x", 0.5)], // rank 1
+            vec![m("/nope/y", 0.8), m("/nope/b", 0.7)], // rank 2
+            vec![m("/nope/z", 0.95)],                   // missed
+        ];
+        let (all, micro, fam) = score(&truth, &res);
+        assert!((all.map - (1.0 + 0.5 + 0.0) / 3.0).abs() < 1e-9);
+        assert!((all.recall_at_1 - 1.0 / 3.0).abs() < 1e-9);
+        assert!((all.recall_at_10 - 2.0 / 3.0).abs() < 1e-9);
+        assert!((fam["crop"].map - 0.75).abs() < 1e-9 && fam["jpeg"].map == 0.0);
+        // pairs by score: z(0.95,-) a(0.9,+) y(0.8,-) b(0.7,+) x(0.5,-): AP = (1/2 + 2/4) / 3
+        assert!((micro - (0.5 + 0.5) / 3.0).abs() < 1e-9, "{micro}");
+    }
+
+    #[test]
+    fn attacks_produce_images_of_every_family() {
+        let img = RgbImage::from_fn(200, 150, |x, y| Rgb([x as u8, y as u8, 100]));
+        let obj = RgbaImage::from_pixel(30, 30, image::Rgba([255, 0, 0, 200]));
+        let mut r = ChaCha8Rng::seed_from_u64(1);
+        for f in FAMILIES {
+            let (a, what) = attack(&img, f, std::slice::from_ref(&obj), &mut r);
+            assert!(a.width() >= 8 && a.height() >= 8 && !what.is_empty(), "{f}");
+            if !["crop", "rotate90", "border", "strong"].contains(f) {
+                assert_eq!(a.dimensions(), img.dimensions(), "{f}");
+                assert_ne!(a, img, "{f} changed nothing");
+            }
+        }
+    }
+}
