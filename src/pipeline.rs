@@ -236,6 +236,25 @@ pub fn crop_view(img: &RgbImage, v: &View) -> RgbImage {
     image::imageops::crop_imm(img, x, y, cw, ch).to_image()
 }
 
+/// Make a write to a closed stdout end the process with status 0 instead of an error message
+/// (Rust ignores SIGPIPE, so `tool | head` would otherwise report "Broken pipe").
+pub fn exit_quietly_on_broken_pipe() {
+    BROKEN_PIPE_EXITS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+static BROKEN_PIPE_EXITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The error for a failed write to stdout; a closed pipe ends the process quietly (status 0)
+/// when the tool asked for it.
+pub fn stdout_error(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe
+        && BROKEN_PIPE_EXITS.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        std::process::exit(0);
+    }
+    Error::Other(format!("writing output: {e}"))
+}
+
 /// Softmax of one row of logits.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -66,7 +66,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
     let k = cli.top_k.clamp(1, labels.len().max(1));
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let io = |e: std::io::Error| ehm::Error::Other(format!("writing output: {e}"));
+    let io = ehm::pipeline::stdout_error;
     let width = paths
         .iter()
         .map(|p| p.display().to_string().chars().count())
@@ -129,6 +129,8 @@ fn run(cli: Cli) -> ehm::Result<usize> {
 }
 
 fn main() -> ExitCode {
+    // `tool … | head` closes stdout early: stop quietly like other Unix tools
+    ehm::pipeline::exit_quietly_on_broken_pipe();
     match run(Cli::parse()) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(n) => {

@@ -137,7 +137,7 @@ enum Cmd {
 }
 
 fn out_err(e: std::io::Error) -> ehm::Error {
-    ehm::Error::Other(format!("writing output: {e}"))
+    ehm::pipeline::stdout_error(e)
 }
 
 fn run(cli: Cli) -> ehm::Result<usize> {
@@ -274,12 +274,13 @@ fn run(cli: Cli) -> ehm::Result<usize> {
             let s = retrieval::bench::make_bench(&photos, &stamps, &dir, originals, seed)?;
             writeln!(
                 out,
-                "wrote {} queries ({} originals × {} attack families) to {}; database: {} photos listed in {}",
+                "wrote {} queries ({} originals × {} attack families) to {}; database: {} of {} photos (near-duplicates dropped) listed in {}",
                 s.queries,
                 s.originals,
                 retrieval::bench::FAMILIES.len(),
                 dir.join("queries").display(),
                 s.database,
+                s.photos,
                 dir.join("database.txt").display()
             )
             .map_err(out_err)?;
@@ -320,6 +321,8 @@ fn run(cli: Cli) -> ehm::Result<usize> {
 }
 
 fn main() -> ExitCode {
+    // `tool … | head` closes stdout early: stop quietly like other Unix tools
+    ehm::pipeline::exit_quietly_on_broken_pipe();
     match run(Cli::parse()) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(n) => {

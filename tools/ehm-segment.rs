@@ -68,7 +68,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
     let mut used = HashSet::new();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let io = |e: std::io::Error| ehm::Error::Other(format!("writing output: {e}"));
+    let io = ehm::pipeline::stdout_error;
     let opts = RunOptions {
         batch: cli.batch,
         threads: cli.threads,
@@ -135,6 +135,8 @@ fn run(cli: Cli) -> ehm::Result<usize> {
 }
 
 fn main() -> ExitCode {
+    // `tool … | head` closes stdout early: stop quietly like other Unix tools
+    ehm::pipeline::exit_quietly_on_broken_pipe();
     match run(Cli::parse()) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(n) => {

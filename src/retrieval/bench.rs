@@ -272,9 +272,32 @@ fn fit(img: RgbImage, max: u32) -> RgbImage {
     )
 }
 
+/// The photos without near-duplicates of earlier ones (pHash similarity ≥ 0.8, i.e. ≤ 6 of 64
+/// bits differ): the wallpaper packages ship each picture at up to 12 resolutions, and a
+/// database with several copies of an original would make its ground truth ambiguous.
+pub fn unique_photos(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let hashes: Vec<Option<Vec<f32>>> = paths
+        .par_iter()
+        .map(|p| load_rgb(p).ok().map(|i| super::descriptor::phash(&i)))
+        .collect();
+    let mut kept: Vec<usize> = Vec::new();
+    for (i, h) in hashes.iter().enumerate() {
+        let Some(h) = h else { continue };
+        if kept
+            .iter()
+            .all(|&k| super::index::dot(h, hashes[k].as_ref().unwrap()) < 0.8)
+        {
+            kept.push(i);
+        }
+    }
+    kept.into_iter().map(|i| paths[i].clone()).collect()
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchSummary {
     pub out: PathBuf,
+    /// Photos found, and those kept as the database (near-duplicates dropped).
+    pub photos: usize,
     pub database: usize,
     pub originals: usize,
     pub queries: usize,
@@ -289,7 +312,8 @@ pub fn make_bench(
     originals: usize,
     seed: u64,
 ) -> Result<BenchSummary> {
-    let db = crate::data::folder::list_images(photos)?;
+    let all = crate::data::folder::list_images(photos)?;
+    let db = unique_photos(&all);
     if db.len() < originals + 10 {
         return Err(Error::MissingData(format!(
             "{}: {} photos, need more than {originals}",
@@ -365,6 +389,7 @@ pub fn make_bench(
     write_atomic(&out.join(".complete"), b"ok")?;
     Ok(BenchSummary {
         out: out.to_path_buf(),
+        photos: all.len(),
         database: db.len(),
         originals,
         queries: truth.len(),
