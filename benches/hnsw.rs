@@ -79,12 +79,14 @@ fn main() {
         },
     );
     let build_s = t0.elapsed().as_secs_f64();
+    let flat = ehm::retrieval::graph::FlatGraph::from_hnsw(&h, n);
+    let mut scratch = ehm::retrieval::graph::Scratch::new(n);
     for ef in efs {
         let t0 = std::time::Instant::now();
         let mut hit = 0;
         for (q, t) in queries.chunks(dim).zip(&truth) {
-            let res = h.search(q, 10, ef);
-            hit += res.iter().filter(|nb| t.contains(&nb.d_id)).count();
+            let res = flat.search(&data, dim, q, 10, ef, &|_| true, &mut scratch);
+            hit += res.iter().filter(|(r, _)| t.contains(r)).count();
         }
         let secs = t0.elapsed().as_secs_f64();
         println!(

@@ -3,6 +3,7 @@
 //! image (best view), duplicate groups, and the HTML report.
 pub mod bench;
 pub mod descriptor;
+pub mod graph;
 pub mod index;
 pub mod report;
 
@@ -280,6 +281,7 @@ pub struct Searcher<'a> {
     pub ix: &'a Index,
     owners: Vec<u32>,
     alive: Vec<bool>,
+    scratch: std::cell::RefCell<graph::Scratch>,
 }
 
 impl<'a> Searcher<'a> {
@@ -289,7 +291,13 @@ impl<'a> Searcher<'a> {
             .iter()
             .map(|&o| !ix.items[o as usize].deleted)
             .collect();
-        Searcher { ix, owners, alive }
+        let scratch = std::cell::RefCell::new(graph::Scratch::new(ix.meta.vectors));
+        Searcher {
+            ix,
+            owners,
+            alive,
+            scratch,
+        }
     }
 
     fn aggregate(
@@ -324,7 +332,7 @@ impl<'a> Searcher<'a> {
     /// Approximate search through the HNSW graph.
     pub fn search(
         &self,
-        graph: Option<&hnsw_rs::hnsw::Hnsw<f32, index::DotDistance>>,
+        graph: Option<&graph::FlatGraph>,
         q: &[f32],
         k: usize,
         ef: usize,
@@ -333,13 +341,17 @@ impl<'a> Searcher<'a> {
         let Some(g) = graph else { return vec![] };
         let nv = self.ix.meta.views.len().max(1);
         let want = (k * nv * 2 + 8).min(self.ix.meta.vectors);
-        let alive = |id: &usize| self.alive[*id];
-        let hits = g.search_filter(q, want, ef.max(want), Some(&alive));
-        self.aggregate(
-            hits.into_iter().map(|n| (n.d_id, 1.0 - n.distance)),
-            k,
-            threshold,
-        )
+        let keep = |r: usize| self.alive[r];
+        let hits = g.search(
+            &self.ix.vectors,
+            self.ix.meta.dim,
+            q,
+            want,
+            ef.max(want),
+            &keep,
+            &mut self.scratch.borrow_mut(),
+        );
+        self.aggregate(hits.into_iter().map(|(r, d)| (r, 1.0 - d)), k, threshold)
     }
 
     /// Exact search (every vector): the yardstick for HNSW recall.

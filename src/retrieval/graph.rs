@@ -1,0 +1,264 @@
+//! HNSW search over flat arrays. hnsw_rs builds and persists the graph; for queries its
+//! neighbour lists are copied once into CSR arrays (layer 0) and small per-layer maps (upper
+//! layers) and searched here with a reusable visited-stamp array and SIMD dot products —
+//! hnsw_rs's own search goes through an `Arc` and a lock per node visit.
+#[cfg(test)]
+use super::index::dot;
+use super::index::{dot_portable, DotDistance};
+use hnsw_rs::prelude::*;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+/// f32 ordered by `total_cmp`, for the heaps.
+#[derive(Clone, Copy, PartialEq)]
+struct D(f32);
+impl Eq for D {}
+impl PartialOrd for D {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for D {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+pub struct FlatGraph {
+    /// Layer 0: neighbours of row r are `l0[off[r]..off[r + 1]]`.
+    off: Vec<u32>,
+    l0: Vec<u32>,
+    /// Layers 1.. (index 0 = layer 1): row → neighbours.
+    upper: Vec<HashMap<u32, Vec<u32>>>,
+    entry: u32,
+}
+
+/// Per-thread search state (visited stamps), reused across queries.
+pub struct Scratch {
+    stamp: Vec<u32>,
+    gen: u32,
+}
+
+impl Scratch {
+    pub fn new(n: usize) -> Self {
+        Scratch {
+            stamp: vec![0; n],
+            gen: 0,
+        }
+    }
+}
+
+impl FlatGraph {
+    /// Copy the graph of `h` (data ids = vector rows, `n` of them).
+    pub fn from_hnsw(h: &Hnsw<f32, DotDistance>, n: usize) -> Self {
+        let mut lists: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut upper: Vec<HashMap<u32, Vec<u32>>> = Vec::new();
+        let (mut entry, mut top) = (0u32, 0usize);
+        for p in h.get_point_indexation() {
+            let id = p.get_origin_id() as u32;
+            let level = p.get_point_id().0 as usize;
+            if level > top || (level == top && entry == 0) {
+                top = level;
+                entry = id;
+            }
+            for (l, nb) in p.get_neighborhood_id().into_iter().enumerate() {
+                let ids: Vec<u32> = nb.iter().map(|x| x.d_id as u32).collect();
+                if l == 0 {
+                    if (id as usize) < n {
+                        lists[id as usize] = ids;
+                    }
+                } else if !ids.is_empty() || l <= level {
+                    if upper.len() < l {
+                        upper.resize_with(l, HashMap::new);
+                    }
+                    upper[l - 1].insert(id, ids);
+                }
+            }
+        }
+        let mut off = Vec::with_capacity(n + 1);
+        let mut l0 = Vec::new();
+        off.push(0);
+        for l in lists {
+            l0.extend(l);
+            off.push(l0.len() as u32);
+        }
+        upper.truncate(top);
+        FlatGraph {
+            off,
+            l0,
+            upper,
+            entry,
+        }
+    }
+
+    /// The `k` nearest rows to `q` by 1 − dot, exploring `ef` candidates on layer 0; rows
+    /// for which `keep` is false are walked through but not returned. (row, distance), nearest first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn search(
+        &self,
+        vectors: &[f32],
+        dim: usize,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(usize) -> bool,
+        s: &mut Scratch,
+    ) -> Vec<(usize, f32)> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                return unsafe { self.search_avx2(vectors, dim, q, k, ef, keep, s) };
+            }
+        }
+        self.search_body(vectors, dim, q, k, ef, keep, s)
+    }
+
+    /// The search loop compiled for AVX2 + FMA, so the inlined dot products use them.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn search_avx2(
+        &self,
+        vectors: &[f32],
+        dim: usize,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(usize) -> bool,
+        s: &mut Scratch,
+    ) -> Vec<(usize, f32)> {
+        self.search_body(vectors, dim, q, k, ef, keep, s)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn search_body(
+        &self,
+        vectors: &[f32],
+        dim: usize,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(usize) -> bool,
+        s: &mut Scratch,
+    ) -> Vec<(usize, f32)> {
+        if self.off.len() <= 1 {
+            return vec![];
+        }
+        let dist =
+            |r: u32| 1.0 - dot_portable(q, &vectors[r as usize * dim..(r as usize + 1) * dim]);
+        let (mut cur, mut cur_d) = (self.entry, dist(self.entry));
+        for layer in self.upper.iter().rev() {
+            loop {
+                let mut moved = false;
+                if let Some(nb) = layer.get(&cur) {
+                    for &n in nb {
+                        let d = dist(n);
+                        if d < cur_d {
+                            (cur, cur_d, moved) = (n, d, true);
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        s.gen = s.gen.wrapping_add(1);
+        if s.gen == 0 {
+            s.stamp.fill(0);
+            s.gen = 1;
+        }
+        let ef = ef.max(k);
+        let mut cand: BinaryHeap<Reverse<(D, u32)>> = BinaryHeap::new();
+        let mut best: BinaryHeap<(D, u32)> = BinaryHeap::new(); // worst on top, kept rows only
+        let mut frontier_worst = cur_d;
+        s.stamp[cur as usize] = s.gen;
+        cand.push(Reverse((D(cur_d), cur)));
+        if keep(cur as usize) {
+            best.push((D(cur_d), cur));
+        }
+        while let Some(Reverse((D(d), c))) = cand.pop() {
+            if best.len() >= ef && d > frontier_worst {
+                break;
+            }
+            let (a, b) = (
+                self.off[c as usize] as usize,
+                self.off[c as usize + 1] as usize,
+            );
+            for &n in &self.l0[a..b] {
+                if s.stamp[n as usize] == s.gen {
+                    continue;
+                }
+                s.stamp[n as usize] = s.gen;
+                let dn = dist(n);
+                if best.len() < ef || dn < frontier_worst {
+                    cand.push(Reverse((D(dn), n)));
+                    if keep(n as usize) {
+                        best.push((D(dn), n));
+                        if best.len() > ef {
+                            best.pop();
+                        }
+                    }
+                    frontier_worst = best.peek().map_or(f32::INFINITY, |x| x.0 .0);
+                    if best.len() < ef {
+                        frontier_worst = f32::INFINITY;
+                    }
+                }
+            }
+        }
+        let mut out: Vec<(usize, f32)> =
+            best.into_iter().map(|(D(d), r)| (r as usize, d)).collect();
+        out.sort_by(|a, b| a.1.total_cmp(&b.1));
+        out.truncate(k);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retrieval::index::{build_hnsw, HnswParams};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn flat_search_finds_the_exact_neighbours_and_filters() {
+        let (n, dim) = (2000, 32);
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut data: Vec<f32> = (0..n * dim).map(|_| r.random::<f32>() - 0.5).collect();
+        for v in data.chunks_mut(dim) {
+            let s = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= s);
+        }
+        let h = build_hnsw(
+            &data,
+            dim,
+            &HnswParams {
+                m: 16,
+                ef_construction: 100,
+                ef_search: 64,
+            },
+        );
+        let g = FlatGraph::from_hnsw(&h, n);
+        let mut s = Scratch::new(n);
+        let mut hits = 0;
+        for qi in (0..n).step_by(40) {
+            let q = &data[qi * dim..(qi + 1) * dim];
+            let mut exact: Vec<(usize, f32)> = (0..n)
+                .map(|j| (j, 1.0 - dot(q, &data[j * dim..(j + 1) * dim])))
+                .collect();
+            exact.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let got = g.search(&data, dim, q, 10, 64, &|_| true, &mut s);
+            assert_eq!(got[0].0, qi, "a stored vector finds itself");
+            hits += got
+                .iter()
+                .filter(|(j, _)| exact[..10].iter().any(|e| e.0 == *j))
+                .count();
+            // filtered rows never come back
+            let odd = g.search(&data, dim, q, 10, 64, &|j| j % 2 == 1, &mut s);
+            assert!(odd.iter().all(|(j, _)| j % 2 == 1) && odd.len() == 10);
+        }
+        assert!(hits as f64 / (50.0 * 10.0) >= 0.95, "recall {hits}/500");
+    }
+}
