@@ -19,10 +19,15 @@ pub fn write_atomic_with(
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).at(dir)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .at(dir)?;
+    // temp files are created 0600; results are ordinary files (0644, like `>` would make them)
+    let mut b = tempfile::Builder::new();
+    b.prefix(".tmp-");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    let tmp = b.tempfile_in(dir).at(dir)?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file());
         fill(&mut w).at(path)?;
