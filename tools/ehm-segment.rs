@@ -105,7 +105,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
             })
             .collect();
         let over = ehm::picture::overlay(img, &mask, cli.alpha);
-        let key = ehm::picture::legend(&present, w);
+        let key = ehm::picture::legend(&present, w.max(200));
         let mut sheet =
             image::RgbImage::from_pixel(w.max(key.width()), h + key.height(), image::Rgb([255; 3]));
         ehm::picture::paste(&mut sheet, &over, 0, 0);
