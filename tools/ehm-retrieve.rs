@@ -196,7 +196,8 @@ fn run(cli: Cli) -> ehm::Result<usize> {
                 if format == Format::Csv {
                     writeln!(out, "query,rank,path,score,id").map_err(out_err)?;
                 }
-                for r in described.into_iter().flatten() {
+                for mut r in described.into_iter().flatten() {
+                    ix.prepare(&mut r.vectors);
                     let matches = s.search(g, &r.vectors, k, ef, threshold);
                     match format {
                         Format::Jsonl => writeln!(out, "{}", serde_json::json!({"query": r.path, "matches": matches})).map_err(out_err)?,

@@ -482,7 +482,11 @@ pub fn evaluate(
     let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
     let mut vecs: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
     d.describe(&paths, &[crate::pipeline::FULL], 32, threads, true, |r| {
-        vecs.push(r.ok().map(|x| x.vectors));
+        vecs.push(r.ok().map(|x| {
+            let mut v = x.vectors;
+            ix.prepare(&mut v);
+            v
+        }));
         Ok(())
     })?;
     let s = Searcher::new(&ix);

@@ -116,6 +116,12 @@ pub struct IndexMeta {
     pub next_id: u64,
     /// sha256 of every data file of the generation.
     pub files: BTreeMap<String, String>,
+    /// Embed indexes: the mean descriptor of the collection the index was created with.
+    /// Every stored and query vector is centred on it and re-normalised, which spreads the
+    /// cosine scores of a self-supervised model (otherwise all near 1) so thresholds mean
+    /// something. `None` for pHash (already centred by construction).
+    #[serde(default)]
+    pub center: Option<Vec<f32>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -238,6 +244,13 @@ impl Index {
             .ok_or_else(|| Error::MissingData(format!("{}: no index", root.display())))
     }
 
+    /// Centre and re-normalise descriptor rows in place (a no-op without a centre).
+    pub fn prepare(&self, rows: &mut [f32]) {
+        if let Some(c) = &self.meta.center {
+            center_rows(rows, c);
+        }
+    }
+
     /// The item owning each vector row.
     pub fn owners(&self) -> Vec<u32> {
         let mut o = vec![0u32; self.meta.vectors];
@@ -349,6 +362,27 @@ impl Index {
         drop(graph);
         Ok(f(Some(&flat)))
     }
+}
+
+/// `v − c`, L2-normalised, for each row of `rows`.
+pub fn center_rows(rows: &mut [f32], c: &[f32]) {
+    for v in rows.chunks_mut(c.len()) {
+        v.iter_mut().zip(c).for_each(|(x, m)| *x -= m);
+        let n = dot(v, v).sqrt().max(1e-12);
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+/// The mean of the rows.
+pub fn mean_row(rows: &[f32], dim: usize) -> Vec<f32> {
+    let mut m = vec![0f64; dim];
+    let n = rows.len() / dim.max(1);
+    for v in rows.chunks_exact(dim) {
+        m.iter_mut().zip(v).for_each(|(a, x)| *a += *x as f64);
+    }
+    m.into_iter()
+        .map(|x| (x / n.max(1) as f64) as f32)
+        .collect()
 }
 
 /// An HNSW graph over the rows of `vectors` (`dim` each; data id = row), built in parallel.

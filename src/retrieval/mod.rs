@@ -123,6 +123,7 @@ pub fn add(
             vectors: 0,
             next_id: 0,
             files: Default::default(),
+            center: None,
         })
     };
     // decide per file: unchanged (same path, same content), replaced (same path, new content), new
@@ -165,6 +166,7 @@ pub fn add(
     }
     let view_list = ix.meta.views.clone();
     let nv = view_list.len();
+    let fresh_rows = ix.vectors.len();
     let mut added = 0;
     let mut new_paths = std::collections::HashSet::new();
     failed += d.describe(&todo, &view_list, o.batch, o.threads, o.progress, |r| {
@@ -178,7 +180,9 @@ pub fn add(
                     ix.meta.dim
                 )));
             }
-            ix.vectors.extend_from_slice(&desc.vectors);
+            let mut v = desc.vectors;
+            ix.prepare(&mut v);
+            ix.vectors.extend_from_slice(&v);
             new_paths.insert(desc.path.clone());
             ix.items.push(index::Item {
                 id: ix.meta.next_id,
@@ -203,6 +207,16 @@ pub fn add(
             ix.items[i].deleted = true;
             replaced += 1;
         }
+    }
+    // a new embed index learns its centre from its first images (all their views)
+    if ix.meta.descriptor == DescriptorKind::Embed
+        && ix.meta.center.is_none()
+        && fresh_rows == 0
+        && added > 0
+    {
+        let c = index::mean_row(&ix.vectors, ix.meta.dim);
+        index::center_rows(&mut ix.vectors, &c);
+        ix.meta.center = Some(c);
     }
     if added > 0 || replaced > 0 || !Index::exists(root) {
         ix.save(root)?;
@@ -388,7 +402,7 @@ pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> 
     let mut best: HashMap<usize, f32> = HashMap::new();
     ix.with_graph(root, |g| {
         for &i in &live {
-            let q = ix.vector(ix.items[i].first); // the whole-image view
+            let q = ix.vector(ix.items[i].first); // the whole-image view (already centred)
             for m in s.search(g, q, 20, ef, threshold) {
                 let j = by_id[&m.id];
                 if j != i {
