@@ -38,7 +38,7 @@ stage "segmentation: composite set, head on the frozen backbone, ehm-segment →
 $T/ehm-train segment "$OUT/pretrain" --data "$OUT/segdata" -o "$OUT/segment" --image-size 64 \
   --freeze-backbone --epochs 4 --batch-size 32
 $T/ehm-export onnx "$OUT/segment" --task segment -o "$OUT/tiny_segment.onnx"
-ls "$OUT"/segdata/images/val/000{0,1,2,3,4,5}.png | $T/ehm-segment -m "$OUT/tiny_segment.onnx" -o "$OUT/segment_out" - \
+ls "$OUT"/segdata/images/val/0000{0,1,2,3,4,5}.png | $T/ehm-segment -m "$OUT/tiny_segment.onnx" -o "$OUT/segment_out" - \
   > "$OUT/segment.jsonl"
 
 stage "retrieval: photo benchmark, index with the shipped embedder, query attacked copies → $OUT/retrieval"
@@ -60,7 +60,8 @@ cat <<TXT
   linear probe              $OUT/probe/probe.json, confusion.csv, confusion.png
   ONNX models               $OUT/tiny_fmnist_embed.onnx, tiny_fmnist_classify.onnx, tiny_segment.onnx
   classification            $OUT/classify.jsonl (inputs: $OUT/fmnist_images/)
-  segmentation head         $OUT/segment/segment.json, predictions.png
+  segmentation head         $OUT/segment/segment.json, predictions.png (a Fashion-MNIST backbone
+                            trained for 30 steps knows nothing of photos: expect mostly background)
   ehm-segment outputs       $OUT/segment_out/*.classes.png, *.overlay.png, $OUT/segment.jsonl
   retrieval                 $OUT/retrieval/index/, eval.txt, dedup.jsonl, dedup.html
 TXT
