@@ -48,7 +48,11 @@ rm -rf "$OUT/retrieval/index"
 $T/ehm-retrieve index -i "$OUT/retrieval/index" -m "$EMBED" - < "$OUT/retrieval/bench/database.txt"
 $T/ehm-retrieve query -i "$OUT/retrieval/index" -k 3 "$OUT"/retrieval/bench/queries/{crop,text,strong}/0000.jpg
 $T/ehm-retrieve eval -i "$OUT/retrieval/index" --bench "$OUT/retrieval/bench" | tee "$OUT/retrieval/eval.txt"
-$T/ehm-retrieve dedup -i "$OUT/retrieval/index" --threshold 0.97 --format jsonl \
+# near-identical copies inside the collection (the same wallpaper in other aspect ratios): pHash
+# scores are calibrated (1 − 2·hamming/64); the demo-scale embedder's are not, see docs/retrieve.md
+rm -rf "$OUT/retrieval/phash_index"
+$T/ehm-retrieve index -i "$OUT/retrieval/phash_index" --descriptor phash --regions none - < "$OUT/retrieval/bench/database.txt"
+$T/ehm-retrieve dedup -i "$OUT/retrieval/phash_index" --threshold 0.75 --format jsonl \
   --report "$OUT/retrieval/dedup.html" > "$OUT/retrieval/dedup.jsonl"
 
 cat <<TXT
@@ -63,5 +67,5 @@ cat <<TXT
   segmentation head         $OUT/segment/segment.json, predictions.png (a Fashion-MNIST backbone
                             trained for 30 steps knows nothing of photos: expect mostly background)
   ehm-segment outputs       $OUT/segment_out/*.classes.png, *.overlay.png, $OUT/segment.jsonl
-  retrieval                 $OUT/retrieval/index/, eval.txt, dedup.jsonl, dedup.html
+  retrieval                 $OUT/retrieval/index/, eval.txt; duplicates (pHash): dedup.jsonl, dedup.html
 TXT
