@@ -109,9 +109,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
         "pool": o.pool, "image_size": bb.vit.image_size, "min_crop": o.min_crop, "recipe": r,
     });
     let start = supervised::load_state(&o.out, &mut flat, &run)?.unwrap_or(0);
-    let spe = (train.ds.len() / r.batch_size) as u64;
-    let total = spe * r.epochs as u64;
-    let warmup = (r.warmup_epochs * spe as f64).round() as u64;
+    let mut log =
+        supervised::EpochLog::new(&o.out, &run, r, (train.ds.len() / r.batch_size) as u64);
+    let total = log.total;
     let pre = bb.preprocess.clone();
     let aug = Augment {
         scale: (o.min_crop.clamp(0.01, 1.0), 1.0),
@@ -127,7 +127,6 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
         o.workers.max(1),
     );
     let bar = super::progress_bar(total, start, o.progress);
-    let (mut epoch_sum, mut first, mut last) = (0.0, None, None);
     for step in start..total {
         let b = loader
             .next_batch()
@@ -145,35 +144,9 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
             -100,
             r.label_smoothing,
         );
-        let lv = loss.double_value(&[]);
-        if !lv.is_finite() {
-            return Err(Error::Other(format!(
-                "loss became {lv} at step {step}; the last good checkpoint in {} is kept",
-                o.out.display()
-            )));
-        }
-        let grad = flat.flat_grad(&loss);
-        let _ = flat.adamw_step(
-            grad,
-            r.lr_at(step, total, warmup),
-            r.weight_decay,
-            r.clip,
-            (0.9, 0.999),
-        );
-        epoch_sum += lv;
+        let lv = log.step(&mut flat, &loss, step)?;
         bar.set_position(step + 1);
         bar.set_message(format!("loss {lv:.4}"));
-        if (step + 1) % spe == 0 {
-            let mean = epoch_sum / spe as f64;
-            epoch_sum = 0.0;
-            first.get_or_insert(mean);
-            last = Some(mean);
-            supervised::save_state(&o.out, &flat, step + 1, &run)?;
-            supervised::log_metrics(
-                &o.out,
-                &serde_json::json!({"step": step + 1, "epoch": (step + 1) / spe, "train_loss": mean}),
-            )?;
-        }
     }
     bar.finish_and_clear();
     drop(loader);
@@ -213,8 +186,8 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
         epochs: r.epochs,
         steps: total,
         resumed_from: (start > 0).then_some(start),
-        first_epoch_loss: first,
-        last_epoch_loss: last,
+        first_epoch_loss: log.first,
+        last_epoch_loss: log.last,
         checkpoint: ckpt,
         confusion_csv: csv,
         confusion_png: png,

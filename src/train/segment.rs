@@ -339,12 +339,15 @@ pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
         "image_size": pre.image_size, "frozen": o.freeze_backbone, "recipe": r,
     });
     let start = supervised::load_state(&o.out, &mut flat, &run)?.unwrap_or(0);
-    let spe = (train.images.len() / r.batch_size).max(1) as u64;
-    let total = spe * r.epochs as u64;
-    let warmup = (r.warmup_epochs * spe as f64).round() as u64;
+    let mut log = supervised::EpochLog::new(
+        &o.out,
+        &run,
+        r,
+        (train.images.len() / r.batch_size).max(1) as u64,
+    );
+    let total = log.total;
     let s = pre.image_size as i64;
     let bar = super::progress_bar(total, start, o.progress);
-    let (mut epoch_sum, mut first, mut last) = (0.0, None, None);
     for step in start..total {
         let (px, tg) = train_batch(&train, &pre, r.batch_size, r.seed, step);
         let imgs = supervised::normalise(&px, r.batch_size, &pre, device);
@@ -360,35 +363,9 @@ pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
             IGNORE as i64,
             r.label_smoothing,
         );
-        let lv = loss.double_value(&[]);
-        if !lv.is_finite() {
-            return Err(Error::Other(format!(
-                "loss became {lv} at step {step}; the last good checkpoint in {} is kept",
-                o.out.display()
-            )));
-        }
-        let grad = flat.flat_grad(&loss);
-        let _ = flat.adamw_step(
-            grad,
-            r.lr_at(step, total, warmup),
-            r.weight_decay,
-            r.clip,
-            (0.9, 0.999),
-        );
-        epoch_sum += lv;
+        let lv = log.step(&mut flat, &loss, step)?;
         bar.set_position(step + 1);
         bar.set_message(format!("loss {lv:.4}"));
-        if (step + 1) % spe == 0 {
-            let mean = epoch_sum / spe as f64;
-            epoch_sum = 0.0;
-            first.get_or_insert(mean);
-            last = Some(mean);
-            supervised::save_state(&o.out, &flat, step + 1, &run)?;
-            supervised::log_metrics(
-                &o.out,
-                &serde_json::json!({"step": step + 1, "epoch": (step + 1) / spe, "train_loss": mean}),
-            )?;
-        }
     }
     bar.finish_and_clear();
 
@@ -422,8 +399,8 @@ pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
         steps: total,
         frozen_backbone: o.freeze_backbone,
         resumed_from: (start > 0).then_some(start),
-        first_epoch_loss: first,
-        last_epoch_loss: last,
+        first_epoch_loss: log.first,
+        last_epoch_loss: log.last,
         checkpoint: ckpt,
         predictions_png: png,
     };

@@ -236,6 +236,73 @@ pub fn load_state(
     Ok(Some(step))
 }
 
+/// The training loop's bookkeeping shared by fine-tuning and segmentation: the loss check, the
+/// AdamW step at the scheduled lr, epoch means, and resume state + a metrics line per epoch.
+pub struct EpochLog<'a> {
+    pub out: &'a Path,
+    pub run: &'a serde_json::Value,
+    pub recipe: &'a Recipe,
+    pub steps_per_epoch: u64,
+    pub total: u64,
+    pub warmup: u64,
+    sum: f64,
+    /// Mean training loss of the first and the last epoch run by this invocation.
+    pub first: Option<f64>,
+    pub last: Option<f64>,
+}
+
+impl<'a> EpochLog<'a> {
+    pub fn new(
+        out: &'a Path,
+        run: &'a serde_json::Value,
+        recipe: &'a Recipe,
+        steps_per_epoch: u64,
+    ) -> Self {
+        let total = steps_per_epoch * recipe.epochs as u64;
+        let warmup = (recipe.warmup_epochs * steps_per_epoch as f64).round() as u64;
+        EpochLog {
+            out,
+            run,
+            recipe,
+            steps_per_epoch,
+            total,
+            warmup,
+            sum: 0.0,
+            first: None,
+            last: None,
+        }
+    }
+
+    /// One optimizer step on `loss` at `step`; returns the loss value. A non-finite loss stops
+    /// the run (the last epoch's state is kept).
+    pub fn step(&mut self, flat: &mut FlatParams, loss: &Tensor, step: u64) -> Result<f64> {
+        let r = self.recipe;
+        let lv = loss.double_value(&[]);
+        if !lv.is_finite() {
+            return Err(Error::Other(format!(
+                "loss became {lv} at step {step}; the last good checkpoint in {} is kept",
+                self.out.display()
+            )));
+        }
+        let grad = flat.flat_grad(loss);
+        let lr = r.lr_at(step, self.total, self.warmup);
+        let _ = flat.adamw_step(grad, lr, r.weight_decay, r.clip, (0.9, 0.999));
+        self.sum += lv;
+        if (step + 1) % self.steps_per_epoch == 0 {
+            let mean = self.sum / self.steps_per_epoch as f64;
+            self.sum = 0.0;
+            self.first.get_or_insert(mean);
+            self.last = Some(mean);
+            save_state(self.out, flat, step + 1, self.run)?;
+            log_metrics(
+                self.out,
+                &serde_json::json!({"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch, "train_loss": mean}),
+            )?;
+        }
+        Ok(lv)
+    }
+}
+
 /// Remove the resume state and metrics of a previous run (`--fresh`).
 pub fn clear_state(out: &Path) {
     for f in ["resume.safetensors", "metrics.jsonl"] {
