@@ -184,6 +184,47 @@ impl FlatParams {
         })
     }
 
+    /// Restore the master weights and Adam moments saved as `master`, `adam_m`, `adam_v` (and
+    /// the step from `adam_step` metadata) from a resume file read from `path`.
+    pub fn restore(
+        &mut self,
+        t: &std::collections::HashMap<String, Tensor>,
+        meta: &std::collections::HashMap<String, String>,
+        path: &std::path::Path,
+    ) -> crate::Result<()> {
+        use crate::Error;
+        let dev = self.device();
+        tch::no_grad(|| -> crate::Result<()> {
+            for (dst, key) in [
+                (&mut self.master, "master"),
+                (&mut self.m, "adam_m"),
+                (&mut self.v, "adam_v"),
+            ] {
+                let src = t
+                    .get(key)
+                    .ok_or_else(|| Error::bad_file(path, format!("missing {key}")))?;
+                if src.size() != dst.size() {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "{key} has {:?} values, the model needs {:?}",
+                            src.size(),
+                            dst.size()
+                        ),
+                    ));
+                }
+                dst.copy_(&src.to_device(dev));
+            }
+            Ok(())
+        })?;
+        self.sync_compute();
+        self.adam_step = meta
+            .get("adam_step")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok(())
+    }
+
     /// Copy master into the compute buffer (after loading a checkpoint).
     pub fn sync_compute(&mut self) {
         if let Some(c) = &mut self.compute {

@@ -196,43 +196,14 @@ fn try_resume(engine: &mut Engine, run: &RunConfig, out: &Path) -> Result<Option
             out.display()
         )));
     }
-    let get = |k: &str| {
-        t.get(k)
-            .ok_or_else(|| Error::bad_file(&path, format!("missing {k}")))
-    };
-    let dev = engine.device;
-    tch::no_grad(|| -> Result<()> {
-        for (dst, key) in [
-            (&mut engine.flat.master, "master"),
-            (&mut engine.flat.m, "adam_m"),
-            (&mut engine.flat.v, "adam_v"),
-        ] {
-            let src = get(key)?;
-            if src.size() != dst.size() {
-                return Err(Error::bad_file(
-                    &path,
-                    format!(
-                        "{key} has {:?} values, the model needs {:?}",
-                        src.size(),
-                        dst.size()
-                    ),
-                ));
-            }
-            dst.copy_(&src.to_device(dev));
-        }
-        if let Some(te) = &mut engine.teacher {
-            te.ema.copy_(&get("ema")?.to_device(dev));
-        }
-        Ok(())
-    })?;
-    engine.flat.sync_compute();
+    engine.flat.restore(&t, &meta, &path)?;
     if let Some(te) = &mut engine.teacher {
+        let ema = t
+            .get("ema")
+            .ok_or_else(|| Error::bad_file(&path, "missing ema"))?;
+        tch::no_grad(|| te.ema.copy_(&ema.to_device(engine.device)));
         te.refresh();
     }
-    engine.flat.adam_step = meta
-        .get("adam_step")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
     let step = meta
         .get("step")
         .and_then(|s| s.parse().ok())

@@ -200,35 +200,7 @@ pub fn load_state(
             out.display()
         )));
     }
-    let dev = flat.device();
-    tch::no_grad(|| -> Result<()> {
-        for (dst, key) in [
-            (&mut flat.master, "master"),
-            (&mut flat.m, "adam_m"),
-            (&mut flat.v, "adam_v"),
-        ] {
-            let src = t
-                .get(key)
-                .ok_or_else(|| Error::bad_file(&path, format!("missing {key}")))?;
-            if src.size() != dst.size() {
-                return Err(Error::bad_file(
-                    &path,
-                    format!(
-                        "{key} has {:?} values, the model needs {:?}",
-                        src.size(),
-                        dst.size()
-                    ),
-                ));
-            }
-            dst.copy_(&src.to_device(dev));
-        }
-        Ok(())
-    })?;
-    flat.sync_compute();
-    flat.adam_step = meta
-        .get("adam_step")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    flat.restore(&t, &meta, &path)?;
     let step = meta
         .get("step")
         .and_then(|s| s.parse().ok())
