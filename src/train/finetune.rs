@@ -160,21 +160,15 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
     });
     let ev = Evaluation::of(&logits, &test.labels_tensor(), &classes);
 
-    let ckpt = o.out.join("checkpoint.safetensors");
-    super::checkpoint::save_tensors(
-        &ckpt,
-        &supervised::named_weights(&flat, &vs),
-        Default::default(),
-    )?;
-    let mut cfg = bb.config.clone();
-    cfg["model"] = serde_json::to_value(&bb.vit).unwrap();
-    cfg["preprocess"] = serde_json::to_value(&pre).unwrap();
-    cfg["labels"] = serde_json::json!(classes);
-    cfg["head"] = serde_json::json!({"kind": "finetune", "pool": o.pool, "train": o.train,
-        "recipe": r, "top1": ev.top1});
-    write_atomic(
-        &o.out.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
+    let ckpt = supervised::write_head_checkpoint(
+        &o.out,
+        &flat,
+        &vs,
+        &bb,
+        &pre,
+        &classes,
+        serde_json::json!({"kind": "finetune", "pool": o.pool, "train": o.train,
+        "recipe": r, "top1": ev.top1}),
     )?;
     let (csv, png) = ev.write_confusion(&o.out, &classes)?;
     let report = FinetuneReport {

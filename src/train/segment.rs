@@ -370,21 +370,15 @@ pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
     bar.finish_and_clear();
 
     let (scores, preds) = evaluate(&model, &pre, &val, classes.len(), device)?;
-    let ckpt = o.out.join("checkpoint.safetensors");
-    super::checkpoint::save_tensors(
-        &ckpt,
-        &supervised::named_weights(&flat, &vs),
-        Default::default(),
-    )?;
-    let mut cfg = bb.config.clone();
-    cfg["model"] = serde_json::to_value(&bb.vit).unwrap();
-    cfg["preprocess"] = serde_json::to_value(&pre).unwrap();
-    cfg["labels"] = serde_json::json!(classes);
-    cfg["head"] = serde_json::json!({"kind": "segment", "data": o.data, "frozen_backbone": o.freeze_backbone,
-        "recipe": r, "miou": scores.miou});
-    write_atomic(
-        &o.out.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
+    let ckpt = supervised::write_head_checkpoint(
+        &o.out,
+        &flat,
+        &vs,
+        &bb,
+        &pre,
+        &classes,
+        serde_json::json!({"kind": "segment", "data": o.data, "frozen_backbone": o.freeze_backbone,
+        "recipe": r, "miou": scores.miou}),
     )?;
     let png = o.out.join("predictions.png");
     write_png_atomic(&png, &predictions_sheet(&val, &preds, o.sheet, &classes))?;

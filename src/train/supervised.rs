@@ -164,6 +164,32 @@ pub fn named_weights(flat: &FlatParams, vs: &tch::nn::VarStore) -> Vec<(String, 
     out
 }
 
+/// The output checkpoint of a head run: `checkpoint.safetensors` (encoder + head, fp32) and a
+/// `config.json` with the model and preprocessing the head was trained at, the class names and
+/// `head` (what trained it). Returns the weights file.
+pub fn write_head_checkpoint(
+    out: &Path,
+    flat: &FlatParams,
+    vs: &tch::nn::VarStore,
+    bb: &BackboneWeights,
+    pre: &Preprocess,
+    classes: &[String],
+    head: serde_json::Value,
+) -> Result<PathBuf> {
+    let ckpt = out.join("checkpoint.safetensors");
+    save_tensors(&ckpt, &named_weights(flat, vs), HashMap::new())?;
+    let mut cfg = bb.config.clone();
+    cfg["model"] = serde_json::to_value(&bb.vit).unwrap();
+    cfg["preprocess"] = serde_json::to_value(pre).unwrap();
+    cfg["labels"] = serde_json::json!(classes);
+    cfg["head"] = head;
+    crate::fsutil::write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
+    )?;
+    Ok(ckpt)
+}
+
 /// Write the resume state (first of a checkpoint's files: it is the source of truth).
 pub fn save_state(out: &Path, flat: &FlatParams, step: u64, run: &serde_json::Value) -> Result<()> {
     let meta = HashMap::from([
