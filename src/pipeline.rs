@@ -255,6 +255,22 @@ pub fn stdout_error(e: std::io::Error) -> Error {
     Error::Other(format!("writing output: {e}"))
 }
 
+/// The exit status of an image tool: 0 all inputs done, 1 some inputs failed (counted on
+/// stderr), 2 a usage, model or index error (its one-line message on stderr).
+pub fn exit_status(tool: &str, result: Result<usize>) -> std::process::ExitCode {
+    match result {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(n) => {
+            eprintln!("{tool}: {n} input(s) failed");
+            std::process::ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// Softmax of one row of logits.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -131,15 +131,5 @@ fn run(cli: Cli) -> ehm::Result<usize> {
 fn main() -> ExitCode {
     // `tool … | head` closes stdout early: stop quietly like other Unix tools
     ehm::pipeline::exit_quietly_on_broken_pipe();
-    match run(Cli::parse()) {
-        Ok(0) => ExitCode::SUCCESS,
-        Ok(n) => {
-            eprintln!("ehm-classify: {n} input(s) failed");
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
-    }
+    ehm::pipeline::exit_status("ehm-classify", run(Cli::parse()))
 }
