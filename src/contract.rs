@@ -3,7 +3,7 @@
 //! everyone else; this module is the only place that knows the metadata keys.
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
-use crate::export::onnx::ModelProto;
+use crate::export::onnx::{ModelProto, StringStringEntryProto};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -65,6 +65,25 @@ pub struct Source {
     pub checkpoint_sha256: String,
     pub name: String,
     pub training: serde_json::Value,
+}
+
+/// The `metadata_props` that make a graph an ehm model (what `ModelContract::read` reads back).
+pub fn contract_metadata(
+    task: Task,
+    config: &ContractConfig,
+    labels: &[String],
+    source: &Source,
+) -> Vec<StringStringEntryProto> {
+    let entry = |k: &str, v: String| StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v),
+    };
+    vec![
+        entry(KEY_TASK, task.name().into()),
+        entry(KEY_CONFIG, serde_json::to_string(config).unwrap()),
+        entry(KEY_LABELS, serde_json::to_string(labels).unwrap()),
+        entry(KEY_SOURCE, serde_json::to_string(source).unwrap()),
+    ]
 }
 
 #[derive(Clone, Debug, PartialEq)]

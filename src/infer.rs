@@ -2,6 +2,7 @@
 //! library is loaded at run time: `ORT_DYLIB_PATH`, else the one `tools/setup.sh` unpacked.
 use crate::contract::{ModelContract, INPUT};
 use crate::error::{Error, Result};
+use prost::Message;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -33,6 +34,22 @@ fn environment() -> Result<&'static ort::environment::Environment> {
     .map_err(|e| Error::Other(e.clone()))
 }
 
+fn session(
+    path: &Path,
+    threads: usize,
+    commit: impl FnOnce(
+        &mut ort::session::builder::SessionBuilder,
+    ) -> ort::Result<ort::session::Session>,
+) -> Result<ort::session::Session> {
+    let env = environment()?;
+    let ort_err = |e: ort::Error| Error::bad_file(path, format!("ONNX Runtime: {e}"));
+    let mut builder = ort::session::Session::builder(env)
+        .map_err(ort_err)?
+        .with_intra_threads(threads.max(1))
+        .map_err(|e| Error::Other(e.to_string()))?;
+    commit(&mut builder).map_err(ort_err)
+}
+
 /// An ONNX model and its contract, ready to run.
 pub struct OrtModel {
     pub path: PathBuf,
@@ -43,16 +60,22 @@ pub struct OrtModel {
 impl OrtModel {
     pub fn open(path: &Path, threads: usize) -> Result<Self> {
         let contract = ModelContract::read(path)?;
-        let env = environment()?;
-        let ort_err = |e: ort::Error| Error::bad_file(path, format!("ONNX Runtime: {e}"));
-        let session = ort::session::Session::builder(env)
-            .map_err(ort_err)?
-            .with_intra_threads(threads.max(1))
-            .map_err(|e| Error::Other(e.to_string()))?
-            .commit_from_file(path)
-            .map_err(ort_err)?;
+        let session = session(path, threads, |b| b.commit_from_file(path))?;
         Ok(OrtModel {
             path: path.to_path_buf(),
+            contract,
+            session,
+        })
+    }
+
+    /// A model that is not (yet) a file: `label` names it in messages.
+    pub fn from_bytes(label: &Path, bytes: &[u8], threads: usize) -> Result<Self> {
+        let model = crate::export::onnx::ModelProto::decode(bytes)
+            .map_err(|e| Error::bad_file(label, format!("not an ONNX model ({e})")))?;
+        let contract = ModelContract::from_model(&model).map_err(|m| Error::bad_file(label, m))?;
+        let session = session(label, threads, |b| b.commit_from_memory(bytes))?;
+        Ok(OrtModel {
+            path: label.to_path_buf(),
             contract,
             session,
         })

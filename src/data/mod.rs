@@ -8,7 +8,7 @@ pub mod preprocess;
 pub mod rcc;
 pub mod segdata;
 
-pub use preprocess::{Augment, Interpolation, Preprocess, ResizeRule};
+pub use preprocess::{Augment, Interpolation, Preprocess, ResizeRule, IMAGENET_MEAN, IMAGENET_STD};
 
 use crate::error::{Error, Result};
 use image::RgbImage;

