@@ -89,7 +89,10 @@ fn kill_9_then_rerun_resumes_to_the_same_end() {
     let resumed = s["resumed_from"]
         .as_u64()
         .expect("the second run must resume");
-    assert!(resumed >= 5 && resumed % 5 == 0, "resumed from {resumed}");
+    assert!(
+        resumed >= 5 && resumed.is_multiple_of(5),
+        "resumed from {resumed}"
+    );
     assert_eq!(s["steps"], 120);
     // metrics: one line per step, no duplicates, ending at the last step
     let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))

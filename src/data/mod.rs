@@ -52,7 +52,7 @@ impl InMemory {
         name: String,
     ) -> Result<Self> {
         let per = h * w * channels;
-        if per == 0 || pixels.len() % per != 0 {
+        if per == 0 || !pixels.len().is_multiple_of(per) {
             return Err(Error::Shape(format!(
                 "{name}: pixel buffer is not a whole number of {h}×{w}×{channels} images"
             )));

@@ -277,7 +277,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         ));
     }
     let size = opts.preprocess.image_size;
-    if opts.patch_size == 0 || size % opts.patch_size != 0 {
+    if opts.patch_size == 0 || !size.is_multiple_of(opts.patch_size) {
         return Err(Error::Config(format!(
             "--image-size {size} is not a multiple of --patch-size {}",
             opts.patch_size

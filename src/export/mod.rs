@@ -333,7 +333,7 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
     let v = &ck.vit;
     let (d, p, g0) = (v.embed_dim, v.patch_size as i64, v.grid() as i64);
     let size = opts.image_size.unwrap_or(v.image_size);
-    if size % v.patch_size != 0 {
+    if !size.is_multiple_of(v.patch_size) {
         return Err(Error::Config(format!(
             "--image-size {size} is not a multiple of the patch size {}",
             v.patch_size

@@ -6,6 +6,7 @@
 //! generation, fsyncs it, then replaces `CURRENT` atomically: an interrupted run leaves the
 //! previous generation live, and the next run sweeps the half-built one away.
 use super::descriptor::{DescriptorKind, Regions};
+pub use super::simd::dot;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{sha256_file, write_atomic};
 use crate::pipeline::View;
@@ -24,63 +25,10 @@ const HNSW_LAYERS: usize = 16;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DotDistance;
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dot_matches_the_plain_sum() {
-        for n in [0usize, 1, 15, 16, 17, 64, 383, 384] {
-            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let plain: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            assert!((super::dot(&a, &b) as f64 - plain).abs() < 1e-4, "{n}");
-            assert!(
-                (super::dot_portable(&a, &b) as f64 - plain).abs() < 1e-4,
-                "{n}"
-            );
-        }
-    }
-}
-
 impl Distance<f32> for DotDistance {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
         (1.0 - dot(a, b)).max(0.0)
     }
-}
-
-/// Dot product with 16 independent accumulators, so the compiler vectorises it (a plain
-/// iterator sum is a serial chain of dependent adds: the distance dominates HNSW search).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_portable(a, b)
-}
-
-/// The same loop compiled for AVX2 + FMA (8-wide fused multiply-adds), picked at run time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
-}
-
-#[inline(always)]
-pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -358,7 +306,7 @@ impl Index {
                 format!("cannot load the HNSW graph ({e})"),
             )
         })?;
-        let flat = super::graph::FlatGraph::from_hnsw(&graph, self.meta.vectors);
+        let flat = super::graph::FlatGraph::from_hnsw(&graph, &self.vectors, self.meta.dim);
         drop(graph);
         Ok(f(Some(&flat)))
     }

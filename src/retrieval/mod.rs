@@ -6,6 +6,7 @@ pub mod descriptor;
 pub mod graph;
 pub mod index;
 pub mod report;
+pub mod simd;
 
 use crate::error::{Error, Result};
 use descriptor::{views, Describer, DescriptorKind, Regions};
@@ -356,15 +357,7 @@ impl<'a> Searcher<'a> {
         let nv = self.ix.meta.views.len().max(1);
         let want = (k * nv * 2 + 8).min(self.ix.meta.vectors);
         let keep = |r: usize| self.alive[r];
-        let hits = g.search(
-            &self.ix.vectors,
-            self.ix.meta.dim,
-            q,
-            want,
-            ef.max(want),
-            &keep,
-            &mut self.scratch.borrow_mut(),
-        );
+        let hits = g.search(q, want, ef.max(want), &keep, &mut self.scratch.borrow_mut());
         self.aggregate(hits.into_iter().map(|(r, d)| (r, 1.0 - d)), k, threshold)
     }
 

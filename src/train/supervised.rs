@@ -286,7 +286,7 @@ impl<'a> EpochLog<'a> {
         let lr = r.lr_at(step, self.total, self.warmup);
         let _ = flat.adamw_step(grad, lr, r.weight_decay, r.clip, (0.9, 0.999));
         self.sum += lv;
-        if (step + 1) % self.steps_per_epoch == 0 {
+        if (step + 1).is_multiple_of(self.steps_per_epoch) {
             let mean = self.sum / self.steps_per_epoch as f64;
             self.sum = 0.0;
             self.first.get_or_insert(mean);
