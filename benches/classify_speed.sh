@@ -5,7 +5,7 @@
 # images/s and the ratio, and how often both give the same top-1 label.
 # The models are untrained-backbone classifiers (init + a 1-epoch probe on 64 images): speed
 # does not depend on the weights.
-# Usage: benches/classify_speed.sh [OUTDIR]   (THREADS=2 BATCH=32 MODELS="vit_tiny_p16_224 vit_small_p16_224")
+# Usage: benches/classify_speed.sh [OUTDIR]   (THREADS=2 BATCH=32 SESSIONS= MODELS="vit_tiny_p16_224 vit_small_p16_224")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/classify_speed}
@@ -14,6 +14,11 @@ BATCH=${BATCH:-32}
 MODELS=${MODELS:-"vit_tiny_p16_224 vit_small_p16_224"}
 tools/setup.sh all >&2; tools/setup.sh pydeps >&2
 cargo build --release --bins >&2
+# the serving tool as users of inference only build it: without libtorch (no 0.2 s of loading it)
+CARGO_TARGET_DIR=target/serve cargo build --release --no-default-features --bin ehm-classify >&2
+CLS=./target/serve/release/ehm-classify
+SESSIONS=${SESSIONS:-}   # ehm-classify --sessions (default: one single-threaded session per thread)
+SES=(); [ -n "$SESSIONS" ] && SES=(--sessions "$SESSIONS")
 mkdir -p "$OUT"
 ls -d "$PWD"/.cache/photos/gcompris_* > "$OUT/images.txt"
 N=$(wc -l < "$OUT/images.txt")
@@ -27,10 +32,10 @@ for m in $MODELS; do
     ./target/release/ehm-export onnx "$OUT/$m/probe" --task classify -o "$OUT/$m.onnx" >&2
   fi
   # warm the page cache and both runtimes once on a few images
-  head -n 8 "$OUT/images.txt" | ./target/release/ehm-classify -m "$OUT/$m.onnx" --threads "$THREADS" --format jsonl - >/dev/null
+  head -n 8 "$OUT/images.txt" | $CLS -m "$OUT/$m.onnx" --threads "$THREADS" --format jsonl - >/dev/null
   head -n 8 "$OUT/images.txt" > "$OUT/warm.txt"; $PY benches/py/classify_ref.py "$OUT/$m.onnx" "$THREADS" "$BATCH" "$OUT/warm.txt" >/dev/null
   t0=$(date +%s.%N)
-  ./target/release/ehm-classify -m "$OUT/$m.onnx" --threads "$THREADS" --batch "$BATCH" --format jsonl - \
+  $CLS -m "$OUT/$m.onnx" --threads "$THREADS" --batch "$BATCH" "${SES[@]}" --format jsonl - \
     < "$OUT/images.txt" > "$OUT/$m.ehm.jsonl"
   t1=$(date +%s.%N)
   $PY benches/py/classify_ref.py "$OUT/$m.onnx" "$THREADS" "$BATCH" "$OUT/images.txt" > "$OUT/$m.py.jsonl"
@@ -45,4 +50,11 @@ same = sum(x == y for x, y in zip(ta, tb)) / max(1, len(ta))
 e, p = n / (t1 - t0), n / (t2 - t1)
 print(f"{m:<20} {th:>7} {n:>7} {e:>14.1f} {p:>14.1f} {e / p:>6.2f}x {100 * same:>8.1f}%")
 PY
+done
+# where the time goes (Python side) and ONNX Runtime per image by threads and call size
+for m in $MODELS; do $PY benches/py/ort_breakdown.py "$OUT/$m.onnx" "$OUT/images.txt" 2>/dev/null; done
+# start-up of the tool with and without libtorch linked (10 runs of --help each)
+for b in ./target/release/ehm-classify "$CLS"; do
+  t0=$(date +%s.%N); for _ in 1 2 3 4 5 6 7 8 9 10; do $b --help >/dev/null; done; t1=$(date +%s.%N)
+  python3 -c "import sys; print(f'start-up {sys.argv[1]}: {(float(sys.argv[3]) - float(sys.argv[2])) / 10 * 1000:.0f} ms')" "$b" "$t0" "$t1"
 done

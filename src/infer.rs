@@ -50,21 +50,56 @@ fn session(
     commit(&mut builder).map_err(ort_err)
 }
 
-/// An ONNX model and its contract, ready to run.
+/// How many ONNX Runtime sessions run batches side by side, and with how many threads each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parallelism {
+    pub sessions: usize,
+    pub threads_each: usize,
+}
+
+impl Parallelism {
+    /// One session using `threads` threads.
+    pub fn single(threads: usize) -> Self {
+        Parallelism {
+            sessions: 1,
+            threads_each: threads.max(1),
+        }
+    }
+    /// `threads` in total over `sessions` (default: one single-threaded session per thread —
+    /// a ViT's matrices are small, and one thread per batch part wastes no time on the
+    /// synchronisation a multi-threaded operator pays at every node).
+    pub fn split(threads: usize, sessions: Option<usize>) -> Self {
+        let threads = threads.max(1);
+        let sessions = sessions.unwrap_or(threads).clamp(1, threads);
+        Parallelism {
+            sessions,
+            threads_each: (threads / sessions).max(1),
+        }
+    }
+}
+
+/// An ONNX model and its contract, ready to run: one or more sessions of the same model; a
+/// batch is split between them and run in parallel.
 pub struct OrtModel {
     pub path: PathBuf,
     pub contract: ModelContract,
-    session: ort::session::Session,
+    sessions: Vec<ort::session::Session>,
 }
 
 impl OrtModel {
     pub fn open(path: &Path, threads: usize) -> Result<Self> {
+        Self::open_with(path, Parallelism::single(threads))
+    }
+
+    pub fn open_with(path: &Path, par: Parallelism) -> Result<Self> {
         let contract = ModelContract::read(path)?;
-        let session = session(path, threads, |b| b.commit_from_file(path))?;
+        let sessions = (0..par.sessions.max(1))
+            .map(|_| session(path, par.threads_each, |b| b.commit_from_file(path)))
+            .collect::<Result<_>>()?;
         Ok(OrtModel {
             path: path.to_path_buf(),
             contract,
-            session,
+            sessions,
         })
     }
 
@@ -77,11 +112,13 @@ impl OrtModel {
         Ok(OrtModel {
             path: label.to_path_buf(),
             contract,
-            session,
+            sessions: vec![session],
         })
     }
 
     /// Run `n` preprocessed images (CHW f32, concatenated); returns (shape, values) of `output`.
+    /// With several sessions the images are split into contiguous parts, one per session, run
+    /// at the same time; the outputs are joined in input order.
     pub fn run(
         &mut self,
         pixels: &[f32],
@@ -89,26 +126,95 @@ impl OrtModel {
         output: &str,
     ) -> Result<(Vec<usize>, Vec<f32>)> {
         let s = self.contract.config.preprocess.image_size as usize;
-        if pixels.len() != n * 3 * s * s {
+        let per = 3 * s * s;
+        if pixels.len() != n * per {
             return Err(Error::Shape(format!(
                 "{}: {} values for {n} images of 3×{s}×{s}",
                 self.path.display(),
                 pixels.len()
             )));
         }
-        let input = ort::value::Tensor::from_array(([n, 3, s, s], pixels.to_vec()))
-            .map_err(|e| Error::Other(e.to_string()))?;
-        let path = self.path.clone();
-        let outputs = self
-            .session
-            .run(ort::inputs![INPUT => input])
-            .map_err(|e| Error::bad_file(&path, format!("inference failed: {e}")))?;
-        let value = outputs
-            .get(output)
-            .ok_or_else(|| Error::bad_file(&path, format!("no output '{output}'")))?;
-        let (shape, data) = value
-            .try_extract_tensor::<f32>()
-            .map_err(|e| Error::bad_file(&path, format!("output '{output}': {e}")))?;
-        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+        let parts = self.sessions.len().min(n).max(1);
+        let path = &self.path;
+        if parts == 1 {
+            return run_session(&mut self.sessions[0], path, pixels, n, s, output);
+        }
+        let size = n.div_ceil(parts);
+        let results: Vec<Result<(Vec<usize>, Vec<f32>)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .sessions
+                .iter_mut()
+                .zip(pixels.chunks(size * per))
+                .map(|(sess, px)| {
+                    scope.spawn(move || run_session(sess, path, px, px.len() / per, s, output))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Other("inference thread panicked".into())))
+                })
+                .collect()
+        });
+        let mut shape = vec![0usize];
+        let mut values = Vec::new();
+        for r in results {
+            let (sh, v) = r?;
+            shape[0] += sh.first().copied().unwrap_or(0);
+            shape.truncate(1);
+            shape.extend_from_slice(sh.get(1..).unwrap_or(&[]));
+            values.extend_from_slice(&v);
+        }
+        Ok((shape, values))
     }
+}
+
+/// Most images in one ONNX Runtime call: a ViT's per-call activations (attention matrices
+/// above all) then stay in cache; single-threaded calls of 8 images are faster per image than
+/// calls of 32 (measured with benches/classify_speed.sh, docs/benchmarks.md).
+const RUN_IMAGES: usize = 8;
+
+/// Run `n` images on one session, `RUN_IMAGES` at a time; outputs joined in order.
+fn run_session(
+    session: &mut ort::session::Session,
+    path: &Path,
+    pixels: &[f32],
+    n: usize,
+    s: usize,
+    output: &str,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    let per = 3 * s * s;
+    let mut shape: Vec<usize> = vec![0];
+    let mut values = Vec::new();
+    for part in pixels.chunks(RUN_IMAGES * per).take(n.div_ceil(RUN_IMAGES)) {
+        let (sh, v) = run_once(session, path, part, part.len() / per, s, output)?;
+        shape.truncate(1);
+        shape[0] += sh.first().copied().unwrap_or(0);
+        shape.extend_from_slice(sh.get(1..).unwrap_or(&[]));
+        values.extend_from_slice(&v);
+    }
+    Ok((shape, values))
+}
+
+fn run_once(
+    session: &mut ort::session::Session,
+    path: &Path,
+    pixels: &[f32],
+    n: usize,
+    s: usize,
+    output: &str,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    let input = ort::value::Tensor::from_array(([n, 3, s, s], pixels.to_vec()))
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let outputs = session
+        .run(ort::inputs![INPUT => input])
+        .map_err(|e| Error::bad_file(path, format!("inference failed: {e}")))?;
+    let value = outputs
+        .get(output)
+        .ok_or_else(|| Error::bad_file(path, format!("no output '{output}'")))?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| Error::bad_file(path, format!("output '{output}': {e}")))?;
+    Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
 }

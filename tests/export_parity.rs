@@ -470,3 +470,58 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
         assert!(!bad.exists());
     }
 }
+
+/// A pool of sessions (each batch split into parts, each part run in calls of ≤ 8 images) gives
+/// exactly the output of one session, for batches smaller and larger than the pool and the calls.
+#[test]
+fn session_pool_output_equals_one_session() {
+    use ehm::infer::Parallelism;
+    let d = tempfile::tempdir().unwrap();
+    let run = common::pretrained_micro(d.path());
+    let file = d.path().join("embed.onnx");
+    assert!(export(&run, "embed", &file).status.success());
+    let mut one = OrtModel::open(&file, 1).unwrap();
+    let mut pool = OrtModel::open_with(
+        &file,
+        Parallelism {
+            sessions: 3,
+            threads_each: 1,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        Parallelism::split(4, None),
+        Parallelism {
+            sessions: 4,
+            threads_each: 1
+        }
+    );
+    assert_eq!(
+        Parallelism::split(4, Some(2)),
+        Parallelism {
+            sessions: 2,
+            threads_each: 2
+        }
+    );
+    assert_eq!(
+        Parallelism::split(2, Some(9)),
+        Parallelism {
+            sessions: 2,
+            threads_each: 1
+        }
+    );
+    for n in [1usize, 2, 3, 11, 19, 40] {
+        let x: Vec<f32> = (0..n * 3 * 16 * 16)
+            .map(|i| ((i * 7919) % 251) as f32 / 60.0 - 2.0)
+            .collect();
+        let (sa, a) = one.run(&x, n, "embedding").unwrap();
+        let (sb, b) = pool.run(&x, n, "embedding").unwrap();
+        assert_eq!(sa, vec![n, 128]);
+        assert_eq!(sa, sb, "n = {n}");
+        assert!(
+            max_abs_diff(&a, &b) < 1e-6,
+            "n = {n}: {}",
+            max_abs_diff(&a, &b)
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! A thin front over `ehm::pipeline`; everything the tool needs comes from the model file.
 use clap::Parser;
 use ehm::contract::Task;
-use ehm::infer::OrtModel;
+use ehm::infer::{OrtModel, Parallelism};
 use ehm::pipeline::{self, Format, Item, RunOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +28,10 @@ struct Cli {
     /// Threads for decoding and for inference (each)
     #[arg(long, default_value_t = default_threads())]
     threads: usize,
+    /// ONNX Runtime sessions that run parts of each batch side by side (default: one
+    /// single-threaded session per thread; 1 = one session on all threads, best for one image)
+    #[arg(long)]
+    sessions: Option<usize>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
     #[arg(required = true)]
@@ -56,7 +60,7 @@ fn csv_field(s: &str) -> String {
 }
 
 fn run(cli: Cli) -> ehm::Result<usize> {
-    let mut model = OrtModel::open(&cli.model, cli.threads)?;
+    let mut model = OrtModel::open_with(&cli.model, Parallelism::split(cli.threads, cli.sessions))?;
     pipeline::require_task(&model, Task::Classify, "ehm-classify")?;
     let labels = model.contract.labels.clone();
     let (paths, problems) = pipeline::expand_inputs(&cli.inputs)?;

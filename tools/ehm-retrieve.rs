@@ -1,6 +1,7 @@
 //! ehm-retrieve: partial-duplicate image search on an HNSW index — index, query, remove,
 //! compact, dedup, info. A thin front over `ehm::retrieval`.
 use clap::{Args, Parser, Subcommand};
+use ehm::infer::Parallelism;
 use ehm::pipeline::{expand_inputs, Format};
 use ehm::retrieval::descriptor::{Describer, DescriptorKind, Regions};
 use ehm::retrieval::index::{HnswParams, Index};
@@ -29,6 +30,10 @@ struct Common {
     /// Threads for decoding and for inference (each)
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
+    /// ONNX Runtime sessions sharing each batch (default: one single-threaded session per
+    /// thread; 1 = one session on all threads, best for a single query image)
+    #[arg(long)]
+    sessions: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -152,15 +157,15 @@ fn run(cli: Cli) -> ehm::Result<usize> {
             let mut d = if Index::exists(&c.index) {
                 let ix = Index::open(&c.index)?;
                 match model.as_deref() {
-                    Some(mp) if ix.meta.descriptor == DescriptorKind::Embed => Describer::embed(mp, c.threads)?,
-                    _ => retrieval::describer_for(&ix, None, c.threads)?,
+                    Some(mp) if ix.meta.descriptor == DescriptorKind::Embed => Describer::embed(mp, Parallelism::split(c.threads, c.sessions))?,
+                    _ => retrieval::describer_for(&ix, None, Parallelism::split(c.threads, c.sessions))?,
                 }
             } else {
                 match descriptor {
                     DescriptorKind::Phash => Describer::phash(),
                     DescriptorKind::Embed => {
                         let mp = model.ok_or_else(|| ehm::Error::Config("a new embed index needs --model EMBED.onnx (or --descriptor phash)".into()))?;
-                        Describer::embed(&mp, c.threads)?
+                        Describer::embed(&mp, Parallelism::split(c.threads, c.sessions))?
                     }
                 }
             };
@@ -180,7 +185,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
         }
         Cmd::Query { c, model, k, threshold, ef, format, inputs } => {
             let ix = Index::open(&c.index)?;
-            let mut d = retrieval::describer_for(&ix, model.as_deref(), c.threads)?;
+            let mut d = retrieval::describer_for(&ix, model.as_deref(), Parallelism::split(c.threads, c.sessions))?;
             let (paths, problems) = expand_inputs(&inputs)?;
             for p in &problems {
                 eprintln!("skipped: {p}");

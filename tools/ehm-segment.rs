@@ -3,7 +3,7 @@
 //! JSON line with the pixel fraction of each class. A thin front over `ehm::pipeline`.
 use clap::Parser;
 use ehm::contract::Task;
-use ehm::infer::OrtModel;
+use ehm::infer::{OrtModel, Parallelism};
 use ehm::pipeline::{self, Item, RunOptions};
 use image::GrayImage;
 use std::collections::HashSet;
@@ -33,6 +33,10 @@ struct Cli {
     /// Threads for decoding and for inference (each)
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
+    /// ONNX Runtime sessions that run parts of each batch side by side (default: one
+    /// single-threaded session per thread; 1 = one session on all threads, best for one image)
+    #[arg(long)]
+    sessions: Option<usize>,
     /// Opacity of the class colours in the overlay
     #[arg(long, default_value_t = 0.55)]
     alpha: f32,
@@ -56,7 +60,7 @@ fn unique_name(path: &std::path::Path, used: &mut HashSet<String>) -> String {
 }
 
 fn run(cli: Cli) -> ehm::Result<usize> {
-    let mut model = OrtModel::open(&cli.model, cli.threads)?;
+    let mut model = OrtModel::open_with(&cli.model, Parallelism::split(cli.threads, cli.sessions))?;
     pipeline::require_task(&model, Task::Segment, "ehm-segment")?;
     let labels = model.contract.labels.clone();
     let s = model.contract.config.preprocess.image_size as usize;

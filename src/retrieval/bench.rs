@@ -478,7 +478,7 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let truth = read_truth(bench)?;
     let ix = super::index::Index::open(root)?;
-    let mut d = super::describer_for(&ix, model, threads)?;
+    let mut d = super::describer_for(&ix, model, crate::infer::Parallelism::split(threads, None))?;
     let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
     let mut vecs: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
     d.describe(&paths, &[crate::pipeline::FULL], 32, threads, true, |r| {

@@ -6,7 +6,7 @@
 use crate::contract::Task;
 use crate::data::image_io::load_rgb;
 use crate::error::{Error, Result};
-use crate::infer::OrtModel;
+use crate::infer::{OrtModel, Parallelism};
 use crate::pipeline::{self, crop_view, Item, RunOptions, View, FULL};
 use image::RgbImage;
 use rayon::prelude::*;
@@ -110,8 +110,8 @@ pub struct Described {
 }
 
 impl Describer {
-    pub fn embed(model: &Path, threads: usize) -> Result<Self> {
-        let m = OrtModel::open(model, threads)?;
+    pub fn embed(model: &Path, par: Parallelism) -> Result<Self> {
+        let m = OrtModel::open_with(model, par)?;
         pipeline::require_task(&m, Task::Embed, "ehm-retrieve")?;
         let dim =
             m.contract.config.embedding_dim.ok_or_else(|| {

@@ -9,6 +9,7 @@ pub mod report;
 pub mod simd;
 
 use crate::error::{Error, Result};
+use crate::infer::Parallelism;
 use descriptor::{views, Describer, DescriptorKind, Regions};
 use index::{HnswParams, Index, IndexMeta, ModelRef};
 use serde::Serialize;
@@ -69,7 +70,7 @@ fn check_same_descriptor(ix: &Index, d: &Describer, root: &Path) -> Result<()> {
 }
 
 /// The describer an existing index needs: its model (or `model` if given, checked by hash).
-pub fn describer_for(ix: &Index, model: Option<&Path>, threads: usize) -> Result<Describer> {
+pub fn describer_for(ix: &Index, model: Option<&Path>, par: Parallelism) -> Result<Describer> {
     match ix.meta.descriptor {
         DescriptorKind::Phash => Ok(Describer::phash()),
         DescriptorKind::Embed => {
@@ -86,7 +87,7 @@ pub fn describer_for(ix: &Index, model: Option<&Path>, threads: usize) -> Result
                     &m.sha256[..12]
                 )));
             }
-            Describer::embed(path, threads)
+            Describer::embed(path, par)
         }
     }
 }
