@@ -67,6 +67,16 @@ pub struct Source {
     pub training: serde_json::Value,
 }
 
+/// The model's version of the default (ai.onnx) operator set; 0 if it declares none.
+pub fn default_opset(m: &ModelProto) -> i64 {
+    m.opset_import
+        .iter()
+        .filter(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+        .filter_map(|o| o.version)
+        .max()
+        .unwrap_or(0)
+}
+
 /// The `metadata_props` that make a graph an ehm model (what `ModelContract::read` reads back).
 pub fn contract_metadata(
     task: Task,
@@ -138,13 +148,7 @@ impl ModelContract {
                 task.output()
             ));
         }
-        let opset = m
-            .opset_import
-            .iter()
-            .filter(|o| o.domain.as_deref().unwrap_or("").is_empty())
-            .filter_map(|o| o.version)
-            .max()
-            .unwrap_or(0);
+        let opset = default_opset(m);
         let parameters = g
             .initializer
             .iter()

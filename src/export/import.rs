@@ -5,7 +5,7 @@
 use super::graph::Graph;
 use super::onnx::{self, attribute_proto::AttributeType, ModelProto};
 use super::{backbone_output, embed_head, value_info, ExportSummary};
-use crate::contract::{contract_metadata, ContractConfig, Source, Task, INPUT};
+use crate::contract::{contract_metadata, default_opset, ContractConfig, Source, Task, INPUT};
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
 use crate::infer::OrtModel;
@@ -250,15 +250,6 @@ fn assemble(
 
 /// The cut tensor's name inside the adopted graph.
 const TOKENS: &str = "ehm.tokens";
-
-fn default_opset(m: &ModelProto) -> i64 {
-    m.opset_import
-        .iter()
-        .filter(|o| o.domain.as_deref().unwrap_or("").is_empty())
-        .filter_map(|o| o.version)
-        .max()
-        .unwrap_or(0)
-}
 
 /// Adopt the ViT in `src` as an ehm `task` model written (atomically) to `out`.
 pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ExportSummary> {

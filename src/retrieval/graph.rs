@@ -1,7 +1,9 @@
 //! HNSW search over flat arrays. hnsw_rs builds and persists the graph; for queries its
 //! neighbour lists are copied once into CSR arrays (layer 0) and small per-layer maps (upper
-//! layers) and searched here with a reusable visited-stamp array and SIMD dot products —
-//! hnsw_rs's own search goes through an `Arc` and a lock per node visit.
+//! layers), renumbered in breadth-first order with the vectors copied in that order, and searched
+//! here with reusable visited stamps and heaps, prefetching and AVX2/AVX-512 dot products —
+//! hnsw_rs's own search goes through an `Arc` and a lock per node visit. Speed against hnswlib:
+//! docs/benchmarks.md.
 #[cfg(test)]
 use super::index::dot;
 use super::index::DotDistance;
