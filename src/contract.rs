@@ -77,6 +77,14 @@ pub fn default_opset(m: &ModelProto) -> i64 {
         .unwrap_or(0)
 }
 
+/// Number of stored weight values (initializer elements).
+pub fn parameter_count(g: &crate::export::onnx::GraphProto) -> u64 {
+    g.initializer
+        .iter()
+        .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
+        .sum()
+}
+
 /// The `metadata_props` that make a graph an ehm model (what `ModelContract::read` reads back).
 pub fn contract_metadata(
     task: Task,
@@ -149,11 +157,7 @@ impl ModelContract {
             ));
         }
         let opset = default_opset(m);
-        let parameters = g
-            .initializer
-            .iter()
-            .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
-            .sum();
+        let parameters = parameter_count(g);
         Ok(ModelContract {
             task,
             config,

@@ -157,17 +157,24 @@ impl OrtModel {
                 })
                 .collect()
         });
-        let mut shape = vec![0usize];
-        let mut values = Vec::new();
-        for r in results {
-            let (sh, v) = r?;
-            shape[0] += sh.first().copied().unwrap_or(0);
-            shape.truncate(1);
-            shape.extend_from_slice(sh.get(1..).unwrap_or(&[]));
-            values.extend_from_slice(&v);
-        }
-        Ok((shape, values))
+        concat(results)
     }
+}
+
+/// Outputs of consecutive parts of a batch joined along the batch axis.
+fn concat(
+    parts: impl IntoIterator<Item = Result<(Vec<usize>, Vec<f32>)>>,
+) -> Result<(Vec<usize>, Vec<f32>)> {
+    let mut shape = vec![0usize];
+    let mut values = Vec::new();
+    for part in parts {
+        let (sh, v) = part?;
+        shape.truncate(1);
+        shape[0] += sh.first().copied().unwrap_or(0);
+        shape.extend_from_slice(sh.get(1..).unwrap_or(&[]));
+        values.extend_from_slice(&v);
+    }
+    Ok((shape, values))
 }
 
 /// Most images in one ONNX Runtime call: a ViT's per-call activations (attention matrices
@@ -185,16 +192,12 @@ fn run_session(
     output: &str,
 ) -> Result<(Vec<usize>, Vec<f32>)> {
     let per = 3 * s * s;
-    let mut shape: Vec<usize> = vec![0];
-    let mut values = Vec::new();
-    for part in pixels.chunks(RUN_IMAGES * per).take(n.div_ceil(RUN_IMAGES)) {
-        let (sh, v) = run_once(session, path, part, part.len() / per, s, output)?;
-        shape.truncate(1);
-        shape[0] += sh.first().copied().unwrap_or(0);
-        shape.extend_from_slice(sh.get(1..).unwrap_or(&[]));
-        values.extend_from_slice(&v);
-    }
-    Ok((shape, values))
+    concat(
+        pixels
+            .chunks(RUN_IMAGES * per)
+            .take(n.div_ceil(RUN_IMAGES))
+            .map(|part| run_once(session, path, part, part.len() / per, s, output)),
+    )
 }
 
 fn run_once(

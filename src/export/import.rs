@@ -4,7 +4,7 @@
 //! which every ehm tool treats it like one of our own exports.
 use super::graph::Graph;
 use super::onnx::{self, attribute_proto::AttributeType, ModelProto};
-use super::{backbone_output, embed_head, value_info, ExportSummary};
+use super::{backbone_output, embed_head, value_info, write_model, ExportSummary};
 use crate::contract::{contract_metadata, default_opset, ContractConfig, Source, Task, INPUT};
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
@@ -352,19 +352,5 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         &source,
         src,
     )?;
-    let parameters = adopted.graph.as_ref().map_or(0, |g| {
-        g.initializer
-            .iter()
-            .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
-            .sum()
-    });
-    let out_bytes = adopted.encode_to_vec();
-    crate::fsutil::write_atomic(out, &out_bytes)?;
-    Ok(ExportSummary {
-        output: out.to_path_buf(),
-        task: opts.task.name().into(),
-        bytes: out_bytes.len() as u64,
-        parameters,
-        opset,
-    })
+    write_model(&adopted, opts.task, out)
 }

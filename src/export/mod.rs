@@ -7,7 +7,9 @@ pub mod onnx;
 
 use crate::checkpoint::{parse_f32_safetensors, CheckpointConfig, F32Tensors};
 use crate::config::VitConfig;
-use crate::contract::{contract_metadata, ContractConfig, Source, Task, INPUT};
+use crate::contract::{
+    contract_metadata, default_opset, parameter_count, ContractConfig, Source, Task, INPUT,
+};
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
 use graph::{attr_float, attr_int, attr_ints, attr_string, Graph};
@@ -558,20 +560,18 @@ pub fn export_onnx(
     opts: &ExportOptions,
 ) -> Result<ExportSummary> {
     let ck = Checkpoint::open(checkpoint)?;
-    let model = build_model(&ck, task, opts)?;
-    let parameters = model.graph.as_ref().map_or(0, |g| {
-        g.initializer
-            .iter()
-            .map(|t| t.dims.iter().product::<i64>().max(1) as u64)
-            .sum()
-    });
+    write_model(&build_model(&ck, task, opts)?, task, out)
+}
+
+/// Write `model` to `out` atomically and summarise it.
+pub(crate) fn write_model(model: &ModelProto, task: Task, out: &Path) -> Result<ExportSummary> {
     let bytes = model.encode_to_vec();
     crate::fsutil::write_atomic(out, &bytes)?;
     Ok(ExportSummary {
         output: out.to_path_buf(),
         task: task.name().into(),
         bytes: bytes.len() as u64,
-        parameters,
-        opset: OPSET,
+        parameters: model.graph.as_ref().map_or(0, parameter_count),
+        opset: default_opset(model),
     })
 }
