@@ -408,6 +408,46 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
         op_type: Some("Mul".into()),
         ..Default::default()
     });
+    // a side branch with two "register" tokens after the class token (as DINOv2-reg has)
+    let i64s = |name: &str, v: i64| ehm::export::onnx::TensorProto {
+        name: Some(name.into()),
+        dims: vec![1],
+        data_type: Some(7),
+        raw_data: Some(v.to_le_bytes().to_vec()),
+        ..Default::default()
+    };
+    g.initializer.extend([
+        i64s("reg.s0", 0),
+        i64s("reg.s1", 1),
+        i64s("reg.end", i64::MAX),
+    ]);
+    g.initializer.push(ehm::export::onnx::TensorProto {
+        name: Some("reg.k".into()),
+        dims: vec![],
+        data_type: Some(1),
+        raw_data: Some(3f32.to_le_bytes().to_vec()),
+        ..Default::default()
+    });
+    let node = |op: &str, inputs: &[&str], out: &str| NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        op_type: Some(op.into()),
+        ..Default::default()
+    };
+    let t = "/encoder/norm/out";
+    g.node.extend([
+        node("Slice", &[t, "reg.s0", "reg.s1", "reg.s1"], "/reg/cls"),
+        node("Slice", &[t, "reg.s1", "reg.end", "reg.s1"], "/reg/patches"),
+        node("Mul", &["/reg/cls", "reg.k"], "/reg/r1"),
+        node("Neg", &["/reg/cls"], "/reg/r2"),
+    ]);
+    let mut cat = node(
+        "Concat",
+        &["/reg/cls", "/reg/r1", "/reg/r2", "/reg/patches"],
+        "/encoder/with_registers",
+    );
+    cat.attribute.push(ehm::export::graph::attr_int("axis", 1));
+    g.node.push(cat);
     g.input[0].name = Some("input_image".into());
     g.output[0].name = Some("saliency".into());
     let foreign = d.path().join("foreign.onnx");
@@ -453,8 +493,39 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     assert_eq!(sa, sb);
     assert!(max_abs_diff(&ea, &eb) < 1e-5, "{}", max_abs_diff(&ea, &eb));
 
-    // wrong cut points: one line naming the file, exit 1, nothing written
     let bad = d.path().join("bad.onnx");
+    // the register branch: drop the two registers with --prefix-tokens 3
+    let with_regs = d.path().join("with_regs.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("import")
+        .arg(&foreign)
+        .args([
+            "--tokens",
+            "/encoder/with_registers",
+            "--prefix-tokens",
+            "3",
+        ])
+        .args(["--patch-size", "4", "--image-size", "16", "-o"])
+        .arg(&with_regs)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (sr, er) = OrtModel::open(&with_regs, 1)
+        .unwrap()
+        .run(&x, 3, "embedding")
+        .unwrap();
+    assert_eq!(sr, sb);
+    assert!(max_abs_diff(&er, &eb) < 1e-5, "{}", max_abs_diff(&er, &eb));
+    // … and forgetting them is a clear error
+    let o = import("/encoder/with_registers", "4", &bad);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--prefix-tokens"),
+        "{err}"
+    );
+    assert!(!bad.exists());
+
+    // wrong cut points: one line naming the file, exit 1, nothing written
     for (tokens, patch, says) in [
         ("nope", "4", "no node produces a tensor named 'nope'"),
         ("/encoder/norm/out", "8", "import needs [1, 1 + 2², D]"),

