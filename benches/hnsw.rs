@@ -3,7 +3,8 @@
 //! time, single-thread queries/s and recall@10 against exact search. `benches/hnsw_speed.sh`
 //! runs it next to Python hnswlib on the same vectors (written to the file given as argument).
 //! `cargo bench --bench hnsw -- OUT.f32 [N] [DIM] [QUERIES] [M] [EF_CONSTRUCTION] [EF…]`
-use ehm::retrieval::index::{build_hnsw, dot, HnswParams};
+use ehm::retrieval::index::{build_hnsw, HnswParams};
+use ehm::retrieval::simd::dot;
 use rand::{Rng, SeedableRng};
 use std::io::Write;
 

@@ -107,7 +107,8 @@ pub enum Item<'a> {
 /// Options of a pipeline run.
 pub struct RunOptions {
     pub batch: usize,
-    /// Threads for decoding and for ONNX Runtime each (they work on different batches).
+    /// Threads decoding the next batch (ONNX Runtime's threads are set when the model is
+    /// opened: `infer::Parallelism`).
     pub threads: usize,
     pub keep_images: bool,
     /// The views each image is run as (usually just `FULL`).

@@ -285,7 +285,7 @@ pub fn unique_photos(paths: &[PathBuf]) -> Vec<PathBuf> {
         let Some(h) = h else { continue };
         if kept
             .iter()
-            .all(|&k| super::index::dot(h, hashes[k].as_ref().unwrap()) < 0.8)
+            .all(|&k| super::simd::dot(h, hashes[k].as_ref().unwrap()) < 0.8)
         {
             kept.push(i);
         }

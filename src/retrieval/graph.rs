@@ -4,10 +4,10 @@
 //! here with reusable visited stamps and heaps, prefetching and AVX2/AVX-512 dot products —
 //! hnsw_rs's own search goes through an `Arc` and a lock per node visit. Speed against hnswlib:
 //! docs/benchmarks.md.
-#[cfg(test)]
-use super::index::dot;
 use super::index::DotDistance;
-use super::simd::{dot_portable, prefetch};
+#[cfg(test)]
+use super::simd::dot;
+use super::simd::{dot_portable, prefetch, Level};
 use hnsw_rs::prelude::*;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -165,7 +165,6 @@ impl FlatGraph {
 
     /// The `k` nearest rows to `q` by 1 − dot, exploring `ef` candidates on layer 0; rows
     /// for which `keep` is false are walked through but not returned. (row, distance), nearest first.
-    #[allow(clippy::too_many_arguments)]
     pub fn search<K: Fn(usize) -> bool + ?Sized>(
         &self,
         q: &[f32],
@@ -174,16 +173,13 @@ impl FlatGraph {
         keep: &K,
         s: &mut Scratch,
     ) -> Vec<(usize, f32)> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports the features the function is compiled for.
-                return unsafe { self.search_avx512(q, k, ef, keep, s) };
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: as above.
-                return unsafe { self.search_avx2(q, k, ef, keep, s) };
-            }
+        match super::simd::level() {
+            // SAFETY: `level` found the features these functions are compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => return unsafe { self.search_avx512(q, k, ef, keep, s) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2Fma => return unsafe { self.search_avx2(q, k, ef, keep, s) },
+            _ => {}
         }
         self.search_body(q, k, ef, keep, s, dot_portable)
     }
@@ -191,7 +187,6 @@ impl FlatGraph {
     /// The search loop compiled for AVX-512 (16-wide fused multiply-adds in the distance).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn search_avx512<K: Fn(usize) -> bool + ?Sized>(
         &self,
         q: &[f32],
@@ -208,7 +203,6 @@ impl FlatGraph {
     /// The search loop compiled for AVX2 + FMA, so the inlined dot products use them.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn search_avx2<K: Fn(usize) -> bool + ?Sized>(
         &self,
         q: &[f32],
@@ -223,7 +217,6 @@ impl FlatGraph {
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     fn search_body<K: Fn(usize) -> bool + ?Sized>(
         &self,
         q: &[f32],

@@ -6,7 +6,7 @@
 //! generation, fsyncs it, then replaces `CURRENT` atomically: an interrupted run leaves the
 //! previous generation live, and the next run sweeps the half-built one away.
 use super::descriptor::{DescriptorKind, Regions};
-pub use super::simd::dot;
+use super::simd::dot;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{sha256_file, write_atomic};
 use crate::pipeline::View;

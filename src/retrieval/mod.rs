@@ -366,7 +366,7 @@ impl<'a> Searcher<'a> {
     pub fn exact(&self, q: &[f32], k: usize, threshold: f32) -> Vec<Match> {
         let hits = (0..self.ix.meta.vectors)
             .filter(|&r| self.alive[r])
-            .map(|r| (r, index::dot(q, self.ix.vector(r))));
+            .map(|r| (r, simd::dot(q, self.ix.vector(r))));
         self.aggregate(hits, k, threshold)
     }
 }

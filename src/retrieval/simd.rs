@@ -3,20 +3,38 @@
 //! serial chain of dependent adds, and float reassociation is not the compiler's to do), and a
 //! cache prefetch hint for the vectors a search is about to read.
 
-/// Σ a[i]·b[i] over the shorter length, with the fastest kernel this CPU has.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// The widest vector instructions this CPU offers for the kernels below.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Avx512,
+    Avx2Fma,
+    Portable,
+}
+
+/// Detected at run time (std caches the CPU query, so this is cheap to call).
+pub fn level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { dot_avx512(a, b) };
+            return Level::Avx512;
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { dot_avx2(a, b) };
+            return Level::Avx2Fma;
         }
     }
-    dot_portable(a, b)
+    Level::Portable
+}
+
+/// Σ a[i]·b[i] over the shorter length, with the fastest kernel this CPU has.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    match level() {
+        // SAFETY: `level` found the features these functions are compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { dot_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2Fma => unsafe { dot_avx2(a, b) },
+        _ => dot_portable(a, b),
+    }
 }
 
 /// 16 independent lanes the compiler vectorises with whatever the target has.
