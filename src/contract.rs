@@ -57,6 +57,9 @@ pub struct ContractConfig {
     #[serde(default)]
     pub embedding_dim: Option<i64>,
     pub arch: String,
+    /// How the weights were quantized (`int8-dynamic`, `export::quantize`); absent for float.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
 }
 
 /// `ehm.source`: where the weights came from.

@@ -136,8 +136,21 @@ impl OrtModel {
         }
         let parts = self.sessions.len().min(n).max(1);
         let path = &self.path;
+        // A dynamically quantized model scales its activations per call: one image per call
+        // keeps each image's output independent of its batch (and is as fast on a CPU).
+        let per_call = match self.contract.config.quantization {
+            Some(_) => 1,
+            None => RUN_IMAGES,
+        };
         if parts == 1 {
-            return run_session(&mut self.sessions[0], path, pixels, n, s, output);
+            return run_session(
+                &mut self.sessions[0],
+                path,
+                pixels,
+                (n, per_call),
+                s,
+                output,
+            );
         }
         let size = n.div_ceil(parts);
         let results: Vec<Result<(Vec<usize>, Vec<f32>)>> = std::thread::scope(|scope| {
@@ -146,7 +159,9 @@ impl OrtModel {
                 .iter_mut()
                 .zip(pixels.chunks(size * per))
                 .map(|(sess, px)| {
-                    scope.spawn(move || run_session(sess, path, px, px.len() / per, s, output))
+                    scope.spawn(move || {
+                        run_session(sess, path, px, (px.len() / per, per_call), s, output)
+                    })
                 })
                 .collect();
             handles
@@ -182,20 +197,20 @@ fn concat(
 /// calls of 32 (measured with benches/classify_speed.sh, docs/benchmarks.md).
 const RUN_IMAGES: usize = 8;
 
-/// Run `n` images on one session, `RUN_IMAGES` at a time; outputs joined in order.
+/// Run `n` images on one session, `per_call` at a time; outputs joined in order.
 fn run_session(
     session: &mut ort::session::Session,
     path: &Path,
     pixels: &[f32],
-    n: usize,
+    (n, per_call): (usize, usize),
     s: usize,
     output: &str,
 ) -> Result<(Vec<usize>, Vec<f32>)> {
     let per = 3 * s * s;
     concat(
         pixels
-            .chunks(RUN_IMAGES * per)
-            .take(n.div_ceil(RUN_IMAGES))
+            .chunks(per_call * per)
+            .take(n.div_ceil(per_call))
             .map(|part| run_once(session, path, part, part.len() / per, s, output)),
     )
 }

@@ -362,6 +362,34 @@ fn probe_head_learns_and_exports_as_a_classifier() {
     let err = max_abs_diff(&got, &want);
     eprintln!("parity classify: max abs diff {err:.2e}");
     assert!(err <= 1e-4, "{err}");
+    // --int8 quantizes the blocks' matrices but keeps the head in fp32
+    let file8 = d.path().join("cls8.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(&probe_dir)
+        .args(["--task", "classify", "--int8", "-o"])
+        .arg(&file8)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let depth = CheckpointConfig::read(&probe_dir).unwrap().vit.depth as usize;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("{} weight matrices int8", 4 * depth)),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    use prost::Message;
+    let m = ehm::export::onnx::ModelProto::decode(&std::fs::read(&file8).unwrap()[..]).unwrap();
+    let mut weights = m.graph.as_ref().unwrap().initializer.iter();
+    assert!(weights.any(|t| t.name.as_deref() == Some("head.weight_t") && t.data_type == Some(1)));
+    let (_, got8) = OrtModel::open(&file8, 1)
+        .unwrap()
+        .run(&xs, 3, "logits")
+        .unwrap();
+    let err8 = max_abs_diff(&got8, &want);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("classify int8 vs tch: max abs diff {err8:.2e} (logits up to {scale:.2})");
+    assert!(err8 <= 0.1 * scale.max(1.0), "{err8}");
 }
 
 /// `ehm-export import` on an "outside" model — our backbone export dressed up as another
@@ -492,6 +520,40 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     assert_eq!(sa, vec![3, 128]);
     assert_eq!(sa, sb);
     assert!(max_abs_diff(&ea, &eb) < 1e-5, "{}", max_abs_diff(&ea, &eb));
+    // --int8 adopts and quantizes the same matrices as our own --int8 export
+    let (ours8, adopted8) = (d.path().join("ours8.onnx"), d.path().join("adopted8.onnx"));
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(&run)
+        .args(["--task", "embed", "--int8", "-o"])
+        .arg(&ours8)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("import")
+        .arg(&foreign)
+        .args(["--tokens", "/encoder/norm/out", "--patch-size", "4"])
+        .args(["--image-size", "16", "--int8", "-o"])
+        .arg(&adopted8)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c8 = ModelContract::read(&adopted8).unwrap();
+    assert_eq!(c8.config.quantization.as_deref(), Some("int8-dynamic"));
+    let (_, e8a) = OrtModel::open(&adopted8, 1)
+        .unwrap()
+        .run(&x, 3, "embedding")
+        .unwrap();
+    let (_, e8b) = OrtModel::open(&ours8, 1)
+        .unwrap()
+        .run(&x, 3, "embedding")
+        .unwrap();
+    assert!(
+        max_abs_diff(&e8a, &e8b) < 1e-5,
+        "{}",
+        max_abs_diff(&e8a, &e8b)
+    );
 
     let bad = d.path().join("bad.onnx");
     // the register branch: drop the two registers with --prefix-tokens 3
@@ -540,6 +602,140 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
         );
         assert!(!bad.exists());
     }
+}
+
+/// `--int8`: every weight matrix becomes int8 (DynamicQuantizeMatMul), the file shrinks, the
+/// embedding stays close to fp32's, an image's output does not depend on its batch, Python
+/// onnxruntime agrees, and `--int8 --fp16` is a usage error.
+#[test]
+fn int8_export_is_small_close_to_fp32_and_batch_independent() {
+    use ehm::export::onnx::ModelProto;
+    use prost::Message;
+    let d = tempfile::tempdir().unwrap();
+    let run = common::pretrained_micro(d.path());
+    let CheckpointConfig {
+        vit,
+        preprocess: pre,
+        ..
+    } = CheckpointConfig::read(&run).unwrap();
+    let (fp32, int8) = (d.path().join("fp32.onnx"), d.path().join("int8.onnx"));
+    assert!(export(&run, "embed", &fp32).status.success());
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(&run)
+        .args(["--task", "embed", "--int8", "-o"])
+        .arg(&int8)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let matrices = 4 * vit.depth as usize; // qkv, proj, fc1, fc2 per block
+    assert!(
+        stdout.contains(&format!("{matrices} weight matrices int8")),
+        "{stdout}"
+    );
+    let m = ModelProto::decode(&std::fs::read(&int8).unwrap()[..]).unwrap();
+    let g = m.graph.as_ref().unwrap();
+    let ops = |op: &str| {
+        g.node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some(op))
+            .count()
+    };
+    assert_eq!(ops("DynamicQuantizeMatMul"), matrices);
+    // the bias adds were folded in; the MatMuls left are attention's two products per block
+    assert_eq!(ops("MatMul"), 2 * vit.depth as usize);
+    assert!(g
+        .initializer
+        .iter()
+        .all(|t| !(t.dims.len() == 2 && t.data_type == Some(1))));
+    assert!(m
+        .opset_import
+        .iter()
+        .any(|o| o.domain.as_deref() == Some("com.microsoft")));
+    let c = ModelContract::read(&int8).unwrap();
+    assert_eq!(c.config.quantization.as_deref(), Some("int8-dynamic"));
+    assert_eq!(
+        ModelContract::read(&fp32).unwrap().config.quantization,
+        None
+    );
+    let (a, b) = (
+        std::fs::metadata(&fp32).unwrap().len(),
+        std::fs::metadata(&int8).unwrap().len(),
+    );
+    assert!(b < a / 2, "int8 file {b} vs fp32 {a}");
+
+    let fm = data::fashion_mnist(&data::fashion_mnist_dir(), "test").unwrap();
+    let n = 8;
+    let mut x = Vec::new();
+    for i in 0..n {
+        x.extend(pre.eval(&fm.image(i * 613).unwrap()));
+    }
+    let (shape, q) = OrtModel::open(&int8, 1)
+        .unwrap()
+        .run(&x, n, "embedding")
+        .unwrap();
+    let (_, f) = OrtModel::open(&fp32, 1)
+        .unwrap()
+        .run(&x, n, "embedding")
+        .unwrap();
+    let dim = shape[1];
+    let worst = q
+        .chunks(dim)
+        .zip(f.chunks(dim))
+        .map(|(u, v)| u.iter().zip(v).map(|(a, b)| a * b).sum::<f32>())
+        .fold(1.0, f32::min);
+    eprintln!("int8 vs fp32 embedding: lowest cosine {worst:.4}");
+    assert!(worst > 0.99, "int8 embedding cosine to fp32 {worst}");
+    // the same image alone gives exactly its output within the batch (one image per call)
+    let per = x.len() / n;
+    let mut alone = OrtModel::open(&int8, 1).unwrap();
+    for i in [0, 5] {
+        let (_, one) = alone
+            .run(&x[i * per..(i + 1) * per], 1, "embedding")
+            .unwrap();
+        assert_eq!(one, q[i * dim..(i + 1) * dim], "image {i}");
+    }
+    // Python onnxruntime (and the official checker) on one image agree with ours
+    let py = ehm::fsutil::cache_dir().join("venv/bin/python");
+    let input = d.path().join("x.bin");
+    std::fs::write(
+        &input,
+        x[..per]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let out = d.path().join("y.bin");
+    let o = Command::new(&py)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/py/crosscheck.py"
+        ))
+        .arg(&int8)
+        .arg(&input)
+        .args(["1", "embedding"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: Vec<f32> = std::fs::read(&out)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert!(max_abs_diff(&theirs, &q[..dim]) <= 1e-6);
+    // int8 and fp16 weights exclude each other
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(&run)
+        .args(["--int8", "--fp16", "-o"])
+        .arg(d.path().join("both.onnx"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!d.path().join("both.onnx").exists());
 }
 
 /// A pool of sessions (each batch split into parts, each part run in calls of ≤ 8 images) gives

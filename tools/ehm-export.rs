@@ -27,6 +27,10 @@ enum Cmd {
         /// Store the weights as fp16 (half the file size; ONNX Runtime still computes in fp32)
         #[arg(long)]
         fp16: bool,
+        /// Store the weight matrices as int8 (dynamic quantization: about 2× faster on CPUs
+        /// with int8 dot products, a quarter of the file; outputs change slightly)
+        #[arg(long, conflicts_with = "fp16")]
+        int8: bool,
         /// Export for another input size (position embeddings resized bicubically, as timm)
         #[arg(long)]
         image_size: Option<u32>,
@@ -75,6 +79,9 @@ enum Cmd {
         /// Architecture label recorded in the metadata
         #[arg(long, default_value = "vit")]
         arch: String,
+        /// Store the weight matrices as int8 (as `onnx --int8`)
+        #[arg(long)]
+        int8: bool,
         #[arg(long)]
         json: bool,
     },
@@ -101,8 +108,12 @@ fn print_summary(s: &ehm::export::ExportSummary, json: bool, t0: std::time::Inst
     if json {
         println!("{}", serde_json::to_string(s).unwrap());
     } else {
+        let int8 = match s.int8_matmuls {
+            0 => String::new(),
+            k => format!(", {k} weight matrices int8"),
+        };
         println!(
-            "wrote {} ({} task, {:.1} MB, {:.2} M parameters, opset {}) in {:.1} s",
+            "wrote {} ({} task, {:.1} MB, {:.2} M parameters, opset {}{int8}) in {:.1} s",
             s.output.display(),
             s.task,
             s.bytes as f64 / 1e6,
@@ -120,6 +131,7 @@ fn run(cli: Cli) -> ehm::Result<()> {
             task,
             output,
             fp16,
+            int8,
             image_size,
             json,
         } => {
@@ -131,6 +143,7 @@ fn run(cli: Cli) -> ehm::Result<()> {
                 &ehm::export::ExportOptions {
                     fp16_weights: fp16,
                     image_size,
+                    int8,
                 },
             )?;
             print_summary(&s, json, t0);
@@ -150,6 +163,7 @@ fn run(cli: Cli) -> ehm::Result<()> {
             std,
             name,
             arch,
+            int8,
             json,
         } => {
             use ehm::data::{Interpolation, Preprocess, ResizeRule, IMAGENET_MEAN, IMAGENET_STD};
@@ -183,6 +197,7 @@ fn run(cli: Cli) -> ehm::Result<()> {
                 preprocess,
                 name,
                 arch,
+                int8,
             };
             let s = ehm::export::import::import_onnx(&model, &output, &opts)?;
             print_summary(&s, json, t0);
@@ -216,6 +231,10 @@ fn run(cli: Cli) -> ehm::Result<()> {
                     p.image_size, p.resize, p.crop_pct, p.interpolation
                 );
                 println!("mean / std   {:?} / {:?}", p.mean, p.std);
+                println!(
+                    "weights      {}",
+                    c.config.quantization.as_deref().unwrap_or("float")
+                );
                 println!(
                     "labels       {}",
                     if c.labels.is_empty() {

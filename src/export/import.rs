@@ -30,6 +30,8 @@ pub struct ImportOptions {
     pub name: String,
     /// An architecture label for `ehm.config` (e.g. `vit_small`).
     pub arch: String,
+    /// Quantize the weight matrices to int8 (`quantize::dynamic_int8`).
+    pub int8: bool,
 }
 
 /// Keep only the nodes that `target` depends on, in their original (topological) order.
@@ -346,6 +348,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         embed_dim: 0,
         embedding_dim: None,
         arch: opts.arch.clone(),
+        quantization: None,
     };
     // Probe: run the backbone cut once on a blank image to learn (and check) the token shape.
     let grid = (size / opts.patch_size) as i64;
@@ -380,7 +383,8 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
     let width = shape[2] as i64;
     config.embed_dim = width;
     config.embedding_dim = (opts.task == Task::Embed).then_some(2 * width);
-    let adopted = assemble(
+    config.quantization = opts.int8.then(|| super::quantize::INT8_DYNAMIC.into());
+    let mut adopted = assemble(
         &model,
         &nodes,
         prefix,
@@ -390,5 +394,8 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         &source,
         src,
     )?;
+    if opts.int8 {
+        super::quantize::dynamic_int8(&mut adopted, &[]);
+    }
     write_model(&adopted, opts.task, out)
 }

@@ -2,6 +2,7 @@
 //! written with prost types generated from the official onnx.proto. No libtorch needed.
 pub mod graph;
 pub mod import;
+pub mod quantize;
 #[rustfmt::skip]
 pub mod onnx;
 
@@ -131,6 +132,8 @@ pub struct ExportSummary {
     pub bytes: u64,
     pub parameters: u64,
     pub opset: i64,
+    /// Weight matrices stored as int8 (`--int8`); 0 for a float model.
+    pub int8_matmuls: usize,
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -362,6 +365,12 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
         }
         _ => {}
     }
+    if opts.int8 && opts.fp16_weights {
+        return Err(Error::Config(
+            "--int8 and --fp16 exclude each other (int8 weights are a quarter of fp32 already)"
+                .into(),
+        ));
+    }
     let mut g = Graph::new(opts.fp16_weights);
     let c = Consts {
         idx0: g.init_i64("const.idx0", &[], &[0]),
@@ -516,13 +525,14 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
         embed_dim: d,
         embedding_dim: emb_dim,
         arch: v.arch.clone(),
+        quantization: opts.int8.then(|| quantize::INT8_DYNAMIC.into()),
     };
     let source = Source {
         checkpoint_sha256: ck.sha256.clone(),
         name: ck.name.clone(),
         training: ck.training.clone(),
     };
-    Ok(ModelProto {
+    let mut model = ModelProto {
         ir_version: Some(8),
         producer_name: Some("ehm-export".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
@@ -540,10 +550,13 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
             ..Default::default()
         }),
         ..Default::default()
-    })
+    };
+    if opts.int8 {
+        quantize::dynamic_int8(&mut model, &quantize::HEADS);
+    }
+    Ok(model)
 }
 
-/// Export a checkpoint to `out` (written atomically).
 /// How to export: weight storage and (optionally) another input size.
 #[derive(Clone, Debug, Default)]
 pub struct ExportOptions {
@@ -551,8 +564,11 @@ pub struct ExportOptions {
     pub fp16_weights: bool,
     /// Export for this input size; position embeddings are resized bicubically (as timm).
     pub image_size: Option<u32>,
+    /// Quantize the weight matrices to int8 (`quantize::dynamic_int8`).
+    pub int8: bool,
 }
 
+/// Export a checkpoint to `out` (written atomically).
 pub fn export_onnx(
     checkpoint: &Path,
     task: Task,
@@ -573,5 +589,11 @@ pub(crate) fn write_model(model: &ModelProto, task: Task, out: &Path) -> Result<
         bytes: bytes.len() as u64,
         parameters: model.graph.as_ref().map_or(0, parameter_count),
         opset: default_opset(model),
+        int8_matmuls: model.graph.as_ref().map_or(0, |g| {
+            g.node
+                .iter()
+                .filter(|n| n.op_type.as_deref() == Some("DynamicQuantizeMatMul"))
+                .count()
+        }),
     })
 }
