@@ -158,6 +158,48 @@ fn segment_head_learns_and_exports_with_tch_parity() {
     eprintln!("parity segment: max abs diff {err:.2e}");
     assert!(err <= 1e-4, "{err}");
 
+    // --int8 (blocks int8, the head fp32): the class maps of the validation images stay the same
+    let file8 = d.path().join("seg8.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("onnx")
+        .arg(&out)
+        .args(["--task", "segment", "--int8", "-o"])
+        .arg(&file8)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut px = Vec::new();
+    let mut n = 0;
+    for e in std::fs::read_dir(seg.join("images/val")).unwrap() {
+        let img = image::open(e.unwrap().path()).unwrap().to_rgb8();
+        let mut x = vec![0f32; 3 * 32 * 32];
+        c.config.preprocess.eval_into(&img, &mut x);
+        px.extend(x);
+        n += 1;
+    }
+    let argmax = |file: &std::path::Path| {
+        let (_, l) = OrtModel::open(file, 1)
+            .unwrap()
+            .run(&px, n, "seg_logits")
+            .unwrap();
+        let hw = 32 * 32;
+        (0..n * hw)
+            .map(|i| {
+                let (b, p) = (i / hw, i % hw);
+                (0..3)
+                    .max_by(|&a, &k| l[(b * 3 + a) * hw + p].total_cmp(&l[(b * 3 + k) * hw + p]))
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let (m32, m8) = (argmax(&file), argmax(&file8));
+    let same = m32.iter().zip(&m8).filter(|(a, b)| a == b).count() as f64 / m32.len() as f64;
+    eprintln!(
+        "segment int8 vs fp32: {:.2} % of pixels in the same class",
+        100.0 * same
+    );
+    assert!(n == 16 && same > 0.98, "{n} images, agreement {same}");
+
     // a backbone without a segment head is refused for --task segment
     let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
         .arg("onnx")
