@@ -80,13 +80,16 @@ fn main() {
         },
     );
     let build_s = t0.elapsed().as_secs_f64();
-    let flat = ehm::retrieval::graph::FlatGraph::from_hnsw(&h, &data, dim);
+    let flat = ehm::retrieval::graph::FlatGraph::from_hnsw(&h, n, dim);
+    drop(h);
+    // the vectors in the graph's node order, as an index stores them
+    let table = flat.node_ordered(|r| &data[r * dim..(r + 1) * dim]);
     let mut scratch = ehm::retrieval::graph::Scratch::new(n);
     for ef in efs {
         let t0 = std::time::Instant::now();
         let mut hit = 0;
         for (q, t) in queries.chunks(dim).zip(&truth) {
-            let res = flat.search(q, 10, ef, &|_| true, &mut scratch);
+            let res = flat.search(&table, q, 10, ef, &|_| true, &mut scratch);
             hit += res.iter().filter(|(r, _)| t.contains(r)).count();
         }
         let secs = t0.elapsed().as_secs_f64();

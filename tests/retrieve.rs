@@ -161,6 +161,29 @@ fn index_query_remove_compact_and_refusals() {
         ),
         (Some(1), Some(7), Some(8))
     );
+    // after an incremental update (rows appended, graph rebuilt, vectors put in its node order)
+    // every photo still finds itself first
+    for p in &photos {
+        let m = query(&ix, p, &["-k", "1"]);
+        assert_eq!(
+            m[0]["path"].as_str().unwrap(),
+            p.canonicalize().unwrap().display().to_string()
+        );
+    }
+    // a generation holds its vectors once: the table and our graph file, no other copy
+    let gen = ix.join(std::fs::read_to_string(ix.join("CURRENT")).unwrap().trim());
+    let mut files: Vec<String> = std::fs::read_dir(&gen)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["graph.bin", "index.json", "items.jsonl", "vectors.f32"]
+    );
+    let graph_bytes = std::fs::metadata(gen.join("graph.bin")).unwrap().len();
+    let vec_bytes = std::fs::metadata(gen.join("vectors.f32")).unwrap().len();
+    assert!(graph_bytes < vec_bytes, "{graph_bytes} vs {vec_bytes}");
 
     // remove hides photo 3; compact drops the deleted entries and keeps the rest findable
     ok(retrieve()

@@ -197,33 +197,30 @@ fn run(cli: Cli) -> ehm::Result<usize> {
                 described.push(r);
                 Ok(())
             })?;
-            ix.with_graph(&c.index, |g| -> ehm::Result<()> {
-                if format == Format::Csv {
-                    writeln!(out, "query,rank,path,score,id").map_err(out_err)?;
-                }
-                for mut r in described.into_iter().flatten() {
-                    ix.prepare(&mut r.vectors);
-                    let matches = s.search(g, &r.vectors, k, ef, threshold);
-                    match format {
-                        Format::Jsonl => writeln!(out, "{}", serde_json::json!({"query": r.path, "matches": matches})).map_err(out_err)?,
-                        Format::Csv => {
-                            for (i, m) in matches.iter().enumerate() {
-                                writeln!(out, "{},{},{},{:.6},{}", r.path.display(), i + 1, m.path.display(), m.score, m.id).map_err(out_err)?
-                            }
+            if format == Format::Csv {
+                writeln!(out, "query,rank,path,score,id").map_err(out_err)?;
+            }
+            for mut r in described.into_iter().flatten() {
+                ix.prepare(&mut r.vectors);
+                let matches = s.search(&r.vectors, k, ef, threshold);
+                match format {
+                    Format::Jsonl => writeln!(out, "{}", serde_json::json!({"query": r.path, "matches": matches})).map_err(out_err)?,
+                    Format::Csv => {
+                        for (i, m) in matches.iter().enumerate() {
+                            writeln!(out, "{},{},{},{:.6},{}", r.path.display(), i + 1, m.path.display(), m.score, m.id).map_err(out_err)?
                         }
-                        Format::Table => {
-                            writeln!(out, "{}", r.path.display()).map_err(out_err)?;
-                            if matches.is_empty() {
-                                writeln!(out, "    (no match)").map_err(out_err)?;
-                            }
-                            for (i, m) in matches.iter().enumerate() {
-                                writeln!(out, "  {:>2}. {:.4}  {}", i + 1, m.score, m.path.display()).map_err(out_err)?
-                            }
+                    }
+                    Format::Table => {
+                        writeln!(out, "{}", r.path.display()).map_err(out_err)?;
+                        if matches.is_empty() {
+                            writeln!(out, "    (no match)").map_err(out_err)?;
+                        }
+                        for (i, m) in matches.iter().enumerate() {
+                            writeln!(out, "  {:>2}. {:.4}  {}", i + 1, m.score, m.path.display()).map_err(out_err)?
                         }
                     }
                 }
-                Ok(())
-            })??;
+            }
             Ok(failed + problems.len())
         }
         Cmd::Remove { c, paths } => {

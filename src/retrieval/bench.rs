@@ -490,7 +490,7 @@ pub fn evaluate(
         Ok(())
     })?;
     let s = Searcher::new(&ix);
-    let (results, times, recall) = ix.with_graph(root, |g| {
+    let (results, times, recall) = {
         let mut results = Vec::with_capacity(vecs.len());
         let mut times = Vec::with_capacity(vecs.len());
         let mut overlap = 0f64;
@@ -500,7 +500,7 @@ pub fn evaluate(
                 continue;
             };
             let t0 = std::time::Instant::now();
-            let m = s.search(g, v, 100, ef, -1.0);
+            let m = s.search(v, 100, ef, -1.0);
             times.push(t0.elapsed().as_secs_f64() * 1e3);
             let exact = s.exact(v, 10, -1.0);
             let top: std::collections::HashSet<u64> = m.iter().take(10).map(|x| x.id).collect();
@@ -513,7 +513,7 @@ pub fn evaluate(
             times,
             overlap / vecs.iter().flatten().count().max(1) as f64,
         )
-    })?;
+    };
     let (overall, micro_ap, per_family) = score(&truth, &results);
     let mut t = times;
     t.sort_by(|a, b| a.total_cmp(b));

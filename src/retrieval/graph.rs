@@ -1,9 +1,9 @@
-//! HNSW search over flat arrays. hnsw_rs builds and persists the graph; for queries its
-//! neighbour lists are copied once into CSR arrays (layer 0) and small per-layer maps (upper
-//! layers), renumbered in breadth-first order with the vectors copied in that order, and searched
-//! here with reusable visited stamps and heaps, prefetching and AVX2/AVX-512 dot products —
-//! hnsw_rs's own search goes through an `Arc` and a lock per node visit. Speed against hnswlib:
-//! docs/benchmarks.md.
+//! HNSW search over flat arrays. hnsw_rs builds the graph; its neighbour lists are then copied
+//! into CSR arrays (layer 0) and small per-layer maps (upper layers), renumbered in breadth-first
+//! order — the index stores its vectors in that node order, once — and written in our own file
+//! format (`to_bytes` / `from_bytes`). Searched here with reusable visited stamps and heaps,
+//! prefetching and AVX2/AVX-512 dot products — hnsw_rs's own search goes through an `Arc` and a
+//! lock per node visit. Speed against hnswlib: docs/benchmarks.md.
 use super::index::DotDistance;
 #[cfg(test)]
 use super::simd::dot;
@@ -11,6 +11,9 @@ use super::simd::{dot_portable, prefetch, Level};
 use hnsw_rs::prelude::*;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+
+const GRAPH_MAGIC: u32 = u32::from_le_bytes(*b"EHMG");
+const GRAPH_VERSION: u32 = 1;
 
 /// f32 ordered by `total_cmp`, for the heaps.
 #[derive(Clone, Copy, PartialEq)]
@@ -27,6 +30,7 @@ impl Ord for D {
     }
 }
 
+#[derive(Debug)]
 pub struct FlatGraph {
     /// Layer 0: neighbours of row r are `l0[off[r]..off[r + 1]]`.
     off: Vec<u32>,
@@ -36,8 +40,7 @@ pub struct FlatGraph {
     entry: u32,
     /// Node number → vector row (nodes are numbered in breadth-first order).
     order: Vec<u32>,
-    /// The vectors in node order (a copy: this is what the search reads).
-    vectors: Vec<f32>,
+    /// Floats per vector of the node-ordered table the search reads.
     dim: usize,
 }
 
@@ -92,9 +95,8 @@ impl Scratch {
 }
 
 impl FlatGraph {
-    /// Copy the graph of `h` (data ids = rows of `vectors`, `dim` floats each) and the vectors.
-    pub fn from_hnsw(h: &Hnsw<f32, DotDistance>, vectors: &[f32], dim: usize) -> Self {
-        let n = vectors.len() / dim.max(1);
+    /// Copy the graph of `h` (data ids = rows `0..n` of a table of `dim`-float vectors).
+    pub fn from_hnsw(h: &Hnsw<f32, DotDistance>, n: usize, dim: usize) -> Self {
         let mut lists: Vec<Vec<u32>> = vec![Vec::new(); n];
         let mut upper: Vec<HashMap<u32, Vec<u32>>> = Vec::new();
         let (mut entry, mut top) = (0u32, 0usize);
@@ -148,25 +150,124 @@ impl FlatGraph {
                     .collect()
             })
             .collect();
-        let mut permuted = Vec::with_capacity(n * dim);
-        for &old in &order {
-            permuted.extend_from_slice(&vectors[old as usize * dim..(old as usize + 1) * dim]);
-        }
         FlatGraph {
             off,
             l0,
             upper,
             entry: if n == 0 { 0 } else { rank[entry as usize] },
             order,
-            vectors: permuted,
             dim,
         }
     }
 
+    /// Node number → row.
+    pub fn order(&self) -> &[u32] {
+        &self.order
+    }
+
+    /// The vectors of `row(r)` for every row, in node order: the table `search` reads.
+    pub fn node_ordered<'v>(&self, row: impl Fn(usize) -> &'v [f32]) -> Vec<f32> {
+        let mut t = Vec::with_capacity(self.order.len() * self.dim);
+        for &r in &self.order {
+            t.extend_from_slice(row(r as usize));
+        }
+        t
+    }
+
+    /// The graph as little-endian u32 words: magic, version, n, entry, upper layer count, the
+    /// CSR offsets (n + 1) and lists of layer 0, the node order (n), then per upper layer its
+    /// node count and (node, length, neighbours…) records.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n = self.order.len() as u32;
+        let mut w: Vec<u32> = vec![GRAPH_MAGIC, GRAPH_VERSION, n, self.entry];
+        w.push(self.upper.len() as u32);
+        w.extend_from_slice(&self.off);
+        w.extend_from_slice(&self.l0);
+        w.extend_from_slice(&self.order);
+        for layer in &self.upper {
+            let mut nodes: Vec<_> = layer.iter().collect();
+            nodes.sort_by_key(|(k, _)| **k); // deterministic files
+            w.push(nodes.len() as u32);
+            for (k, v) in nodes {
+                w.push(*k);
+                w.push(v.len() as u32);
+                w.extend_from_slice(v);
+            }
+        }
+        w.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// Read `to_bytes`'s format, checking every count and node number (a damaged file is an
+    /// error, never a panic or an out-of-range read later).
+    pub fn from_bytes(bytes: &[u8], dim: usize) -> Result<Self, String> {
+        if !bytes.len().is_multiple_of(4) {
+            return Err("length is not a whole number of u32 words".into());
+        }
+        let w: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut at = 0usize;
+        let mut take = |k: usize| -> Result<&[u32], String> {
+            let s = w.get(at..at + k).ok_or("file ends early")?;
+            at += k;
+            Ok(s)
+        };
+        let head = take(5)?;
+        if head[0] != GRAPH_MAGIC || head[1] != GRAPH_VERSION {
+            return Err("not an ehm graph file (magic/version)".into());
+        }
+        let (n, entry, layers) = (head[2] as usize, head[3], head[4] as usize);
+        let off = take(n + 1)?.to_vec();
+        if off[0] != 0 || off.windows(2).any(|p| p[0] > p[1]) {
+            return Err("layer-0 offsets are not increasing".into());
+        }
+        let l0 = take(off[n] as usize)?.to_vec();
+        let order = take(n)?.to_vec();
+        let node_ok = |x: u32| (x as usize) < n;
+        if !l0.iter().all(|&x| node_ok(x)) || (n > 0 && !node_ok(entry)) {
+            return Err("a node number is out of range".into());
+        }
+        let mut seen = vec![false; n];
+        for &r in &order {
+            if !node_ok(r) || std::mem::replace(&mut seen[r as usize], true) {
+                return Err("the node order is not a permutation of the rows".into());
+            }
+        }
+        let mut upper = Vec::with_capacity(layers.min(64));
+        for _ in 0..layers {
+            let count = take(1)?[0] as usize;
+            let mut m = HashMap::with_capacity(count.min(n));
+            for _ in 0..count {
+                let rec = take(2)?;
+                let (k, len) = (rec[0], rec[1] as usize);
+                let nb = take(len)?.to_vec();
+                if !node_ok(k) || !nb.iter().all(|&x| node_ok(x)) {
+                    return Err("a node number is out of range".into());
+                }
+                m.insert(k, nb);
+            }
+            upper.push(m);
+        }
+        if take(1).is_ok() {
+            return Err("trailing data".into());
+        }
+        Ok(FlatGraph {
+            off,
+            l0,
+            upper,
+            entry,
+            order,
+            dim,
+        })
+    }
+
     /// The `k` nearest rows to `q` by 1 − dot, exploring `ef` candidates on layer 0; rows
-    /// for which `keep` is false are walked through but not returned. (row, distance), nearest first.
+    /// for which `keep` is false are walked through but not returned. (row, distance), nearest
+    /// first. `vectors` is the table in node order (`node_ordered`).
     pub fn search<K: Fn(usize) -> bool + ?Sized>(
         &self,
+        vectors: &[f32],
         q: &[f32],
         k: usize,
         ef: usize,
@@ -176,12 +277,12 @@ impl FlatGraph {
         match super::simd::level() {
             // SAFETY: `level` found the features these functions are compiled for.
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => return unsafe { self.search_avx512(q, k, ef, keep, s) },
+            Level::Avx512 => return unsafe { self.search_avx512(vectors, q, k, ef, keep, s) },
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2Fma => return unsafe { self.search_avx2(q, k, ef, keep, s) },
+            Level::Avx2Fma => return unsafe { self.search_avx2(vectors, q, k, ef, keep, s) },
             _ => {}
         }
-        self.search_body(q, k, ef, keep, s, dot_portable)
+        self.search_body(vectors, q, k, ef, keep, s, dot_portable)
     }
 
     /// The search loop compiled for AVX-512 (16-wide fused multiply-adds in the distance).
@@ -189,6 +290,7 @@ impl FlatGraph {
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn search_avx512<K: Fn(usize) -> bool + ?Sized>(
         &self,
+        vectors: &[f32],
         q: &[f32],
         k: usize,
         ef: usize,
@@ -197,7 +299,9 @@ impl FlatGraph {
     ) -> Vec<(usize, f32)> {
         use super::simd::dot_avx512;
         // SAFETY: this function only runs where AVX-512F is present.
-        self.search_body(q, k, ef, keep, s, |a, b| unsafe { dot_avx512(a, b) })
+        self.search_body(vectors, q, k, ef, keep, s, |a, b| unsafe {
+            dot_avx512(a, b)
+        })
     }
 
     /// The search loop compiled for AVX2 + FMA, so the inlined dot products use them.
@@ -205,6 +309,7 @@ impl FlatGraph {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn search_avx2<K: Fn(usize) -> bool + ?Sized>(
         &self,
+        vectors: &[f32],
         q: &[f32],
         k: usize,
         ef: usize,
@@ -213,12 +318,14 @@ impl FlatGraph {
     ) -> Vec<(usize, f32)> {
         use super::simd::dot_avx2;
         // SAFETY: this function only runs where AVX2 and FMA are present.
-        self.search_body(q, k, ef, keep, s, |a, b| unsafe { dot_avx2(a, b) })
+        self.search_body(vectors, q, k, ef, keep, s, |a, b| unsafe { dot_avx2(a, b) })
     }
 
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn search_body<K: Fn(usize) -> bool + ?Sized>(
         &self,
+        vectors: &[f32],
         q: &[f32],
         k: usize,
         ef: usize,
@@ -226,10 +333,10 @@ impl FlatGraph {
         s: &mut Scratch,
         dot: impl Fn(&[f32], &[f32]) -> f32,
     ) -> Vec<(usize, f32)> {
-        if self.off.len() <= 1 {
+        let dim = self.dim;
+        if self.off.len() <= 1 || vectors.len() != self.order.len() * dim {
             return vec![];
         }
-        let (vectors, dim) = (&self.vectors[..], self.dim);
         let distance = |r: u32| 1.0 - dot(q, &vectors[r as usize * dim..(r as usize + 1) * dim]);
         let keep = |r: u32| keep(self.order[r as usize] as usize);
         let (mut cur, mut cur_d) = (self.entry, distance(self.entry));
@@ -339,7 +446,10 @@ mod tests {
                 ef_search: 64,
             },
         );
-        let g = FlatGraph::from_hnsw(&h, &data, dim);
+        let g = FlatGraph::from_hnsw(&h, n, dim);
+        // the file format round-trips
+        let g = FlatGraph::from_bytes(&g.to_bytes(), dim).unwrap();
+        let table = g.node_ordered(|r| &data[r * dim..(r + 1) * dim]);
         let mut s = Scratch::new(n);
         let mut hits = 0;
         for qi in (0..n).step_by(40) {
@@ -348,16 +458,44 @@ mod tests {
                 .map(|j| (j, 1.0 - dot(q, &data[j * dim..(j + 1) * dim])))
                 .collect();
             exact.sort_by(|a, b| a.1.total_cmp(&b.1));
-            let got = g.search(q, 10, 64, &|_| true, &mut s);
+            let got = g.search(&table, q, 10, 64, &|_| true, &mut s);
             assert_eq!(got[0].0, qi, "a stored vector finds itself");
             hits += got
                 .iter()
                 .filter(|(j, _)| exact[..10].iter().any(|e| e.0 == *j))
                 .count();
             // filtered rows never come back
-            let odd = g.search(q, 10, 64, &|j| j % 2 == 1, &mut s);
+            let odd = g.search(&table, q, 10, 64, &|j| j % 2 == 1, &mut s);
             assert!(odd.iter().all(|(j, _)| j % 2 == 1) && odd.len() == 10);
         }
         assert!(hits as f64 / (50.0 * 10.0) >= 0.95, "recall {hits}/500");
+    }
+
+    #[test]
+    fn damaged_graph_files_are_errors() {
+        let (n, dim) = (300, 8);
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let data: Vec<f32> = (0..n * dim).map(|_| r.random::<f32>() - 0.5).collect();
+        let p = HnswParams {
+            m: 8,
+            ef_construction: 40,
+            ef_search: 32,
+        };
+        let bytes = FlatGraph::from_hnsw(&build_hnsw(&data, dim, &p), n, dim).to_bytes();
+        assert!(FlatGraph::from_bytes(&bytes, dim).is_ok());
+        let cut = FlatGraph::from_bytes(&bytes[..bytes.len() - 4], dim).err();
+        assert!(cut.is_some_and(|e| e.contains("ends early") || e.contains("range")));
+        let mut bad = bytes.clone();
+        bad[5 * 4 + (n + 1) * 4..5 * 4 + (n + 1) * 4 + 4]
+            .copy_from_slice(&(n as u32).to_le_bytes());
+        assert!(FlatGraph::from_bytes(&bad, dim)
+            .unwrap_err()
+            .contains("out of range"));
+        let mut extra = bytes.clone();
+        extra.extend_from_slice(&[0; 4]);
+        assert!(FlatGraph::from_bytes(&extra, dim)
+            .unwrap_err()
+            .contains("trailing"));
+        assert!(FlatGraph::from_bytes(b"junk", dim).is_err());
     }
 }

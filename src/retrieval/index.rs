@@ -1,11 +1,13 @@
 //! The on-disk index: a folder whose `CURRENT` file names the live generation folder
 //! (`gen-000007/`). A generation holds `index.json` (descriptor, model hash, dim, metric, HNSW
 //! parameters, counts, and the sha256 of every other file), `items.jsonl` (id ↔ path, content
-//! hash, size, vector range, deleted flag), `vectors.f32` (row-major little-endian f32) and the
-//! hnsw_rs dump (`graph.hnsw.graph`, `graph.hnsw.data`). A write builds a complete new
+//! hash, size, vector range, deleted flag), `vectors.f32` (little-endian f32 vectors in the
+//! graph's node order) and `graph.bin` (the HNSW graph, `graph::FlatGraph::to_bytes`, which
+//! also maps node → row). The vectors exist once, on disk and in memory. A write builds a complete new
 //! generation, fsyncs it, then replaces `CURRENT` atomically: an interrupted run leaves the
 //! previous generation live, and the next run sweeps the half-built one away.
 use super::descriptor::{DescriptorKind, Regions};
+use super::graph::{FlatGraph, Scratch};
 use super::simd::dot;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{sha256_file, write_atomic};
@@ -15,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub const FORMAT: &str = "ehm-index/1";
-const GRAPH: &str = "graph";
-/// hnsw_rs's layer count (its private `NB_LAYER_MAX`); it dumps only graphs built with all of them.
+pub const FORMAT: &str = "ehm-index/2";
+const GRAPH_FILE: &str = "graph.bin";
+/// hnsw_rs's layer count (its private `NB_LAYER_MAX`).
 const HNSW_LAYERS: usize = 16;
 
 /// Distance for L2-normalised vectors (and ±1/8 hashes): 1 − dot, clamped at 0 so exact
@@ -91,7 +93,12 @@ pub struct Item {
 pub struct Index {
     pub meta: IndexMeta,
     pub items: Vec<Item>,
-    pub vectors: Vec<f32>,
+    /// The vectors as stored: in the graph's node order for a saved index (what the search
+    /// reads, neighbours close together), rows added since then appended.
+    store: Vec<f32>,
+    /// Row → position in `store`.
+    slot: Vec<u32>,
+    graph: Option<FlatGraph>,
 }
 
 fn current_gen(root: &Path) -> Result<Option<PathBuf>> {
@@ -112,7 +119,9 @@ impl Index {
         Index {
             meta,
             items: Vec::new(),
-            vectors: Vec::new(),
+            store: Vec::new(),
+            slot: Vec::new(),
+            graph: None,
         }
     }
 
@@ -137,7 +146,10 @@ impl Index {
         if meta.format != FORMAT {
             return Err(Error::bad_file(
                 &meta_path,
-                format!("index format {}, this ehm reads {FORMAT}", meta.format),
+                format!(
+                    "index format {}, this ehm reads {FORMAT}; index the images again into a new folder",
+                    meta.format
+                ),
             ));
         }
         for (name, sha) in &meta.files {
@@ -175,15 +187,82 @@ impl Index {
                 ),
             ));
         }
-        let vectors = bytes
+        let store = bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
+        let (graph, slot) = if meta.vectors == 0 {
+            (None, Vec::new())
+        } else {
+            let path = gen.join(GRAPH_FILE);
+            let g = FlatGraph::from_bytes(&std::fs::read(&path).at(&path)?, meta.dim)
+                .map_err(|e| Error::bad_file(&path, format!("damaged HNSW graph: {e}")))?;
+            if g.order().len() != meta.vectors {
+                return Err(Error::bad_file(
+                    &path,
+                    format!(
+                        "graph of {} nodes for {} vectors",
+                        g.order().len(),
+                        meta.vectors
+                    ),
+                ));
+            }
+            let mut slot = vec![0u32; meta.vectors];
+            for (node, &row) in g.order().iter().enumerate() {
+                slot[row as usize] = node as u32;
+            }
+            (Some(g), slot)
+        };
+        if let Some(it) = items.iter().find(|it| it.first + it.count > meta.vectors) {
+            return Err(Error::bad_file(
+                &items_path,
+                format!("item {} points past the {} vectors", it.id, meta.vectors),
+            ));
+        }
         Ok(Index {
             meta,
             items,
-            vectors,
+            store,
+            slot,
+            graph,
         })
+    }
+
+    /// Number of vector rows.
+    pub fn rows(&self) -> usize {
+        self.slot.len()
+    }
+
+    /// Append vector rows (`dim` floats each), already prepared (`prepare`).
+    pub fn push_rows(&mut self, rows: &[f32]) {
+        let dim = self.meta.dim.max(1);
+        let first = self.store.len() / dim;
+        self.slot
+            .extend((0..rows.len() / dim).map(|i| (first + i) as u32));
+        self.store.extend_from_slice(rows);
+    }
+
+    /// Learn the centre from every stored vector and centre them (a new embed index).
+    pub fn learn_center(&mut self) {
+        let c = mean_row(&self.store, self.meta.dim);
+        center_rows(&mut self.store, &c);
+        self.meta.center = Some(c);
+    }
+
+    /// The `k` nearest rows to `q` through the HNSW graph (rows where `keep` is false skipped);
+    /// `None` when the index has no graph (nothing saved yet).
+    pub fn graph_search<K: Fn(usize) -> bool + ?Sized>(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &K,
+        scratch: &mut Scratch,
+    ) -> Option<Vec<(usize, f32)>> {
+        let g = self.graph.as_ref()?;
+        // the graph covers the rows of the last save (node order = the start of `store`)
+        let table = &self.store[..g.order().len() * self.meta.dim];
+        Some(g.search(table, q, k, ef, keep, scratch))
     }
 
     /// The live generation folder of `root`.
@@ -201,7 +280,7 @@ impl Index {
 
     /// The item owning each vector row.
     pub fn owners(&self) -> Vec<u32> {
-        let mut o = vec![0u32; self.meta.vectors];
+        let mut o = vec![0u32; self.rows()];
         for (i, it) in self.items.iter().enumerate() {
             o[it.first..it.first + it.count].fill(i as u32);
         }
@@ -209,25 +288,28 @@ impl Index {
     }
 
     pub fn vector(&self, row: usize) -> &[f32] {
-        &self.vectors[row * self.meta.dim..(row + 1) * self.meta.dim]
+        let s = self.slot[row] as usize * self.meta.dim;
+        &self.store[s..s + self.meta.dim]
     }
 
-    /// Build the HNSW graph over all vectors (deleted ones are filtered at query time).
-    fn build_graph(&self) -> Hnsw<'_, f32, DotDistance> {
-        let n = self.meta.vectors.max(1);
-        // hnsw_rs dumps only graphs built with its full layer count
-        let h = Hnsw::new(
-            self.meta.hnsw.m,
-            n,
-            HNSW_LAYERS,
-            self.meta.hnsw.ef_construction,
-            DotDistance,
-        );
-        let data: Vec<(&[f32], usize)> = (0..self.meta.vectors)
-            .map(|r| (self.vector(r), r))
-            .collect();
-        h.parallel_insert_slice(&data);
-        h
+    /// Build the HNSW graph over all rows (deleted ones are filtered at query time) and put
+    /// the vectors in its node order.
+    fn build_graph(&mut self) {
+        let (n, dim) = (self.rows(), self.meta.dim);
+        if n == 0 {
+            self.graph = None;
+            return;
+        }
+        let data: Vec<(&[f32], usize)> = (0..n).map(|r| (self.vector(r), r)).collect();
+        let h = insert_all(data, &self.meta.hnsw);
+        let g = FlatGraph::from_hnsw(&h, n, dim);
+        drop(h);
+        let table = g.node_ordered(|r| self.vector(r));
+        self.store = table;
+        for (node, &row) in g.order().iter().enumerate() {
+            self.slot[row as usize] = node as u32;
+        }
+        self.graph = Some(g);
     }
 
     /// Write a new generation and make it live. Old generations are removed afterwards.
@@ -254,26 +336,22 @@ impl Index {
         std::fs::create_dir_all(&gen).at(&gen)?;
         self.meta.items = self.items.iter().filter(|i| !i.deleted).count();
         self.meta.deleted = self.items.len() - self.meta.items;
-        self.meta.vectors = self.vectors.len() / self.meta.dim.max(1);
+        self.meta.vectors = self.rows();
         let items: String = self
             .items
             .iter()
             .map(|i| serde_json::to_string(i).unwrap() + "\n")
             .collect();
         write_atomic(&gen.join("items.jsonl"), items.as_bytes())?;
-        let bytes: Vec<u8> = self.vectors.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.build_graph();
+        let bytes: Vec<u8> = self.store.iter().flat_map(|v| v.to_le_bytes()).collect();
         write_atomic(&gen.join("vectors.f32"), &bytes)?;
-        if self.meta.vectors > 0 {
-            let graph = self.build_graph();
-            graph.file_dump(&gen, GRAPH).map_err(|e| {
-                Error::Other(format!("{}: writing the HNSW graph: {e}", gen.display()))
-            })?;
+        if let Some(g) = &self.graph {
+            write_atomic(&gen.join(GRAPH_FILE), &g.to_bytes())?;
         }
         let mut files = BTreeMap::new();
         for f in std::fs::read_dir(&gen).at(&gen)? {
             let p = f.at(&gen)?.path();
-            // make the graph files durable too (hnsw_rs writes them in place)
-            std::fs::File::open(&p).and_then(|f| f.sync_all()).at(&p)?;
             files.insert(
                 p.file_name().unwrap().to_string_lossy().into_owned(),
                 sha256_file(&p)?,
@@ -287,28 +365,6 @@ impl Index {
         write_atomic(&root.join("CURRENT"), name.as_bytes())?;
         sweep(root, &name);
         Ok(())
-    }
-
-    /// Run `f` with the live generation's HNSW graph loaded (as flat arrays for search).
-    pub fn with_graph<R>(
-        &self,
-        root: &Path,
-        f: impl FnOnce(Option<&super::graph::FlatGraph>) -> R,
-    ) -> Result<R> {
-        if self.meta.vectors == 0 {
-            return Ok(f(None));
-        }
-        let gen = Index::generation(root)?;
-        let mut io = HnswIo::new(&gen, GRAPH);
-        let graph: Hnsw<f32, DotDistance> = io.load_hnsw().map_err(|e| {
-            Error::bad_file(
-                gen.join("graph.hnsw.graph"),
-                format!("cannot load the HNSW graph ({e})"),
-            )
-        })?;
-        let flat = super::graph::FlatGraph::from_hnsw(&graph, &self.vectors, self.meta.dim);
-        drop(graph);
-        Ok(f(Some(&flat)))
     }
 }
 
@@ -339,14 +395,23 @@ pub fn build_hnsw<'a>(
     dim: usize,
     p: &HnswParams,
 ) -> Hnsw<'a, f32, DotDistance> {
-    let n = (vectors.len() / dim.max(1)).max(1);
-    // hnsw_rs dumps only graphs built with its full layer count
-    let h = Hnsw::new(p.m, n, HNSW_LAYERS, p.ef_construction, DotDistance);
     let data: Vec<(&[f32], usize)> = vectors
         .chunks_exact(dim)
         .enumerate()
         .map(|(r, v)| (v, r))
         .collect();
+    insert_all(data, p)
+}
+
+/// An HNSW graph over `(vector, id)` pairs, built in parallel by hnsw_rs.
+fn insert_all<'a>(data: Vec<(&'a [f32], usize)>, p: &HnswParams) -> Hnsw<'a, f32, DotDistance> {
+    let h = Hnsw::new(
+        p.m,
+        data.len().max(1),
+        HNSW_LAYERS,
+        p.ef_construction,
+        DotDistance,
+    );
     h.parallel_insert_slice(&data);
     h
 }

@@ -168,12 +168,12 @@ pub fn add(
     }
     let view_list = ix.meta.views.clone();
     let nv = view_list.len();
-    let fresh_rows = ix.vectors.len();
+    let fresh_rows = ix.rows();
     let mut added = 0;
     let mut new_paths = std::collections::HashSet::new();
     failed += d.describe(&todo, &view_list, o.batch, o.threads, o.progress, |r| {
         if let Ok(desc) = r {
-            let first = ix.vectors.len() / ix.meta.dim;
+            let first = ix.rows();
             if desc.vectors.len() != nv * ix.meta.dim {
                 return Err(Error::Shape(format!(
                     "{}: descriptor has {} values, expected {nv} × {}",
@@ -184,7 +184,7 @@ pub fn add(
             }
             let mut v = desc.vectors;
             ix.prepare(&mut v);
-            ix.vectors.extend_from_slice(&v);
+            ix.push_rows(&v);
             new_paths.insert(desc.path.clone());
             ix.items.push(index::Item {
                 id: ix.meta.next_id,
@@ -216,9 +216,7 @@ pub fn add(
         && fresh_rows == 0
         && added > 0
     {
-        let c = index::mean_row(&ix.vectors, ix.meta.dim);
-        index::center_rows(&mut ix.vectors, &c);
-        ix.meta.center = Some(c);
+        ix.learn_center();
     }
     if added > 0 || replaced > 0 || !Index::exists(root) {
         ix.save(root)?;
@@ -231,7 +229,7 @@ pub fn add(
         failed,
         items: ix.items.iter().filter(|i| !i.deleted).count(),
         deleted: ix.items.iter().filter(|i| i.deleted).count(),
-        vectors: ix.vectors.len() / ix.meta.dim.max(1),
+        vectors: ix.rows(),
         seconds: secs,
         images_per_s: todo.len() as f64 / secs.max(1e-9),
     })
@@ -267,7 +265,6 @@ pub fn remove(root: &Path, paths: &[PathBuf]) -> Result<(usize, Vec<PathBuf>)> {
 /// `ehm-retrieve compact`: rewrite the index without deleted items (ids are kept).
 pub fn compact(root: &Path) -> Result<(usize, usize)> {
     let ix = Index::open(root)?;
-    let dim = ix.meta.dim;
     let mut out = Index::empty(ix.meta.clone());
     let mut dropped = 0;
     for it in &ix.items {
@@ -276,9 +273,10 @@ pub fn compact(root: &Path) -> Result<(usize, usize)> {
             continue;
         }
         let mut it2 = it.clone();
-        it2.first = out.vectors.len() / dim;
-        out.vectors
-            .extend_from_slice(&ix.vectors[it.first * dim..(it.first + it.count) * dim]);
+        it2.first = out.rows();
+        for r in it.first..it.first + it.count {
+            out.push_rows(ix.vector(r));
+        }
         out.items.push(it2);
     }
     out.save(root)?;
@@ -307,7 +305,7 @@ impl<'a> Searcher<'a> {
             .iter()
             .map(|&o| !ix.items[o as usize].deleted)
             .collect();
-        let scratch = std::cell::RefCell::new(graph::Scratch::new(ix.meta.vectors));
+        let scratch = std::cell::RefCell::new(graph::Scratch::new(ix.rows()));
         Searcher {
             ix,
             owners,
@@ -346,25 +344,20 @@ impl<'a> Searcher<'a> {
     }
 
     /// Approximate search through the HNSW graph.
-    pub fn search(
-        &self,
-        graph: Option<&graph::FlatGraph>,
-        q: &[f32],
-        k: usize,
-        ef: usize,
-        threshold: f32,
-    ) -> Vec<Match> {
-        let Some(g) = graph else { return vec![] };
+    pub fn search(&self, q: &[f32], k: usize, ef: usize, threshold: f32) -> Vec<Match> {
         let nv = self.ix.meta.views.len().max(1);
-        let want = (k * nv * 2 + 8).min(self.ix.meta.vectors);
+        let want = (k * nv * 2 + 8).min(self.ix.rows());
         let keep = |r: usize| self.alive[r];
-        let hits = g.search(q, want, ef.max(want), &keep, &mut self.scratch.borrow_mut());
+        let hits = self
+            .ix
+            .graph_search(q, want, ef.max(want), &keep, &mut self.scratch.borrow_mut())
+            .unwrap_or_default();
         self.aggregate(hits.into_iter().map(|(r, d)| (r, 1.0 - d)), k, threshold)
     }
 
     /// Exact search (every vector): the yardstick for HNSW recall.
     pub fn exact(&self, q: &[f32], k: usize, threshold: f32) -> Vec<Match> {
-        let hits = (0..self.ix.meta.vectors)
+        let hits = (0..self.ix.rows())
             .filter(|&r| self.alive[r])
             .map(|r| (r, simd::dot(q, self.ix.vector(r))));
         self.aggregate(hits, k, threshold)
@@ -394,10 +387,10 @@ pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> 
         x
     }
     let mut best: HashMap<usize, f32> = HashMap::new();
-    ix.with_graph(root, |g| {
+    {
         for &i in &live {
             let q = ix.vector(ix.items[i].first); // the whole-image view (already centred)
-            for m in s.search(g, q, 20, ef, threshold) {
+            for m in s.search(q, 20, ef, threshold) {
                 let j = by_id[&m.id];
                 if j != i {
                     let (a, b) = (find(&mut parent, i), find(&mut parent, j));
@@ -411,7 +404,7 @@ pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> 
                 }
             }
         }
-    })?;
+    }
     let mut groups: HashMap<usize, Vec<Match>> = HashMap::new();
     for &i in &live {
         let r = find(&mut parent, i);
