@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Step throughput on the GPU machine, one JSON line per run in $OUT/results.jsonl (one file, so
 # it always comes back): PyTorch reference (eager bf16, with its affinity timing) and ehm-train
-# bench with random masks, EHM (all blocks) and EHM with the affinity from blocks 0-3 and 0-2.
+# bench with random masks, EHM (all blocks) and EHM with the affinity from blocks 0-3 and 0-2;
+# then the reference with torch.compile (slowest, last; still owed from the first GPU session).
+# Everything is printed at the end too, so the numbers come back in the tool's output tail even
+# if the output folder does not.
 # Usage (device tool, after benches/gpu_prepare.sh): bash benches/gpu_step_bench.sh
 set -u
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
@@ -18,5 +21,9 @@ for c in "tiny 32 4 512" "small 224 16 256" "base 224 16 256"; do
     esac
     timeout 90 gpu/ehm-train bench --model $1 --img $2 --patch $3 --batch $4 "${a[@]}" --json "$R" > /dev/null 2>>"$OUT/err.txt"
   done
+done
+for c in "tiny 32 4 512" "small 224 16 256" "base 224 16 256"; do
+  set -- $c
+  timeout 150 python3 gpu/mae_reference.py --model $1 --img $2 --patch $3 --batch $4 --compile --json "$R" > /dev/null 2>>"$OUT/err.txt"
 done
 cat "$R"; tail -5 "$OUT/err.txt"
