@@ -578,7 +578,51 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
         .unwrap();
     assert_eq!(sr, sb);
     assert!(max_abs_diff(&er, &eb) < 1e-5, "{}", max_abs_diff(&er, &eb));
-    // … and forgetting them is a clear error
+    // a ViT without class token (the patch tokens only), --prefix-tokens 0: the mean patch
+    // token takes the class token's place, so embedding = mean ⊕ GeM of the patches
+    let no_cls = d.path().join("no_cls.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        .arg("import")
+        .arg(&foreign)
+        .args(["--tokens", "/reg/patches", "--prefix-tokens", "0"])
+        .args(["--patch-size", "4", "--image-size", "16", "-o"])
+        .arg(&no_cls)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (sn, en) = OrtModel::open(&no_cls, 1)
+        .unwrap()
+        .run(&x, 3, "embedding")
+        .unwrap();
+    assert_eq!(sn, sb);
+    let (st, tokens) = OrtModel::open(&backbone, 1)
+        .unwrap()
+        .run(&x, 3, "last_hidden_state")
+        .unwrap();
+    let (t, dim) = (st[1], st[2]);
+    let mut want = Vec::new();
+    for img in tokens.chunks(t * dim) {
+        let patches = &img[dim..];
+        let p = (t - 1) as f32;
+        let mean = (0..dim).map(|c| patches.chunks(dim).map(|r| r[c]).sum::<f32>() / p);
+        let gem = (0..dim).map(|c| {
+            (patches
+                .chunks(dim)
+                .map(|r| r[c].max(1e-6).powi(4))
+                .sum::<f32>()
+                / p)
+                .powf(0.25)
+        });
+        let v: Vec<f32> = mean.chain(gem).collect();
+        let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
+        want.extend(v.iter().map(|a| a / norm));
+    }
+    assert!(
+        max_abs_diff(&en, &want) < 1e-5,
+        "{}",
+        max_abs_diff(&en, &want)
+    );
+    // … and forgetting the registers is a clear error
     let o = import("/encoder/with_registers", "4", &bad);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -55,7 +55,8 @@ enum Cmd {
         #[arg(long)]
         input: Option<String>,
         /// Tokens before the patch tokens, class token first (5 for DINOv2 with registers);
-        /// all but the class token are dropped
+        /// all but the class token are dropped. 0 for a ViT without class token: the mean
+        /// patch token takes its place
         #[arg(long, default_value_t = 1)]
         prefix_tokens: usize,
         #[arg(long)]

@@ -22,7 +22,8 @@ pub struct ImportOptions {
     /// The image input (default: the graph's only non-initializer input).
     pub input: Option<String>,
     /// Tokens before the patch tokens, the class token first (1; 5 for DINOv2 with 4
-    /// registers). The ones after the class token are dropped.
+    /// registers). The ones after the class token are dropped. 0: a model without a class
+    /// token (global-average-pooled ViTs); the mean patch token is put in its place.
     pub prefix_tokens: usize,
     pub patch_size: u32,
     pub preprocess: Preprocess,
@@ -171,7 +172,24 @@ fn assemble(
     let g = src_model.graph.as_ref().expect("checked by caller");
     let opset = default_opset(src_model);
     let mut head = Graph::new(false);
-    if prefix > 1 {
+    if prefix == 0 {
+        // [patches…] → [mean patch, patches…]: the contract's token layout, class slot filled
+        let mean = super::reduce(
+            &mut head,
+            "ReduceMean",
+            RAW_TOKENS,
+            &[1],
+            true,
+            opset,
+            "ehm.tokens",
+        );
+        head.op_named(
+            "Concat",
+            &[&mean, RAW_TOKENS],
+            vec![attr_int("axis", 1)],
+            TOKENS,
+        );
+    } else if prefix > 1 {
         // [class, registers…, patches…] → [class, patches…]
         let start = |g: &mut Graph, name: &str, v: i64| g.init_i64(name, &[1], &[v]);
         let (s0, s1) = (
@@ -273,8 +291,8 @@ fn assemble(
     })
 }
 
-/// The cut tensor's name inside the adopted graph, and (when prefix tokens other than the
-/// class token are dropped) the name of the [class, patches…] tensor made from it.
+/// The cut tensor's name inside the adopted graph, and (when register tokens are dropped or
+/// the class token is missing) the name of the [class, patches…] tensor made from it.
 const RAW_TOKENS: &str = "ehm.tokens.raw";
 const TOKENS: &str = "ehm.tokens";
 
@@ -320,8 +338,8 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
     let mut nodes = cut_at(g, &opts.tokens, &input_name, src)?;
     // Rename: the image input becomes `pixel_values`, the cut tensor `ehm.tokens` (or
     // `ehm.tokens.raw` when registers are dropped from it).
-    let prefix = opts.prefix_tokens.max(1);
-    let cut_name = if prefix > 1 { RAW_TOKENS } else { TOKENS };
+    let prefix = opts.prefix_tokens;
+    let cut_name = if prefix == 1 { TOKENS } else { RAW_TOKENS };
     for n in &mut nodes {
         for name in n.input.iter_mut().chain(n.output.iter_mut()) {
             if *name == input_name {
@@ -366,15 +384,19 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
     let s = size as usize;
     let (shape, _) = session.run(&vec![0.0; 3 * s * s], 1, Task::Backbone.output())?;
     if shape.len() != 3 || shape[1] as i64 != 1 + grid * grid {
-        let (note, regs) = match prefix - 1 {
-            0 => (String::new(), String::new()),
+        let (note, layout) = match prefix {
+            0 => (
+                " with the mean patch token put first".to_string(),
+                "no class token".to_string(),
+            ),
+            1 => (String::new(), "class token first".to_string()),
             r => (
-                format!(" after dropping {r} register tokens"),
-                format!(", {r} registers"),
+                format!(" after dropping {} register tokens", r - 1),
+                format!("class token first, {} registers", r - 1),
             ),
         };
         return Err(Error::Shape(format!(
-            "{}: '{}' has shape {shape:?}{note} for one {size}×{size} image; import needs [1, {prefix} + {grid}², D] (class token first{regs}, then one token per {p}×{p} patch; --prefix-tokens)",
+            "{}: '{}' has shape {shape:?}{note} for one {size}×{size} image; import needs [1, {prefix} + {grid}², D] ({layout}, then one token per {p}×{p} patch; --prefix-tokens)",
             src.display(),
             opts.tokens,
             p = opts.patch_size

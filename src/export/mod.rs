@@ -283,7 +283,7 @@ pub(crate) fn backbone_output(g: &mut Graph, x: &str, tokens: i64, d: i64) -> Va
 }
 
 /// A reduction over `axes` in the form `opset` wants (attribute before opset 18, input after).
-fn reduce(
+pub(crate) fn reduce(
     g: &mut Graph,
     op: &str,
     x: &str,
