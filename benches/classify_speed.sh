@@ -17,9 +17,7 @@ BATCH=${BATCH:-32}
 MODELS=${MODELS:-"vit_tiny_p16_224 vit_small_p16_224 vit_tiny_p16_224:int8 vit_small_p16_224:int8"}
 tools/setup.sh all >&2; tools/setup.sh pydeps >&2
 cargo build --release --bins >&2
-# the serving tool as users of inference only build it: without libtorch (no 0.2 s of loading it)
-CARGO_TARGET_DIR=target/serve cargo build --release --no-default-features --bin ehm-classify >&2
-CLS=./target/serve/release/ehm-classify
+CLS=./target/release/ehm-classify  # ehm-core's tool: no libtorch linked
 SESSIONS=${SESSIONS:-}   # ehm-classify --sessions (default: one single-threaded session per thread)
 SES=(); [ -n "$SESSIONS" ] && SES=(--sessions "$SESSIONS")
 mkdir -p "$OUT"
@@ -60,8 +58,8 @@ PY
 done
 # where the time goes (Python side) and ONNX Runtime per image by threads and call size
 for spec in $MODELS; do m=${spec/:/_}; $PY benches/py/ort_breakdown.py "$OUT/$m.onnx" "$OUT/images.txt" 2>/dev/null; done
-# start-up of the tool with and without libtorch linked (10 runs of --help each)
-for b in ./target/release/ehm-classify "$CLS"; do
+# start-up of the tool (10 runs of --help)
+for b in "$CLS"; do
   t0=$(date +%s.%N); for _ in 1 2 3 4 5 6 7 8 9 10; do $b --help >/dev/null; done; t1=$(date +%s.%N)
   python3 -c "import sys; print(f'start-up {sys.argv[1]}: {(float(sys.argv[3]) - float(sys.argv[2])) / 10 * 1000:.0f} ms')" "$b" "$t0" "$t1"
 done

@@ -1,24 +1,13 @@
-//! ehm: evolved hierarchical masking — pretrain ViTs, export to ONNX, serve with ONNX Runtime.
+//! ehm: evolved hierarchical masking — pretrain ViTs (libtorch via tch), export to ONNX,
+//! serve with ONNX Runtime.
 //!
-//! Layers (arrows point down): tools → {train, export, infer, retrieval} → {model, masking,
-//! eval} → data. Everything that needs libtorch is behind the `train` feature.
-pub mod checkpoint;
-pub mod config;
-pub mod contract;
-pub mod data;
-pub mod error;
-pub mod eval;
-pub mod export;
-pub mod fsutil;
-pub mod infer;
-pub mod masking;
-#[cfg(feature = "train")]
+//! Two crates, ripgrep-style: `ehm-core` (crates/ehm-core) holds everything that runs without
+//! libtorch and the serving tools; this crate adds the model and the trainers (`model`,
+//! `train`, the ehm-train tool) and re-exports ehm-core's modules, so `ehm::data`,
+//! `ehm::export`, … name the same things from either side.
+pub use ehm_core::{
+    checkpoint, config, contract, data, error, eval, export, fsutil, infer, masking, picture,
+    pipeline, progress, retrieval, Error, Result,
+};
 pub mod model;
-pub mod picture;
-pub mod pipeline;
-pub mod progress;
-pub mod retrieval;
-#[cfg(feature = "train")]
 pub mod train;
-
-pub use error::{Error, Result};

@@ -11,7 +11,7 @@ use std::process::Command;
 use tch::{nn, Device, Kind, Tensor};
 
 fn export(ckpt: &Path, task: &str, out: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(ckpt)
         .args(["--task", task, "-o"])
@@ -91,7 +91,7 @@ fn onnx_matches_tch_for_backbone_and_embed() {
     }
     // --fp16: half the file, relative error ≤ 1e-2
     let f16 = d.path().join("embed16.onnx");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&run)
         .args(["--task", "embed", "--fp16", "-o"])
@@ -164,7 +164,7 @@ fn bad_exports_fail_cleanly_and_leave_no_file() {
     let o = export(&run, "embed", Path::new("/proc/nope/x.onnx"));
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).starts_with("error: "));
     // not a model
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("inspect")
         .arg(run.join("config.json"))
         .output()
@@ -202,7 +202,7 @@ fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
         let file = d
             .path()
             .join(format!("{task}{}.onnx", if fp16 { "16" } else { "" }));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ehm-export"));
+        let mut cmd = Command::new(common::tool("ehm-export"));
         cmd.arg("onnx")
             .arg(&run)
             .args(["--task", task, "-o"])
@@ -247,7 +247,7 @@ fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
     let d = tempfile::tempdir().unwrap();
     let run = common::pretrained_micro(d.path());
     let file = d.path().join("embed24.onnx");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&run)
         .args(["--task", "backbone", "--image-size", "24", "-o"])
@@ -364,7 +364,7 @@ fn probe_head_learns_and_exports_as_a_classifier() {
     assert!(err <= 1e-4, "{err}");
     // --int8 quantizes the blocks' matrices but keeps the head in fp32
     let file8 = d.path().join("cls8.onnx");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&probe_dir)
         .args(["--task", "classify", "--int8", "-o"])
@@ -482,7 +482,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     std::fs::write(&foreign, m.encode_to_vec()).unwrap();
 
     let import = |tokens: &str, patch: &str, out: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+        Command::new(common::tool("ehm-export"))
             .arg("import")
             .arg(&foreign)
             .args([
@@ -522,7 +522,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     assert!(max_abs_diff(&ea, &eb) < 1e-5, "{}", max_abs_diff(&ea, &eb));
     // --int8 adopts and quantizes the same matrices as our own --int8 export
     let (ours8, adopted8) = (d.path().join("ours8.onnx"), d.path().join("adopted8.onnx"));
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&run)
         .args(["--task", "embed", "--int8", "-o"])
@@ -530,7 +530,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("import")
         .arg(&foreign)
         .args(["--tokens", "/encoder/norm/out", "--patch-size", "4"])
@@ -558,7 +558,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     let bad = d.path().join("bad.onnx");
     // the register branch: drop the two registers with --prefix-tokens 3
     let with_regs = d.path().join("with_regs.onnx");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("import")
         .arg(&foreign)
         .args([
@@ -581,7 +581,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     // a ViT without class token (the patch tokens only), --prefix-tokens 0: the mean patch
     // token takes the class token's place, so embedding = mean ⊕ GeM of the patches
     let no_cls = d.path().join("no_cls.onnx");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("import")
         .arg(&foreign)
         .args(["--tokens", "/reg/patches", "--prefix-tokens", "0"])
@@ -664,7 +664,7 @@ fn int8_export_is_small_close_to_fp32_and_batch_independent() {
     } = CheckpointConfig::read(&run).unwrap();
     let (fp32, int8) = (d.path().join("fp32.onnx"), d.path().join("int8.onnx"));
     assert!(export(&run, "embed", &fp32).status.success());
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&run)
         .args(["--task", "embed", "--int8", "-o"])
@@ -771,7 +771,7 @@ fn int8_export_is_small_close_to_fp32_and_batch_independent() {
         .collect();
     assert!(max_abs_diff(&theirs, &q[..dim]) <= 1e-6);
     // int8 and fp16 weights exclude each other
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&run)
         .args(["--int8", "--fp16", "-o"])

@@ -66,7 +66,7 @@ fn finetune_learns_resumes_and_exports_a_classifier() {
 
     // the fine-tuned checkpoint exports as a classifier
     let file = d.path().join("ft.onnx");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&out)
         .args(["--task", "classify", "-o"])
@@ -119,7 +119,7 @@ fn segment_head_learns_and_exports_with_tch_parity() {
 
     // export: seg_logits at the input size equal tch's upsampled head output
     let file = d.path().join("seg.onnx");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&out)
         .args(["--task", "segment", "-o"])
@@ -160,7 +160,7 @@ fn segment_head_learns_and_exports_with_tch_parity() {
 
     // --int8 (blocks int8, the head fp32): the class maps of the validation images stay the same
     let file8 = d.path().join("seg8.onnx");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&out)
         .args(["--task", "segment", "--int8", "-o"])
@@ -201,7 +201,7 @@ fn segment_head_learns_and_exports_with_tch_parity() {
     assert!(n == 16 && same > 0.98, "{n} images, agreement {same}");
 
     // a backbone without a segment head is refused for --task segment
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(&run)
         .args(["--task", "segment", "-o"])

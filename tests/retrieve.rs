@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn retrieve() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ehm-retrieve"))
+    Command::new(common::tool("ehm-retrieve"))
 }
 
 fn ok(o: Output) -> Output {
@@ -74,7 +74,7 @@ fn query(index: &Path, q: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
 }
 
 fn export_embed(ckpt: &Path, out: &Path) {
-    ok(Command::new(env!("CARGO_BIN_EXE_ehm-export"))
+    ok(Command::new(common::tool("ehm-export"))
         .arg("onnx")
         .arg(ckpt)
         .args(["--task", "embed", "-o"])

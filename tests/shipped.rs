@@ -2,6 +2,7 @@
 //! libtorch: their files match the sha256 in their model cards, the Fashion-MNIST classifier
 //! classifies real test images well above chance through ehm-classify, and the photo embedder
 //! indexes and finds an exact copy through ehm-retrieve.
+mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -56,7 +57,7 @@ fn shipped_classifier_classifies_fashion_mnist() {
             fm.classes()[fm.label(i).unwrap()].clone(),
         );
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-classify"))
+    let o = Command::new(common::tool("ehm-classify"))
         .arg("-m")
         .arg(shipped("fmnist_tiny_classify.onnx"))
         .args(["--format", "jsonl", "--top-k", "1"])
@@ -89,7 +90,7 @@ fn shipped_embedder_indexes_and_finds_a_copy() {
         .take(12)
         .collect();
     let ix = d.path().join("ix");
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-retrieve"))
+    let o = Command::new(common::tool("ehm-retrieve"))
         .arg("index")
         .arg("-i")
         .arg(&ix)
@@ -109,7 +110,7 @@ fn shipped_embedder_indexes_and_finds_a_copy() {
     );
     let q = d.path().join("query.jpg");
     small.save(&q).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_ehm-retrieve"))
+    let o = Command::new(common::tool("ehm-retrieve"))
         .arg("query")
         .arg("-i")
         .arg(&ix)

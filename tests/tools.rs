@@ -9,10 +9,10 @@ use tch::{Device, Kind, Tensor};
 
 fn ehm(bin: &str) -> Command {
     let exe = match bin {
-        "train" => env!("CARGO_BIN_EXE_ehm-train"),
-        "export" => env!("CARGO_BIN_EXE_ehm-export"),
-        "classify" => env!("CARGO_BIN_EXE_ehm-classify"),
-        _ => env!("CARGO_BIN_EXE_ehm-segment"),
+        "train" => PathBuf::from(env!("CARGO_BIN_EXE_ehm-train")),
+        "export" => common::tool("ehm-export"),
+        "classify" => common::tool("ehm-classify"),
+        _ => common::tool("ehm-segment"),
     };
     let mut c = Command::new(exe);
     c.env("EHM_DEVICE", "cpu");

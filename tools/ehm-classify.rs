@@ -1,9 +1,9 @@
 //! ehm-classify: images → top-k labels with an exported `classify` model (ONNX Runtime).
-//! A thin front over `ehm::pipeline`; everything the tool needs comes from the model file.
+//! A thin front over `ehm_core::pipeline`; everything the tool needs comes from the model file.
 use clap::Parser;
-use ehm::contract::Task;
-use ehm::infer::{OrtModel, Parallelism};
-use ehm::pipeline::{self, Format, Item, RunOptions};
+use ehm_core::contract::Task;
+use ehm_core::infer::{OrtModel, Parallelism};
+use ehm_core::pipeline::{self, Format, Item, RunOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,7 +59,7 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-fn run(cli: Cli) -> ehm::Result<usize> {
+fn run(cli: Cli) -> ehm_core::Result<usize> {
     let mut model = OrtModel::open_with(&cli.model, Parallelism::split(cli.threads, cli.sessions))?;
     pipeline::require_task(&model, Task::Classify, "ehm-classify")?;
     let labels = model.contract.labels.clone();
@@ -70,7 +70,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
     let k = cli.top_k.clamp(1, labels.len().max(1));
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let io = ehm::pipeline::stdout_error;
+    let io = ehm_core::pipeline::stdout_error;
     let width = paths
         .iter()
         .map(|p| p.display().to_string().chars().count())
@@ -134,6 +134,6 @@ fn run(cli: Cli) -> ehm::Result<usize> {
 
 fn main() -> ExitCode {
     // `tool … | head` closes stdout early: stop quietly like other Unix tools
-    ehm::pipeline::exit_quietly_on_broken_pipe();
-    ehm::pipeline::exit_status("ehm-classify", run(Cli::parse()))
+    ehm_core::pipeline::exit_quietly_on_broken_pipe();
+    ehm_core::pipeline::exit_status("ehm-classify", run(Cli::parse()))
 }

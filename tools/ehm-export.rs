@@ -1,6 +1,6 @@
 //! ehm-export: checkpoint → self-describing ONNX (`onnx`), and a look inside a model (`inspect`).
 use clap::{Parser, Subcommand};
-use ehm::contract::{ModelContract, Task};
+use ehm_core::contract::{ModelContract, Task};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -105,7 +105,7 @@ enum InterpArg {
     Bicubic,
 }
 
-fn print_summary(s: &ehm::export::ExportSummary, json: bool, t0: std::time::Instant) {
+fn print_summary(s: &ehm_core::export::ExportSummary, json: bool, t0: std::time::Instant) {
     if json {
         println!("{}", serde_json::to_string(s).unwrap());
     } else {
@@ -125,7 +125,7 @@ fn print_summary(s: &ehm::export::ExportSummary, json: bool, t0: std::time::Inst
     }
 }
 
-fn run(cli: Cli) -> ehm::Result<()> {
+fn run(cli: Cli) -> ehm_core::Result<()> {
     match cli.cmd {
         Cmd::Onnx {
             checkpoint,
@@ -137,11 +137,11 @@ fn run(cli: Cli) -> ehm::Result<()> {
             json,
         } => {
             let t0 = std::time::Instant::now();
-            let s = ehm::export::export_onnx(
+            let s = ehm_core::export::export_onnx(
                 &checkpoint,
                 task,
                 &output,
-                &ehm::export::ExportOptions {
+                &ehm_core::export::ExportOptions {
                     fp16_weights: fp16,
                     image_size,
                     int8,
@@ -167,7 +167,9 @@ fn run(cli: Cli) -> ehm::Result<()> {
             int8,
             json,
         } => {
-            use ehm::data::{Interpolation, Preprocess, ResizeRule, IMAGENET_MEAN, IMAGENET_STD};
+            use ehm_core::data::{
+                Interpolation, Preprocess, ResizeRule, IMAGENET_MEAN, IMAGENET_STD,
+            };
             let t0 = std::time::Instant::now();
             let three = |v: Option<Vec<f32>>, d: [f32; 3]| v.map_or(d, |v| [v[0], v[1], v[2]]);
             let preprocess = Preprocess {
@@ -189,7 +191,7 @@ fn run(cli: Cli) -> ehm::Result<()> {
                     .file_stem()
                     .map_or("imported".into(), |s| s.to_string_lossy().to_string())
             });
-            let opts = ehm::export::import::ImportOptions {
+            let opts = ehm_core::export::import::ImportOptions {
                 task,
                 tokens,
                 input,
@@ -200,7 +202,7 @@ fn run(cli: Cli) -> ehm::Result<()> {
                 arch,
                 int8,
             };
-            let s = ehm::export::import::import_onnx(&model, &output, &opts)?;
+            let s = ehm_core::export::import::import_onnx(&model, &output, &opts)?;
             print_summary(&s, json, t0);
         }
         Cmd::Inspect { model, json } => {

@@ -1,11 +1,11 @@
 //! ehm-retrieve: partial-duplicate image search on an HNSW index — index, query, remove,
-//! compact, dedup, info. A thin front over `ehm::retrieval`.
+//! compact, dedup, info. A thin front over `ehm_core::retrieval`.
 use clap::{Args, Parser, Subcommand};
-use ehm::infer::Parallelism;
-use ehm::pipeline::{expand_inputs, Format};
-use ehm::retrieval::descriptor::{Describer, DescriptorKind, Regions};
-use ehm::retrieval::index::{HnswParams, Index};
-use ehm::retrieval::{self, BuildOptions, Searcher};
+use ehm_core::infer::Parallelism;
+use ehm_core::pipeline::{expand_inputs, Format};
+use ehm_core::retrieval::descriptor::{Describer, DescriptorKind, Regions};
+use ehm_core::retrieval::index::{HnswParams, Index};
+use ehm_core::retrieval::{self, BuildOptions, Searcher};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -141,11 +141,11 @@ enum Cmd {
     },
 }
 
-fn out_err(e: std::io::Error) -> ehm::Error {
-    ehm::pipeline::stdout_error(e)
+fn out_err(e: std::io::Error) -> ehm_core::Error {
+    ehm_core::pipeline::stdout_error(e)
 }
 
-fn run(cli: Cli) -> ehm::Result<usize> {
+fn run(cli: Cli) -> ehm_core::Result<usize> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match cli.cmd {
@@ -164,7 +164,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
                 match descriptor {
                     DescriptorKind::Phash => Describer::phash(),
                     DescriptorKind::Embed => {
-                        let mp = model.ok_or_else(|| ehm::Error::Config("a new embed index needs --model EMBED.onnx (or --descriptor phash)".into()))?;
+                        let mp = model.ok_or_else(|| ehm_core::Error::Config("a new embed index needs --model EMBED.onnx (or --descriptor phash)".into()))?;
                         Describer::embed(&mp, Parallelism::split(c.threads, c.sessions))?
                     }
                 }
@@ -193,7 +193,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
             let s = Searcher::new(&ix);
             let mut described = Vec::new();
-            let failed = d.describe(&paths, &[ehm::pipeline::FULL], 32, c.threads, true, |r| {
+            let failed = d.describe(&paths, &[ehm_core::pipeline::FULL], 32, c.threads, true, |r| {
                 described.push(r);
                 Ok(())
             })?;
@@ -265,14 +265,14 @@ fn run(cli: Cli) -> ehm::Result<usize> {
             }
             if let Some(r) = report {
                 let html = retrieval::report::dedup_html(&c.index.display().to_string(), threshold, &groups);
-                ehm::fsutil::write_atomic(&r, html.as_bytes())?;
+                ehm_core::fsutil::write_atomic(&r, html.as_bytes())?;
                 eprintln!("report: {}", r.display());
             }
             Ok(0)
         }
         Cmd::MakeBench { out: dir, originals, seed } => {
-            let cache = ehm::fsutil::cache_dir();
-            let photos = ehm::data::photos::collect(&cache)?;
+            let cache = ehm_core::fsutil::cache_dir();
+            let photos = ehm_core::data::photos::collect(&cache)?;
             let stamps = cache.join("data/tuxpaint-stamps-default/usr/share/tuxpaint/stamps");
             let s = retrieval::bench::make_bench(&photos, &stamps, &dir, originals, seed)?;
             writeln!(
@@ -325,6 +325,6 @@ fn run(cli: Cli) -> ehm::Result<usize> {
 
 fn main() -> ExitCode {
     // `tool … | head` closes stdout early: stop quietly like other Unix tools
-    ehm::pipeline::exit_quietly_on_broken_pipe();
-    ehm::pipeline::exit_status("ehm-retrieve", run(Cli::parse()))
+    ehm_core::pipeline::exit_quietly_on_broken_pipe();
+    ehm_core::pipeline::exit_status("ehm-retrieve", run(Cli::parse()))
 }

@@ -1,10 +1,10 @@
 //! ehm-segment: images → per-pixel class maps with an exported `segment` model (ONNX Runtime).
 //! Per image: a class-index PNG at the input's size, a colour overlay PNG with a legend, and a
-//! JSON line with the pixel fraction of each class. A thin front over `ehm::pipeline`.
+//! JSON line with the pixel fraction of each class. A thin front over `ehm_core::pipeline`.
 use clap::Parser;
-use ehm::contract::Task;
-use ehm::infer::{OrtModel, Parallelism};
-use ehm::pipeline::{self, Item, RunOptions};
+use ehm_core::contract::Task;
+use ehm_core::infer::{OrtModel, Parallelism};
+use ehm_core::pipeline::{self, Item, RunOptions};
 use image::GrayImage;
 use std::collections::HashSet;
 use std::io::Write;
@@ -59,7 +59,7 @@ fn unique_name(path: &std::path::Path, used: &mut HashSet<String>) -> String {
     name
 }
 
-fn run(cli: Cli) -> ehm::Result<usize> {
+fn run(cli: Cli) -> ehm_core::Result<usize> {
     let mut model = OrtModel::open_with(&cli.model, Parallelism::split(cli.threads, cli.sessions))?;
     pipeline::require_task(&model, Task::Segment, "ehm-segment")?;
     let labels = model.contract.labels.clone();
@@ -68,11 +68,11 @@ fn run(cli: Cli) -> ehm::Result<usize> {
     for p in &problems {
         eprintln!("skipped: {p}");
     }
-    std::fs::create_dir_all(&cli.out).map_err(|e| ehm::Error::io(&cli.out, e))?;
+    std::fs::create_dir_all(&cli.out).map_err(|e| ehm_core::Error::io(&cli.out, e))?;
     let mut used = HashSet::new();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let io = ehm::pipeline::stdout_error;
+    let io = ehm_core::pipeline::stdout_error;
     let opts = RunOptions {
         batch: cli.batch,
         threads: cli.threads,
@@ -99,7 +99,7 @@ fn run(cli: Cli) -> ehm::Result<usize> {
         let mask = GrayImage::from_raw(w, h, map).expect("w·h class indices");
         let name = unique_name(&prepared.path, &mut used);
         let classes_png = cli.out.join(format!("{name}.classes.png"));
-        ehm::fsutil::write_png_atomic(&classes_png, &mask)?;
+        ehm_core::fsutil::write_png_atomic(&classes_png, &mask)?;
         let img = prepared.image.as_ref().expect("kept for the overlay");
         let present: Vec<(u8, String)> = (1..classes)
             .filter(|&c| counts[c] > 0)
@@ -108,14 +108,14 @@ fn run(cli: Cli) -> ehm::Result<usize> {
                 (c as u8, format!("{} {:.1}%", labels[c], 100.0 * frac))
             })
             .collect();
-        let over = ehm::picture::overlay(img, &mask, cli.alpha);
-        let key = ehm::picture::legend(&present, w.max(200));
+        let over = ehm_core::picture::overlay(img, &mask, cli.alpha);
+        let key = ehm_core::picture::legend(&present, w.max(200));
         let mut sheet =
             image::RgbImage::from_pixel(w.max(key.width()), h + key.height(), image::Rgb([255; 3]));
-        ehm::picture::paste(&mut sheet, &over, 0, 0);
-        ehm::picture::paste(&mut sheet, &key, 0, h);
+        ehm_core::picture::paste(&mut sheet, &over, 0, 0);
+        ehm_core::picture::paste(&mut sheet, &key, 0, h);
         let overlay_png = cli.out.join(format!("{name}.overlay.png"));
-        ehm::fsutil::write_png_atomic(&overlay_png, &sheet)?;
+        ehm_core::fsutil::write_png_atomic(&overlay_png, &sheet)?;
         let total = (w as f64) * (h as f64);
         let fractions: serde_json::Map<String, serde_json::Value> = (0..classes)
             .filter(|&c| counts[c] > 0)
@@ -140,6 +140,6 @@ fn run(cli: Cli) -> ehm::Result<usize> {
 
 fn main() -> ExitCode {
     // `tool … | head` closes stdout early: stop quietly like other Unix tools
-    ehm::pipeline::exit_quietly_on_broken_pipe();
-    ehm::pipeline::exit_status("ehm-segment", run(Cli::parse()))
+    ehm_core::pipeline::exit_quietly_on_broken_pipe();
+    ehm_core::pipeline::exit_status("ehm-segment", run(Cli::parse()))
 }

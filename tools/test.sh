@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 tools/setup.sh all
 tools/setup.sh pydeps
-echo "== cargo build --no-default-features (inference tools, no libtorch)"
-cargo build --no-default-features --bins
-echo "== cargo test (all features)"
+echo "== cargo build -p ehm-core (the serving tools alone: no libtorch needed)"
+cargo build -p ehm-core --bins
+echo "== cargo test (the whole workspace: ehm-core and ehm)"
 cargo test --release -- --test-threads=2
 echo "== tests finished in $(( $(date +%s) - start )) s"

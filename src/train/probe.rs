@@ -191,7 +191,8 @@ pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
         momentum: 0.9,
         ..Default::default()
     }
-    .build(&hvs, o.lr)?;
+    .build(&hvs, o.lr)
+    .map_err(|e| Error::Other(format!("libtorch: {e}")))?;
     let n = xtr.size()[0];
     let steps_per_epoch = (n as usize).div_ceil(o.batch_size) as i64;
     let total = steps_per_epoch * o.epochs as i64;

@@ -3,6 +3,19 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A serving tool (ehm-export, ehm-classify, ehm-segment, ehm-retrieve). They belong to the
+/// ehm-core package, so that they never link libtorch; `cargo test` at the top builds them into
+/// the same folder as this package's ehm-train (ehm-core's own CLI test makes cargo build them).
+pub fn tool(name: &str) -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_ehm-train")).with_file_name(name);
+    assert!(
+        exe.exists(),
+        "{} is not built: run `cargo test` at the top of the workspace (it builds ehm-core's tools too)",
+        exe.display()
+    );
+    exe
+}
+
 /// 320 CIFAR-10 records (256 distinct): simple shapes (bars at class-dependent positions) so MAE can learn.
 pub fn write_cifar(dir: &Path) {
     let mut bytes = Vec::new();

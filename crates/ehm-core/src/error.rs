@@ -27,9 +27,6 @@ pub enum Error {
     /// Training went wrong in a way the user must see (non-finite loss, ...).
     #[error("{0}")]
     Training(String),
-    #[cfg(feature = "train")]
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
     #[error("{0}")]
     Other(String),
 }

@@ -68,7 +68,10 @@ pub fn project_dir(name: &str) -> std::path::PathBuf {
     if here.is_dir() {
         return here.to_path_buf();
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
+    // this crate sits at crates/ehm-core in the checkout
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(name)
 }
 
 /// Encode an image as PNG in memory.
