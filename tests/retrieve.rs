@@ -276,6 +276,23 @@ fn index_query_remove_compact_and_refusals() {
         e.contains("vectors.f32") && e.contains("checksum") && e.lines().count() == 1,
         "{e}"
     );
+    // an index of the previous format (hnsw_rs dump, vectors twice) is refused with what to do
+    let meta_file = ix.join(gen.trim()).join("index.json");
+    let meta = std::fs::read_to_string(&meta_file).unwrap();
+    std::fs::write(&meta_file, meta.replace("ehm-index/2", "ehm-index/1")).unwrap();
+    let o = retrieve()
+        .arg("query")
+        .arg("-i")
+        .arg(&ix)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("ehm-index/1") && e.contains("index the images again") && e.lines().count() == 1,
+        "{e}"
+    );
     std::fs::write(ix.join(gen.trim()).join("index.json"), b"{\"hello\": 1}").unwrap();
     let o = retrieve()
         .arg("query")
