@@ -24,14 +24,6 @@ pub const HEADS: [&str; 2] = ["head.", "seg_head."];
 pub const INT8_DYNAMIC: &str = "int8-dynamic";
 const MS_DOMAIN: &str = "com.microsoft";
 
-/// How many weight matrices were quantized (and how many MatMuls with a weight were left
-/// in fp32 because the weight is not stored inline as float).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct QuantSummary {
-    pub quantized: usize,
-    pub skipped: usize,
-}
-
 /// Column-wise symmetric int8 of a row-major `[k, n]` matrix: (values, scale per column).
 pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
     let mut amax = vec![0f32; n];
@@ -86,11 +78,12 @@ fn is_default_domain(n: &NodeProto) -> bool {
 }
 
 /// Quantize `model`'s weight matrices in place (see the module comment), except those whose
-/// names start with one of `keep_float`.
-pub fn dynamic_int8(model: &mut ModelProto, keep_float: &[&str]) -> QuantSummary {
-    let mut summary = QuantSummary::default();
+/// names start with one of `keep_float` and those not stored inline as float (external data).
+/// Returns how many MatMuls now run in int8.
+pub fn dynamic_int8(model: &mut ModelProto, keep_float: &[&str]) -> usize {
+    let mut quantized = 0;
     let Some(g) = model.graph.as_mut() else {
-        return summary;
+        return 0;
     };
     let init: HashMap<String, usize> = g
         .initializer
@@ -133,7 +126,6 @@ pub fn dynamic_int8(model: &mut ModelProto, keep_float: &[&str]) -> QuantSummary
         }
         if !done.contains_key(&w) {
             let Some(values) = float_values(t) else {
-                summary.skipped += 1;
                 continue;
             };
             let (k, cols) = (t.dims[0] as usize, t.dims[1] as usize);
@@ -188,10 +180,10 @@ pub fn dynamic_int8(model: &mut ModelProto, keep_float: &[&str]) -> QuantSummary
             domain: Some(MS_DOMAIN.into()),
             ..Default::default()
         };
-        summary.quantized += 1;
+        quantized += 1;
     }
-    if summary.quantized == 0 {
-        return summary;
+    if quantized == 0 {
+        return 0;
     }
     let mut i = 0;
     g.node.retain(|_| {
@@ -210,7 +202,7 @@ pub fn dynamic_int8(model: &mut ModelProto, keep_float: &[&str]) -> QuantSummary
             version: Some(1),
         });
     }
-    summary
+    quantized
 }
 
 /// Drop initializers and value_info no node or output reads any more (the float weights that
