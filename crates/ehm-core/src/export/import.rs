@@ -416,8 +416,11 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         &source,
         src,
     )?;
-    if opts.int8 {
-        super::quantize::dynamic_int8(&mut adopted, &[]);
+    if opts.int8 && super::quantize::dynamic_int8(&mut adopted, &[]) == 0 {
+        return Err(Error::bad_file(
+            src,
+            "--int8: no MatMul with a float weight matrix stored in the file (weights from Constant nodes or external data are not quantized)",
+        ));
     }
     write_model(&adopted, opts.task, out)
 }
