@@ -232,7 +232,7 @@ fn block(g: &mut Graph, ck: &Checkpoint, x: &str, i: i64, c: &Consts) -> Result<
     let f = linear(g, ck, &n2, &format!("{p}.mlp.fc1"), d, hidden)?;
     // exact GELU: 0.5·x·(1 + erf(x/√2)) (opset 17 has no Gelu op). Written with a Div by √2,
     // the form ONNX Runtime's GeluFusion recognises: it becomes one (Bias)Gelu kernel
-    // (int8 ViT-S/16 8 % faster per image; fp32 unchanged — benches/py/ort_breakdown.py).
+    // (int8 ViT-S/16 ≈ 5 % faster per image, fp32 within noise — benches/py/gelu_form_ab.py).
     let e = g.op("Div", &[&f, &c.sqrt2], vec![], &p);
     let e = g.op("Erf", &[&e], vec![], &p);
     let e = g.op("Add", &[&e, &c.one], vec![], &p);
