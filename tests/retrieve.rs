@@ -258,59 +258,35 @@ fn index_query_remove_compact_and_refusals() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("another model") && e.lines().count() == 1, "{e}");
 
-    // a truncated vector file and a foreign index.json are clear errors
+    // damaged or foreign index files: exit 2 and one line that says what is wrong
+    let refused = |index: &Path, says: &[&str]| {
+        let o = retrieve()
+            .arg("query")
+            .arg("-i")
+            .arg(index)
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            says.iter().all(|s| e.contains(s)) && e.lines().count() == 1,
+            "{e}"
+        );
+    };
     let gen = std::fs::read_to_string(ix.join("CURRENT")).unwrap();
     let vec_file = ix.join(gen.trim()).join("vectors.f32");
     let bytes = std::fs::read(&vec_file).unwrap();
     std::fs::write(&vec_file, &bytes[..bytes.len() / 2]).unwrap();
-    let o = retrieve()
-        .arg("query")
-        .arg("-i")
-        .arg(&ix)
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        e.contains("vectors.f32") && e.contains("checksum") && e.lines().count() == 1,
-        "{e}"
-    );
+    refused(&ix, &["vectors.f32", "checksum"]);
     // an index of the previous format (hnsw_rs dump, vectors twice) is refused with what to do
     let meta_file = ix.join(gen.trim()).join("index.json");
     let meta = std::fs::read_to_string(&meta_file).unwrap();
     std::fs::write(&meta_file, meta.replace("ehm-index/2", "ehm-index/1")).unwrap();
-    let o = retrieve()
-        .arg("query")
-        .arg("-i")
-        .arg(&ix)
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        e.contains("ehm-index/1") && e.contains("index the images again") && e.lines().count() == 1,
-        "{e}"
-    );
-    std::fs::write(ix.join(gen.trim()).join("index.json"), b"{\"hello\": 1}").unwrap();
-    let o = retrieve()
-        .arg("query")
-        .arg("-i")
-        .arg(&ix)
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not an ehm index"));
-    let o = retrieve()
-        .arg("query")
-        .arg("-i")
-        .arg(d.path().join("nowhere"))
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    refused(&ix, &["ehm-index/1", "index the images again"]);
+    std::fs::write(&meta_file, b"{\"hello\": 1}").unwrap();
+    refused(&ix, &["not an ehm index"]);
+    refused(&d.path().join("nowhere"), &["no index here"]);
 }
 
 #[test]
