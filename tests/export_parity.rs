@@ -11,13 +11,7 @@ use std::process::Command;
 use tch::{nn, Device, Kind, Tensor};
 
 fn export(ckpt: &Path, task: &str, out: &Path) -> std::process::Output {
-    Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(ckpt)
-        .args(["--task", task, "-o"])
-        .arg(out)
-        .output()
-        .unwrap()
+    common::export_onnx(ckpt, task, &[], out)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -364,13 +358,7 @@ fn probe_head_learns_and_exports_as_a_classifier() {
     assert!(err <= 1e-4, "{err}");
     // --int8 quantizes the blocks' matrices but keeps the head in fp32
     let file8 = d.path().join("cls8.onnx");
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(&probe_dir)
-        .args(["--task", "classify", "--int8", "-o"])
-        .arg(&file8)
-        .output()
-        .unwrap();
+    let o = common::export_onnx(&probe_dir, "classify", &["--int8"], &file8);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let depth = CheckpointConfig::read(&probe_dir).unwrap().vit.depth as usize;
     assert!(
@@ -522,13 +510,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     assert!(max_abs_diff(&ea, &eb) < 1e-5, "{}", max_abs_diff(&ea, &eb));
     // --int8 adopts and quantizes the same matrices as our own --int8 export
     let (ours8, adopted8) = (d.path().join("ours8.onnx"), d.path().join("adopted8.onnx"));
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(&run)
-        .args(["--task", "embed", "--int8", "-o"])
-        .arg(&ours8)
-        .output()
-        .unwrap();
+    let o = common::export_onnx(&run, "embed", &["--int8"], &ours8);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = Command::new(common::tool("ehm-export"))
         .arg("import")
@@ -664,13 +646,7 @@ fn int8_export_is_small_close_to_fp32_and_batch_independent() {
     } = CheckpointConfig::read(&run).unwrap();
     let (fp32, int8) = (d.path().join("fp32.onnx"), d.path().join("int8.onnx"));
     assert!(export(&run, "embed", &fp32).status.success());
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(&run)
-        .args(["--task", "embed", "--int8", "-o"])
-        .arg(&int8)
-        .output()
-        .unwrap();
+    let o = common::export_onnx(&run, "embed", &["--int8"], &int8);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     let matrices = 4 * vit.depth as usize; // qkv, proj, fc1, fc2 per block
@@ -771,15 +747,10 @@ fn int8_export_is_small_close_to_fp32_and_batch_independent() {
         .collect();
     assert!(max_abs_diff(&theirs, &q[..dim]) <= 1e-6);
     // int8 and fp16 weights exclude each other
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(&run)
-        .args(["--int8", "--fp16", "-o"])
-        .arg(d.path().join("both.onnx"))
-        .output()
-        .unwrap();
+    let both = d.path().join("both.onnx");
+    let o = common::export_onnx(&run, "embed", &["--int8", "--fp16"], &both);
     assert_eq!(o.status.code(), Some(2));
-    assert!(!d.path().join("both.onnx").exists());
+    assert!(!both.exists());
 }
 
 /// A pool of sessions (each batch split into parts, each part run in calls of ≤ 8 images) gives

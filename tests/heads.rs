@@ -66,13 +66,7 @@ fn finetune_learns_resumes_and_exports_a_classifier() {
 
     // the fine-tuned checkpoint exports as a classifier
     let file = d.path().join("ft.onnx");
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(&out)
-        .args(["--task", "classify", "-o"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let o = common::export_onnx(&out, "classify", &[], &file);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(ModelContract::read(&file).unwrap().labels.len(), 10);
 }
@@ -119,13 +113,7 @@ fn segment_head_learns_and_exports_with_tch_parity() {
 
     // export: seg_logits at the input size equal tch's upsampled head output
     let file = d.path().join("seg.onnx");
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(&out)
-        .args(["--task", "segment", "-o"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let o = common::export_onnx(&out, "segment", &[], &file);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let c = ModelContract::read(&file).unwrap();
     assert_eq!(c.labels, vec!["background", "red", "blue"]);
@@ -160,13 +148,7 @@ fn segment_head_learns_and_exports_with_tch_parity() {
 
     // --int8 (blocks int8, the head fp32): the class maps of the validation images stay the same
     let file8 = d.path().join("seg8.onnx");
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(&out)
-        .args(["--task", "segment", "--int8", "-o"])
-        .arg(&file8)
-        .output()
-        .unwrap();
+    let o = common::export_onnx(&out, "segment", &["--int8"], &file8);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut px = Vec::new();
     let mut n = 0;
@@ -201,13 +183,7 @@ fn segment_head_learns_and_exports_with_tch_parity() {
     assert!(n == 16 && same > 0.98, "{n} images, agreement {same}");
 
     // a backbone without a segment head is refused for --task segment
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("onnx")
-        .arg(&run)
-        .args(["--task", "segment", "-o"])
-        .arg(d.path().join("x.onnx"))
-        .output()
-        .unwrap();
+    let o = common::export_onnx(&run, "segment", &[], &d.path().join("x.onnx"));
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no segment head"));
 }

@@ -3,6 +3,19 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// `ehm-export onnx CKPT --task TASK [EXTRA…] -o OUT`.
+pub fn export_onnx(ckpt: &Path, task: &str, extra: &[&str], out: &Path) -> std::process::Output {
+    Command::new(tool("ehm-export"))
+        .arg("onnx")
+        .arg(ckpt)
+        .args(["--task", task])
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 /// A serving tool (ehm-export, ehm-classify, ehm-segment, ehm-retrieve). They belong to the
 /// ehm-core package, so that they never link libtorch; `cargo test` at the top builds them into
 /// the same folder as this package's ehm-train (ehm-core's own CLI test makes cargo build them).

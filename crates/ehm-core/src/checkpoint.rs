@@ -28,11 +28,7 @@ pub fn parse_f32_safetensors(
                 format!("tensor {name} is {:?}, expected F32", view.dtype()),
             ));
         }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let data = crate::fsutil::f32s_from_le(view.data());
         out.insert(
             name,
             (view.shape().iter().map(|&d| d as i64).collect(), data),

@@ -70,11 +70,16 @@ pub struct Source {
     pub training: serde_json::Value,
 }
 
+/// Whether an operator-set domain is the default one (ai.onnx, also written as no domain).
+pub fn is_default_domain(domain: Option<&str>) -> bool {
+    matches!(domain, None | Some("") | Some("ai.onnx"))
+}
+
 /// The model's version of the default (ai.onnx) operator set; 0 if it declares none.
 pub fn default_opset(m: &ModelProto) -> i64 {
     m.opset_import
         .iter()
-        .filter(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+        .filter(|o| is_default_domain(o.domain.as_deref()))
         .filter_map(|o| o.version)
         .max()
         .unwrap_or(0)

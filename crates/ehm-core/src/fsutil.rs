@@ -74,6 +74,14 @@ pub fn project_dir(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
+/// Little-endian f32 values from bytes (a trailing partial value is ignored).
+pub fn f32s_from_le(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
 /// Encode an image as PNG in memory.
 pub fn png_bytes<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Result<Vec<u8>>
 where

@@ -13,6 +13,17 @@ pub struct Graph {
     pub fp16_weights: bool,
 }
 
+/// An initializer from little-endian bytes.
+pub fn raw_tensor(name: &str, dims: &[i64], dtype: DataType, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(dtype as i32),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
 pub fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -57,13 +68,7 @@ impl Graph {
 
     /// Store an initializer from little-endian bytes.
     fn init_raw(&mut self, name: &str, dims: &[i64], dtype: DataType, raw: Vec<u8>) {
-        self.initializers.push(TensorProto {
-            name: Some(name.into()),
-            dims: dims.to_vec(),
-            data_type: Some(dtype as i32),
-            raw_data: Some(raw),
-            ..Default::default()
-        });
+        self.initializers.push(raw_tensor(name, dims, dtype, raw));
     }
 
     /// A float initializer (stored as fp16 + a Cast node when `fp16_weights`).

@@ -14,7 +14,9 @@
 //! Because the activation scale is per call, an image's output depends a little on the other
 //! images of its call; the serving tools therefore run quantized models one image per call
 //! (`ContractConfig::quantization`), which costs nothing on a CPU.
+use super::graph::raw_tensor;
 use super::onnx::{tensor_proto::DataType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+use crate::contract::is_default_domain;
 use std::collections::{HashMap, HashSet};
 
 /// Weight-name prefixes of the task heads, which stay fp32.
@@ -54,27 +56,10 @@ fn float_values(t: &super::onnx::TensorProto) -> Option<Vec<f32>> {
     }
     let want = t.dims.iter().product::<i64>() as usize;
     let v: Vec<f32> = match &t.raw_data {
-        Some(raw) => raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        Some(raw) => crate::fsutil::f32s_from_le(raw),
         None => t.float_data.clone(),
     };
     (v.len() == want).then_some(v)
-}
-
-fn tensor(name: &str, dims: &[i64], dtype: DataType, raw: Vec<u8>) -> super::onnx::TensorProto {
-    super::onnx::TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(dtype as i32),
-        raw_data: Some(raw),
-        ..Default::default()
-    }
-}
-
-fn is_default_domain(n: &NodeProto) -> bool {
-    matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx"))
 }
 
 /// Quantize `model`'s weight matrices in place (see the module comment), except those whose
@@ -112,7 +97,10 @@ pub fn dynamic_int8(model: &mut ModelProto, keep_float: &[&str]) -> usize {
     let mut folded: HashSet<usize> = HashSet::new();
     for i in 0..g.node.len() {
         let n = &g.node[i];
-        if n.op_type.as_deref() != Some("MatMul") || !is_default_domain(n) || n.input.len() != 2 {
+        if n.op_type.as_deref() != Some("MatMul")
+            || !is_default_domain(n.domain.as_deref())
+            || n.input.len() != 2
+        {
             continue;
         }
         let w = n.input[1].clone();
@@ -131,13 +119,13 @@ pub fn dynamic_int8(model: &mut ModelProto, keep_float: &[&str]) -> usize {
             let (k, cols) = (t.dims[0] as usize, t.dims[1] as usize);
             let (q, scale) = quantize_columns(&values, k, cols);
             let (qn, sn) = (format!("{w}.int8"), format!("{w}.int8_scale"));
-            new_inits.push(tensor(
+            new_inits.push(raw_tensor(
                 &qn,
                 &t.dims,
                 DataType::Int8,
                 q.iter().map(|&v| v as u8).collect(),
             ));
-            new_inits.push(tensor(
+            new_inits.push(raw_tensor(
                 &sn,
                 &[cols as i64],
                 DataType::Float,
@@ -152,7 +140,8 @@ pub fn dynamic_int8(model: &mut ModelProto, keep_float: &[&str]) -> usize {
         if readers.get(&output) == Some(&1) {
             if let Some(&ai) = consumer.get(&output) {
                 let add = &g.node[ai];
-                if add.op_type.as_deref() == Some("Add") && is_default_domain(add) {
+                if add.op_type.as_deref() == Some("Add") && is_default_domain(add.domain.as_deref())
+                {
                     let other = add.input.iter().find(|x| **x != output);
                     let is_bias = other.and_then(|b| init.get(b)).is_some_and(|&bi| {
                         let bt = &g.initializer[bi];

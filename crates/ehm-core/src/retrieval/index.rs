@@ -187,10 +187,7 @@ impl Index {
                 ),
             ));
         }
-        let store = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let store = crate::fsutil::f32s_from_le(&bytes);
         let (graph, slot) = if meta.vectors == 0 {
             (None, Vec::new())
         } else {
