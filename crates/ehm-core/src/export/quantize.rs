@@ -3,8 +3,17 @@
 //!
 //! Every `MatMul` whose right-hand side is a 2-D float weight becomes ONNX Runtime's
 //! `com.microsoft.DynamicQuantizeMatMul`: the weight is stored as int8, symmetric, with one
-//! scale per output column (max |w| / 127); the activations are quantized to uint8 at run time,
-//! one scale per call; a bias `Add` right after it is folded in. What stays fp32: attention's
+//! scale per output column (max |w| / `WEIGHT_MAX`); the activations are quantized to uint8 at
+//! run time, one scale per call; a bias `Add` right after it is folded in.
+//!
+//! The weights use 7 bits (±63, ONNX Runtime's `reduce_range`), so that one file is exact on
+//! every CPU: without VNNI, ONNX Runtime's x86 u8×s8 kernels (AVX2, AVX-512BW) multiply with
+//! `vpmaddubsw`, which adds each *pair* of u8×s8 products in a saturating 16-bit integer.
+//! With 8-bit weights a pair reaches 2·255·127 = 64770 and is clipped at 32767 (on an AVX2-only
+//! EPYC the embedding cosine to fp32 fell to 0.984 and classifier logits moved by 4.6); with
+//! weights within ±63 a pair stays within 2·255·63 = 32130, so no sum is ever clipped and the
+//! result equals what the VNNI and ARM kernels compute. The cost is one bit of weight precision
+//! (measured in docs/benchmarks.md, "int8 on every CPU"). What stays fp32: attention's
 //! activation × activation products, the patch convolution, LayerNorm, softmax, GELU, and the
 //! task heads (`HEADS`): a linear probe on a weak backbone separates classes by small feature
 //! differences that one activation scale per call wipes out (Fashion-MNIST demo probe: top-1
@@ -26,7 +35,12 @@ pub const HEADS: [&str; 2] = ["head.", "seg_head."];
 pub const INT8_DYNAMIC: &str = "int8-dynamic";
 const MS_DOMAIN: &str = "com.microsoft";
 
-/// Column-wise symmetric int8 of a row-major `[k, n]` matrix: (values, scale per column).
+/// Largest weight magnitude stored: 7 bits, so two u8×s8 products never overflow a 16-bit
+/// sum (see the module comment).
+pub const WEIGHT_MAX: f32 = 63.0;
+
+/// Column-wise symmetric quantization of a row-major `[k, n]` matrix to integers within
+/// ±`WEIGHT_MAX`: (values, scale per column).
 pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
     let mut amax = vec![0f32; n];
     for row in w.chunks_exact(n).take(k) {
@@ -36,14 +50,14 @@ pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
     }
     let scale: Vec<f32> = amax
         .iter()
-        .map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 })
+        .map(|&m| if m > 0.0 { m / WEIGHT_MAX } else { 1.0 })
         .collect();
     let q = w
         .chunks_exact(n)
         .flat_map(|row| {
             row.iter()
                 .zip(&scale)
-                .map(|(v, s)| (v / s).round().clamp(-127.0, 127.0) as i8)
+                .map(|(v, s)| (v / s).round().clamp(-WEIGHT_MAX, WEIGHT_MAX) as i8)
         })
         .collect();
     (q, scale)
@@ -229,12 +243,54 @@ mod tests {
                 "{i}: {v} → {back}"
             );
         }
-        // the largest magnitude of each column maps to ±127
+        // the largest magnitude of each column maps to ±WEIGHT_MAX
         for c in 0..n {
-            assert_eq!((0..k).map(|r| q[r * n + c].unsigned_abs()).max(), Some(127));
+            assert_eq!(
+                (0..k).map(|r| q[r * n + c].unsigned_abs()).max(),
+                Some(WEIGHT_MAX as u8)
+            );
         }
         // an all-zero column gets scale 1 and zeros, not NaN
         let (q, s) = quantize_columns(&[0.0, 1.0, 0.0, -2.0], 2, 2);
         assert_eq!((q[0], q[2], s[0]), (0, 0, 1.0));
+    }
+
+    /// `vpmaddubsw` as ONNX Runtime's AVX2 / AVX-512BW u8×s8 kernels use it: each pair of
+    /// u8×s8 products summed in a saturating i16, the i16s then widened and added in i32.
+    fn avx2_dot(a: &[u8], w: &[i8]) -> i32 {
+        a.chunks(2)
+            .zip(w.chunks(2))
+            .map(|(a, w)| {
+                let pair: i32 = a.iter().zip(w).map(|(&x, &y)| x as i32 * y as i32).sum();
+                pair.clamp(i16::MIN as i32, i16::MAX as i32)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn quantized_weights_are_exact_under_avx2_pair_saturation() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let (k, n) = (64, 8);
+        // heavy-tailed weights, as trained ViT matrices have
+        let w: Vec<f32> = (0..k * n)
+            .map(|_| r.random::<f32>().powi(3) * if r.random() { 1.0 } else { -1.0 })
+            .collect();
+        let (q, _) = quantize_columns(&w, k, n);
+        // the worst activations for each column: 255 where the weight is positive, else 0
+        // (and the mirror image), which is what a saturating pair sum gets wrong first
+        for c in 0..n {
+            let col: Vec<i8> = (0..k).map(|row| q[row * n + c]).collect();
+            for sign in [1i8, -1] {
+                let a: Vec<u8> = col
+                    .iter()
+                    .map(|&v| if v.signum() == sign { 255 } else { 0 })
+                    .collect();
+                let exact: i32 = a.iter().zip(&col).map(|(&x, &y)| x as i32 * y as i32).sum();
+                assert_eq!(avx2_dot(&a, &col), exact, "column {c}");
+            }
+        }
+        // (8-bit weights would not be: a pair of 255·127 products is clipped)
+        assert_ne!(avx2_dot(&[255, 255], &[127, 127]), 2 * 255 * 127);
     }
 }
