@@ -279,11 +279,13 @@ fn index_query_remove_compact_and_refusals() {
     let bytes = std::fs::read(&vec_file).unwrap();
     std::fs::write(&vec_file, &bytes[..bytes.len() / 2]).unwrap();
     refused(&ix, &["vectors.f32", "checksum"]);
-    // an index of the previous format (hnsw_rs dump, vectors twice) is refused with what to do
+    // an index of the previous format (no checksum of index.json) is refused with what to do
     let meta_file = ix.join(gen.trim()).join("index.json");
     let meta = std::fs::read_to_string(&meta_file).unwrap();
-    std::fs::write(&meta_file, meta.replace("ehm-index/2", "ehm-index/1")).unwrap();
-    refused(&ix, &["ehm-index/1", "index the images again"]);
+    let older = meta.replace("ehm-index/3", "ehm-index/2");
+    assert_ne!(older, meta);
+    std::fs::write(&meta_file, older).unwrap();
+    refused(&ix, &["ehm-index/2", "index the images again"]);
     std::fs::write(&meta_file, b"{\"hello\": 1}").unwrap();
     refused(&ix, &["not an ehm index"]);
     refused(&d.path().join("nowhere"), &["no index here"]);

@@ -1,11 +1,13 @@
 //! ehm-retrieve: partial-duplicate image search on an HNSW index — index, query, remove,
 //! compact, dedup, info. A thin front over `ehm_core::retrieval`.
 use clap::{Args, Parser, Subcommand};
+use ehm_core::args;
 use ehm_core::infer::Parallelism;
+use ehm_core::output::csv_row;
 use ehm_core::pipeline::{expand_inputs, Format};
 use ehm_core::retrieval::descriptor::{Describer, DescriptorKind, Regions};
 use ehm_core::retrieval::index::{HnswParams, Index};
-use ehm_core::retrieval::{self, BuildOptions, Searcher};
+use ehm_core::retrieval::{self, AskedSettings, BuildOptions, Searcher};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,12 +30,28 @@ struct Common {
     #[arg(long, short)]
     index: PathBuf,
     /// Threads for decoding and for inference (each)
-    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()), value_parser = args::at_least_one)]
     threads: usize,
     /// ONNX Runtime sessions sharing each batch (default: one single-threaded session per
     /// thread; 1 = one session on all threads, best for a single query image)
-    #[arg(long)]
+    #[arg(long, value_parser = args::at_least_one)]
     sessions: Option<usize>,
+}
+
+/// Options of the commands that change the index.
+#[derive(Args)]
+struct Writing {
+    /// If another run is writing the index, wait for it to finish (default: fail at once)
+    #[arg(long)]
+    wait: bool,
+}
+
+/// Options of the commands that read images.
+#[derive(Args)]
+struct Reading {
+    /// Largest image file read, in MB (larger files are failed inputs)
+    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB)]
+    max_file_mb: u64,
 }
 
 #[derive(Subcommand)]
@@ -42,55 +60,67 @@ enum Cmd {
     Index {
         #[command(flatten)]
         c: Common,
+        #[command(flatten)]
+        w: Writing,
+        #[command(flatten)]
+        r: Reading,
         /// Embed model (ehm-export onnx --task embed); required for a new embed index
         #[arg(long, short)]
         model: Option<PathBuf>,
-        /// Descriptor of a new index
-        #[arg(long, value_enum, default_value_t = DescriptorKind::Embed)]
-        descriptor: DescriptorKind,
-        /// Regional views per indexed image (new index); they let crops find their original
-        #[arg(long, value_enum, default_value_t = Regions::Standard)]
-        regions: Regions,
-        /// HNSW links per node (new index)
-        #[arg(long, default_value_t = 16)]
-        m: usize,
-        #[arg(long, default_value_t = 200)]
-        ef_construction: usize,
-        /// Default search breadth stored in the index
-        #[arg(long, default_value_t = 64)]
-        ef_search: usize,
-        #[arg(long, default_value_t = 32)]
+        /// Descriptor of a new index [default: embed]. This and the four settings below are
+        /// fixed when the index is created; an existing index refuses other values
+        #[arg(long, value_enum)]
+        descriptor: Option<DescriptorKind>,
+        /// Regional views per indexed image; they let crops find their original [default: standard]
+        #[arg(long, value_enum)]
+        regions: Option<Regions>,
+        /// HNSW links per node, 2 … 255 [default: 16]
+        #[arg(long)]
+        m: Option<usize>,
+        /// HNSW build breadth [default: 200]
+        #[arg(long)]
+        ef_construction: Option<usize>,
+        /// Default search breadth of queries [default: 64]
+        #[arg(long)]
+        ef_search: Option<usize>,
+        /// Images per inference call
+        #[arg(long, default_value_t = 32, value_parser = args::at_least_one)]
         batch: usize,
         #[arg(long)]
         json: bool,
         /// Image files, folders (recursive), globs, or - for paths on stdin
         #[arg(required = true)]
-        inputs: Vec<String>,
+        inputs: Vec<std::ffi::OsString>,
     },
     /// Find the indexed images that each query image is a (partial) copy of
     Query {
         #[command(flatten)]
         c: Common,
+        #[command(flatten)]
+        r: Reading,
         /// The index's model, if it moved (must be the same file content)
         #[arg(long, short)]
         model: Option<PathBuf>,
-        #[arg(long, short, default_value_t = 10)]
+        /// Matches per query image
+        #[arg(long, short, default_value_t = 10, value_parser = args::at_least_one)]
         k: usize,
-        /// Only matches with at least this score (cosine similarity)
-        #[arg(long, default_value_t = -1.0)]
+        /// Only matches with at least this score (cosine similarity, -1 … 1)
+        #[arg(long, default_value_t = -1.0, value_parser = args::cosine, allow_negative_numbers = true)]
         threshold: f32,
         /// Search breadth (default: the index's)
-        #[arg(long)]
+        #[arg(long, value_parser = args::at_least_one)]
         ef: Option<usize>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
         #[arg(required = true)]
-        inputs: Vec<String>,
+        inputs: Vec<std::ffi::OsString>,
     },
     /// Mark images deleted (they stop appearing in results; `compact` drops them for good)
     Remove {
         #[command(flatten)]
         c: Common,
+        #[command(flatten)]
+        w: Writing,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -98,12 +128,15 @@ enum Cmd {
     Compact {
         #[command(flatten)]
         c: Common,
+        #[command(flatten)]
+        w: Writing,
     },
     /// Groups of duplicates within the indexed collection
     Dedup {
         #[command(flatten)]
         c: Common,
-        #[arg(long, default_value_t = 0.9)]
+        /// Score (cosine similarity, -1 … 1) from which two images are duplicates
+        #[arg(long, default_value_t = 0.9, value_parser = args::cosine, allow_negative_numbers = true)]
         threshold: f32,
         /// Also write an HTML page with thumbnails
         #[arg(long)]
@@ -116,7 +149,7 @@ enum Cmd {
         #[arg(long, short)]
         out: PathBuf,
         /// Photos that get attacked copies (the rest are distractors)
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = args::at_least_one)]
         originals: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -129,7 +162,7 @@ enum Cmd {
         bench: PathBuf,
         #[arg(long, short)]
         model: Option<PathBuf>,
-        #[arg(long)]
+        #[arg(long, value_parser = args::at_least_one)]
         ef: Option<usize>,
         #[arg(long)]
         json: bool,
@@ -149,27 +182,33 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match cli.cmd {
-        Cmd::Index { c, model, descriptor, regions, m, ef_construction, ef_search, batch, json, inputs } => {
+        Cmd::Index { c, w, r, model, descriptor, regions, m, ef_construction, ef_search, batch, json, inputs } => {
+            ehm_core::fsutil::set_max_input_mb(r.max_file_mb);
+            let asked = AskedSettings { descriptor, regions, m, ef_construction, ef_search };
+            let hnsw = HnswParams { m: m.unwrap_or(16), ef_construction: ef_construction.unwrap_or(200), ef_search: ef_search.unwrap_or(64) };
+            // before any work: a bad value must not cost an hour of embedding
+            hnsw.validate()?;
             let (paths, problems) = expand_inputs(&inputs)?;
             for p in &problems {
                 eprintln!("skipped: {p}");
             }
+            let par = Parallelism::split(c.threads, c.sessions);
             let mut d = if Index::exists(&c.index) {
                 let ix = Index::open(&c.index)?;
                 match model.as_deref() {
-                    Some(mp) if ix.meta.descriptor == DescriptorKind::Embed => Describer::embed(mp, Parallelism::split(c.threads, c.sessions))?,
-                    _ => retrieval::describer_for(&ix, None, Parallelism::split(c.threads, c.sessions))?,
+                    Some(mp) if ix.meta.descriptor == DescriptorKind::Embed => Describer::embed(mp, par)?,
+                    _ => retrieval::describer_for(&ix, &c.index, None, par)?,
                 }
             } else {
-                match descriptor {
+                match descriptor.unwrap_or(DescriptorKind::Embed) {
                     DescriptorKind::Phash => Describer::phash(),
                     DescriptorKind::Embed => {
                         let mp = model.ok_or_else(|| ehm_core::Error::Config("a new embed index needs --model EMBED.onnx (or --descriptor phash)".into()))?;
-                        Describer::embed(&mp, Parallelism::split(c.threads, c.sessions))?
+                        Describer::embed(&mp, par)?
                     }
                 }
             };
-            let o = BuildOptions { regions, hnsw: HnswParams { m, ef_construction, ef_search }, batch, threads: c.threads, progress: true };
+            let o = BuildOptions { regions: regions.unwrap_or(Regions::Standard), hnsw, asked, batch, threads: c.threads, progress: true, wait: w.wait };
             let s = retrieval::add(&c.index, &mut d, &paths, &o)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&s).unwrap()).map_err(out_err)?;
@@ -183,9 +222,10 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             }
             Ok(s.failed + problems.len())
         }
-        Cmd::Query { c, model, k, threshold, ef, format, inputs } => {
+        Cmd::Query { c, r, model, k, threshold, ef, format, inputs } => {
+            ehm_core::fsutil::set_max_input_mb(r.max_file_mb);
             let ix = Index::open(&c.index)?;
-            let mut d = retrieval::describer_for(&ix, model.as_deref(), Parallelism::split(c.threads, c.sessions))?;
+            let mut d = retrieval::describer_for(&ix, &c.index, model.as_deref(), Parallelism::split(c.threads, c.sessions))?;
             let (paths, problems) = expand_inputs(&inputs)?;
             for p in &problems {
                 eprintln!("skipped: {p}");
@@ -198,16 +238,17 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
                 Ok(())
             })?;
             if format == Format::Csv {
-                writeln!(out, "query,rank,path,score,id").map_err(out_err)?;
+                out.write_all(csv_row(&["query", "rank", "path", "score", "id"]).as_bytes()).map_err(out_err)?;
             }
             for mut r in described.into_iter().flatten() {
                 ix.prepare(&mut r.vectors);
                 let matches = s.search(&r.vectors, k, ef, threshold);
                 match format {
-                    Format::Jsonl => writeln!(out, "{}", serde_json::json!({"query": r.path, "matches": matches})).map_err(out_err)?,
+                    Format::Jsonl => writeln!(out, "{}", serde_json::json!({"query": r.path.to_string_lossy(), "matches": matches})).map_err(out_err)?,
                     Format::Csv => {
                         for (i, m) in matches.iter().enumerate() {
-                            writeln!(out, "{},{},{},{:.6},{}", r.path.display(), i + 1, m.path.display(), m.score, m.id).map_err(out_err)?
+                            let row = [r.path.to_string_lossy().into_owned(), (i + 1).to_string(), m.path.to_string_lossy().into_owned(), format!("{:.6}", m.score), m.id.to_string()];
+                            out.write_all(csv_row(&row).as_bytes()).map_err(out_err)?
                         }
                     }
                     Format::Table => {
@@ -223,16 +264,16 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             }
             Ok(failed + problems.len())
         }
-        Cmd::Remove { c, paths } => {
-            let (n, missing) = retrieval::remove(&c.index, &paths)?;
+        Cmd::Remove { c, w, paths } => {
+            let (n, missing) = retrieval::remove(&c.index, &paths, w.wait)?;
             for p in &missing {
                 eprintln!("not in the index: {}", p.display());
             }
             writeln!(out, "{}: marked {n} image(s) deleted", c.index.display()).map_err(out_err)?;
             Ok(missing.len())
         }
-        Cmd::Compact { c } => {
-            let (kept, dropped) = retrieval::compact(&c.index)?;
+        Cmd::Compact { c, w } => {
+            let (kept, dropped) = retrieval::compact(&c.index, w.wait)?;
             writeln!(out, "{}: kept {kept} images, dropped {dropped} deleted", c.index.display()).map_err(out_err)?;
             Ok(0)
         }
@@ -246,10 +287,11 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
                     }
                 }
                 Format::Csv => {
-                    writeln!(out, "group,path,score,id").map_err(out_err)?;
+                    out.write_all(csv_row(&["group", "path", "score", "id"]).as_bytes()).map_err(out_err)?;
                     for (n, g) in groups.iter().enumerate() {
                         for m in g {
-                            writeln!(out, "{},{},{:.6},{}", n + 1, m.path.display(), m.score, m.id).map_err(out_err)?
+                            let row = [(n + 1).to_string(), m.path.to_string_lossy().into_owned(), format!("{:.6}", m.score), m.id.to_string()];
+                            out.write_all(csv_row(&row).as_bytes()).map_err(out_err)?
                         }
                     }
                 }

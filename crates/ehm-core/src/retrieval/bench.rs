@@ -34,10 +34,12 @@ pub const FAMILIES: &[&str] = &[
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GroundTruth {
+    #[serde(with = "crate::fsutil::lossless_path")]
     pub query: PathBuf,
     pub family: String,
     /// What was done, e.g. "crop 23% area".
     pub attack: String,
+    #[serde(with = "crate::fsutil::lossless_path")]
     pub original: PathBuf,
 }
 
@@ -295,6 +297,7 @@ pub fn unique_photos(paths: &[PathBuf]) -> Vec<PathBuf> {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchSummary {
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub out: PathBuf,
     /// Photos found, and those kept as the database (near-duplicates dropped).
     pub photos: usize,
@@ -478,7 +481,12 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let truth = read_truth(bench)?;
     let ix = super::index::Index::open(root)?;
-    let mut d = super::describer_for(&ix, model, crate::infer::Parallelism::split(threads, None))?;
+    let mut d = super::describer_for(
+        &ix,
+        root,
+        model,
+        crate::infer::Parallelism::split(threads, None),
+    )?;
     let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
     let mut vecs: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
     d.describe(&paths, &[crate::pipeline::FULL], 32, threads, true, |r| {

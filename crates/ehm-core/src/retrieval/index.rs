@@ -1,11 +1,18 @@
 //! The on-disk index: a folder whose `CURRENT` file names the live generation folder
 //! (`gen-000007/`). A generation holds `index.json` (descriptor, model hash, dim, metric, HNSW
-//! parameters, counts, and the sha256 of every other file), `items.jsonl` (id ↔ path, content
+//! parameters, counts, the sha256 of every other file, and a checksum of itself, so a
+//! hand-edited description is refused), `items.jsonl` (id ↔ path, content
 //! hash, size, vector range, deleted flag), `vectors.f32` (little-endian f32 vectors in the
 //! graph's node order) and `graph.bin` (the HNSW graph, `graph::FlatGraph::to_bytes`, which
 //! also maps node → row). The vectors exist once, on disk and in memory. A write builds a complete new
 //! generation, fsyncs it, then replaces `CURRENT` atomically: an interrupted run leaves the
 //! previous generation live, and the next run sweeps the half-built one away.
+//!
+//! Writers (index, remove, compact) hold `WriteLock`, an advisory lock on the folder's `LOCK`
+//! file, from reading the index to making the new generation live: a second writer fails at
+//! once (or waits), so no run's changes are lost to another's. Readers take no lock; a
+//! generation is never changed once written, and a reader that loses the race with a writer's
+//! clean-up reads the new generation instead.
 use super::descriptor::{DescriptorKind, Regions};
 use super::graph::{FlatGraph, Scratch};
 use super::simd::dot;
@@ -17,8 +24,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub const FORMAT: &str = "ehm-index/2";
+pub const FORMAT: &str = "ehm-index/3";
 const GRAPH_FILE: &str = "graph.bin";
+const LOCK_FILE: &str = "LOCK";
 /// hnsw_rs's layer count (its private `NB_LAYER_MAX`).
 const HNSW_LAYERS: usize = 16;
 
@@ -42,8 +50,31 @@ pub struct HnswParams {
     pub ef_search: usize,
 }
 
+impl HnswParams {
+    /// Check the values before any work (hnsw_rs needs 2 ≤ M < 256; M = 1 builds a graph in
+    /// which images do not find themselves).
+    pub fn validate(&self) -> Result<()> {
+        if !(2..=255).contains(&self.m) {
+            return Err(Error::Config(format!(
+                "--m {}: HNSW links per node must be 2 … 255 (16 is the usual choice)",
+                self.m
+            )));
+        }
+        for (v, flag) in [
+            (self.ef_construction, "--ef-construction"),
+            (self.ef_search, "--ef-search"),
+        ] {
+            if !(1..=100_000).contains(&v) {
+                return Err(Error::Config(format!("{flag} {v}: must be 1 … 100000")));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelRef {
+    #[serde(with = "crate::fsutil::lossless_path")]
     pub path: PathBuf,
     pub sha256: String,
     pub name: Option<String>,
@@ -72,11 +103,36 @@ pub struct IndexMeta {
     /// something. `None` for pHash (already centred by construction).
     #[serde(default)]
     pub center: Option<Vec<f32>>,
+    /// sha256 of this description written without the checksum (`describe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+impl IndexMeta {
+    /// index.json's text: the description with the sha256 of its own checksum-less text.
+    fn describe(&mut self) -> String {
+        self.checksum = None;
+        let plain = serde_json::to_string_pretty(self).expect("serialisable");
+        self.checksum = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&plain)));
+        serde_json::to_string_pretty(self).expect("serialisable")
+    }
+
+    /// Whether the checksum matches (the description was not edited by hand).
+    fn intact(&self) -> bool {
+        let mut m = self.clone();
+        let Some(sum) = m.checksum.take() else {
+            return false;
+        };
+        m.describe();
+        m.checksum == Some(sum)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     pub id: u64,
+    /// The file's path as bytes (`lossless_path`): names that are not UTF-8 are kept exactly.
+    #[serde(with = "crate::fsutil::lossless_path")]
     pub path: PathBuf,
     pub sha256: String,
     pub bytes: u64,
@@ -130,14 +186,25 @@ impl Index {
         root.join("CURRENT").exists()
     }
 
-    /// Open the live generation, checking every file against its recorded sha256.
+    /// Open the live generation, checking every file against its recorded sha256. A writer
+    /// may make another generation live (and remove this one) while we read: then read that.
     pub fn open(root: &Path) -> Result<Self> {
-        let gen = current_gen(root)?.ok_or_else(|| {
-            Error::MissingData(format!(
-                "{}: no index here (build one with ehm-retrieve index)",
-                root.display()
-            ))
-        })?;
+        let mut tries = 0;
+        loop {
+            let gen = current_gen(root)?.ok_or_else(|| {
+                Error::MissingData(format!(
+                    "{}: no index here (build one with ehm-retrieve index)",
+                    root.display()
+                ))
+            })?;
+            match Self::open_generation(&gen) {
+                Err(_) if tries < 5 && current_gen(root)?.as_ref() != Some(&gen) => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn open_generation(gen: &Path) -> Result<Self> {
         let meta_path = gen.join("index.json");
         let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
         let meta: IndexMeta = serde_json::from_str(&text).map_err(|e| {
@@ -150,6 +217,12 @@ impl Index {
                     "index format {}, this ehm reads {FORMAT}; index the images again into a new folder",
                     meta.format
                 ),
+            ));
+        }
+        if !meta.intact() {
+            return Err(Error::bad_file(
+                &meta_path,
+                "does not match its checksum (edited by hand?); rebuild the index",
             ));
         }
         for (name, sha) in &meta.files {
@@ -337,7 +410,7 @@ impl Index {
         let items: String = self
             .items
             .iter()
-            .map(|i| serde_json::to_string(i).unwrap() + "\n")
+            .map(|i| serde_json::to_string(i).expect("serialisable (paths as bytes)") + "\n")
             .collect();
         write_atomic(&gen.join("items.jsonl"), items.as_bytes())?;
         self.build_graph();
@@ -355,13 +428,51 @@ impl Index {
             );
         }
         self.meta.files = files;
-        write_atomic(
-            &gen.join("index.json"),
-            serde_json::to_string_pretty(&self.meta).unwrap().as_bytes(),
-        )?;
+        write_atomic(&gen.join("index.json"), self.meta.describe().as_bytes())?;
         write_atomic(&root.join("CURRENT"), name.as_bytes())?;
         sweep(root, &name);
         Ok(())
+    }
+}
+
+/// The writer lock of an index folder (see the module comment); released when dropped.
+pub struct WriteLock {
+    _file: std::fs::File,
+}
+
+impl WriteLock {
+    /// Take the lock of the index folder `root`; when another run holds it, fail at once or,
+    /// with `wait`, wait for it.
+    pub fn acquire(root: &Path, wait: bool) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::MissingData(format!(
+                "{}: no index here (build one with ehm-retrieve index)",
+                root.display()
+            )));
+        }
+        let p = root.join(LOCK_FILE);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .at(&p)?;
+        if wait {
+            f.lock().at(&p)?;
+        } else {
+            match f.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Other(format!(
+                        "{}: another ehm-retrieve run is writing this index (index, remove or compact); try again when it has finished, or pass --wait",
+                        root.display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&p, e)),
+            }
+        }
+        Ok(WriteLock { _file: f })
     }
 }
 

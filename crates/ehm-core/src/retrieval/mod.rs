@@ -21,9 +21,24 @@ use std::path::{Path, PathBuf};
 pub struct BuildOptions {
     pub regions: Regions,
     pub hnsw: HnswParams,
+    /// Which creation settings the user gave explicitly: an existing index refuses others
+    /// than its own instead of ignoring them.
+    pub asked: AskedSettings,
     pub batch: usize,
     pub threads: usize,
     pub progress: bool,
+    /// Wait for another writer of the index to finish instead of failing.
+    pub wait: bool,
+}
+
+/// Creation settings given explicitly (`None`: not given).
+#[derive(Clone, Debug, Default)]
+pub struct AskedSettings {
+    pub descriptor: Option<DescriptorKind>,
+    pub regions: Option<Regions>,
+    pub m: Option<usize>,
+    pub ef_construction: Option<usize>,
+    pub ef_search: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -69,10 +84,58 @@ fn check_same_descriptor(ix: &Index, d: &Describer, root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The describer an existing index needs: its model (or `model` if given, checked by hash).
-pub fn describer_for(ix: &Index, model: Option<&Path>, par: Parallelism) -> Result<Describer> {
-    match ix.meta.descriptor {
-        DescriptorKind::Phash => Ok(Describer::phash()),
+/// Refuse creation settings in `o.asked` that differ from the existing index's (each is fixed
+/// when the index is created; silently ignoring them would mislead).
+fn check_fixed_settings(meta: &IndexMeta, o: &BuildOptions, root: &Path) -> Result<()> {
+    let name = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+    let asked = &o.asked;
+    let differs = [
+        (
+            "--descriptor",
+            asked.descriptor.map(|d| (name(&d), name(&meta.descriptor))),
+        ),
+        (
+            "--regions",
+            asked.regions.map(|r| (name(&r), name(&meta.regions))),
+        ),
+        (
+            "--m",
+            asked.m.map(|m| (m.to_string(), meta.hnsw.m.to_string())),
+        ),
+        (
+            "--ef-construction",
+            asked
+                .ef_construction
+                .map(|e| (e.to_string(), meta.hnsw.ef_construction.to_string())),
+        ),
+        (
+            "--ef-search",
+            asked
+                .ef_search
+                .map(|e| (e.to_string(), meta.hnsw.ef_search.to_string())),
+        ),
+    ];
+    for (flag, pair) in differs {
+        if let Some((asked, stored)) = pair.filter(|(a, s)| a != s) {
+            return Err(Error::Config(format!(
+                "{flag} {asked}: {} was created with {flag} {stored}, fixed for its life; use a new --index for other settings",
+                root.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The describer the index at `root` needs: its model (or `model` if given, which must be the
+/// same file content).
+pub fn describer_for(
+    ix: &Index,
+    root: &Path,
+    model: Option<&Path>,
+    par: Parallelism,
+) -> Result<Describer> {
+    let d = match ix.meta.descriptor {
+        DescriptorKind::Phash => Describer::phash(),
         DescriptorKind::Embed => {
             let m = ix
                 .meta
@@ -87,9 +150,11 @@ pub fn describer_for(ix: &Index, model: Option<&Path>, par: Parallelism) -> Resu
                     &m.sha256[..12]
                 )));
             }
-            Describer::embed(path, par)
+            Describer::embed(path, par)?
         }
-    }
+    };
+    check_same_descriptor(ix, &d, root)?;
+    Ok(d)
 }
 
 /// `ehm-retrieve index`: add new and changed files (by content hash) to the index at `root`,
@@ -101,12 +166,17 @@ pub fn add(
     o: &BuildOptions,
 ) -> Result<AddSummary> {
     let t0 = std::time::Instant::now();
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    // held until the new generation is live: no other writer reads the old one meanwhile
+    let _lock = index::WriteLock::acquire(root, o.wait)?;
     let mut ix = if Index::exists(root) {
         index::sweep_stale(root)?;
         let ix = Index::open(root)?;
         check_same_descriptor(&ix, d, root)?;
+        check_fixed_settings(&ix.meta, o, root)?;
         ix
     } else {
+        o.hnsw.validate()?;
         Index::empty(IndexMeta {
             format: index::FORMAT.into(),
             descriptor: d.kind,
@@ -126,6 +196,7 @@ pub fn add(
             next_id: 0,
             files: Default::default(),
             center: None,
+            checksum: None,
         })
     };
     // decide per file: unchanged (same path, same content), replaced (same path, new content), new
@@ -145,7 +216,7 @@ pub fn add(
         if !seen.insert(c.clone()) {
             continue;
         }
-        let sha = match crate::fsutil::sha256_file(&c) {
+        let sha = match crate::fsutil::sha256_input(&c) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("skipped: {e}");
@@ -236,7 +307,8 @@ pub fn add(
 }
 
 /// `ehm-retrieve remove`: mark the items of these paths deleted. Returns how many were found.
-pub fn remove(root: &Path, paths: &[PathBuf]) -> Result<(usize, Vec<PathBuf>)> {
+pub fn remove(root: &Path, paths: &[PathBuf], wait: bool) -> Result<(usize, Vec<PathBuf>)> {
+    let _lock = index::WriteLock::acquire(root, wait)?;
     let mut ix = Index::open(root)?;
     let (mut n, mut missing) = (0, Vec::new());
     for p in paths {
@@ -263,7 +335,8 @@ pub fn remove(root: &Path, paths: &[PathBuf]) -> Result<(usize, Vec<PathBuf>)> {
 }
 
 /// `ehm-retrieve compact`: rewrite the index without deleted items (ids are kept).
-pub fn compact(root: &Path) -> Result<(usize, usize)> {
+pub fn compact(root: &Path, wait: bool) -> Result<(usize, usize)> {
+    let _lock = index::WriteLock::acquire(root, wait)?;
     let ix = Index::open(root)?;
     let mut out = Index::empty(ix.meta.clone());
     let mut dropped = 0;
@@ -285,6 +358,7 @@ pub fn compact(root: &Path) -> Result<(usize, usize)> {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Match {
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub path: PathBuf,
     pub score: f32,
     pub id: u64,
