@@ -3,7 +3,9 @@
 # (runs/demo/probe, made by tools/demo.sh; PROBE= for another) exported fp32 and --int8, both run
 # by ehm-classify on the Fashion-MNIST test set (LIMIT=10000 images): top-1 of each, how often
 # their top-1 labels agree, the largest difference of the top-1 probability, and images/s.
-# Usage: benches/int8_accuracy.sh [OUTDIR]   (PROBE=runs/demo/probe LIMIT=10000 THREADS=2)
+# Prints the CPU it ran on (model name; AVX2 / AVX-512 / VNNI flags): int8 kernels differ by CPU.
+# Usage: benches/int8_accuracy.sh [OUTDIR]   (PROBE=runs/demo/probe LIMIT=10000 THREADS=2;
+# BIN=folder of other ehm binaries to measure, e.g. an older build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/int8_accuracy}
@@ -13,7 +15,8 @@ THREADS=${THREADS:-2}
 [ -f "$PROBE/config.json" ] || { echo "no probe checkpoint at $PROBE: run tools/demo.sh first (or set PROBE=)" >&2; exit 1; }
 tools/setup.sh all >&2
 cargo build --release --bins >&2
-T=./target/release
+T=${BIN:-./target/release}
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); flags: $(grep -m1 -o -w -E 'avx2|avx512f|avx512bw|avx512_vnni|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')" 
 mkdir -p "$OUT"
 [ -f "$OUT/images/.done$LIMIT" ] || {
   rm -rf "$OUT/images"

@@ -362,4 +362,43 @@ fn segment_writes_maps_equal_to_tch_and_overlays() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("ehm-retrieve"));
+
+    // a file name that is not UTF-8 is segmented, its JSON line names it lossily
+    use std::os::unix::ffi::OsStrExt;
+    let odd = d.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9.png"));
+    std::fs::copy(&files[0], &odd).unwrap();
+    let o = ok(ehm("segment")
+        .arg("-m")
+        .arg(&model)
+        .arg("-o")
+        .arg(d.path().join("odd_out"))
+        .arg(&odd)
+        .output()
+        .unwrap());
+    let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(line["path"], odd.to_string_lossy().as_ref());
+    assert!(Path::new(line["overlay_png"].as_str().unwrap()).exists());
+
+    // a model whose labels are fewer than its classes is refused, naming the field
+    use prost::Message;
+    let mut m = ehm::export::onnx::ModelProto::decode(&std::fs::read(&model).unwrap()[..]).unwrap();
+    for p in &mut m.metadata_props {
+        if p.key.as_deref() == Some("ehm.labels") {
+            p.value = Some("[\"background\"]".into());
+        }
+    }
+    let few = d.path().join("few_labels.onnx");
+    std::fs::write(&few, m.encode_to_vec()).unwrap();
+    let o = ehm("segment")
+        .arg("-m")
+        .arg(&few)
+        .arg(&odd)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("ehm.labels") && e.trim().lines().count() == 1,
+        "{e}"
+    );
 }

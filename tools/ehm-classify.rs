@@ -1,8 +1,10 @@
 //! ehm-classify: images → top-k labels with an exported `classify` model (ONNX Runtime).
 //! A thin front over `ehm_core::pipeline`; everything the tool needs comes from the model file.
 use clap::Parser;
+use ehm_core::args;
 use ehm_core::contract::Task;
 use ehm_core::infer::{OrtModel, Parallelism};
+use ehm_core::output::csv_row;
 use ehm_core::pipeline::{self, Format, Item, RunOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,22 +22,25 @@ struct Cli {
     /// Model exported with `ehm-export onnx --task classify`
     #[arg(long, short)]
     model: PathBuf,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = args::at_least_one)]
     top_k: usize,
     /// Images per inference call
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = args::at_least_one)]
     batch: usize,
     /// Threads for decoding and for inference (each)
-    #[arg(long, default_value_t = default_threads())]
+    #[arg(long, default_value_t = default_threads(), value_parser = args::at_least_one)]
     threads: usize,
     /// ONNX Runtime sessions that run parts of each batch side by side (default: one
     /// single-threaded session per thread; 1 = one session on all threads, best for one image)
-    #[arg(long)]
+    #[arg(long, value_parser = args::at_least_one)]
     sessions: Option<usize>,
+    /// Largest image file read, in MB (larger files are failed inputs)
+    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB)]
+    max_file_mb: u64,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
     #[arg(required = true)]
-    inputs: Vec<String>,
+    inputs: Vec<std::ffi::OsString>,
 }
 
 fn default_threads() -> usize {
@@ -51,15 +56,8 @@ fn fit(s: &str, width: usize) -> String {
     format!("…{}", s.chars().skip(n + 1 - width).collect::<String>())
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 fn run(cli: Cli) -> ehm_core::Result<usize> {
+    ehm_core::fsutil::set_max_input_mb(cli.max_file_mb);
     let mut model = OrtModel::open_with(&cli.model, Parallelism::split(cli.threads, cli.sessions))?;
     pipeline::require_task(&model, Task::Classify, "ehm-classify")?;
     let labels = model.contract.labels.clone();
@@ -78,7 +76,9 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         .unwrap_or(4)
         .clamp(4, 60);
     match cli.format {
-        Format::Csv => writeln!(out, "path,rank,label,probability").map_err(io)?,
+        Format::Csv => out
+            .write_all(csv_row(&["path", "rank", "label", "probability"]).as_bytes())
+            .map_err(io)?,
         Format::Table => writeln!(out, "{:<width$}  top-{k}", "path").map_err(io)?,
         Format::Jsonl => {}
     }
@@ -96,8 +96,16 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         else {
             return Ok(());
         };
+        if output.len() > labels.len() {
+            return Err(ehm_core::Error::Shape(format!(
+                "{}: {} logits but {} labels",
+                cli.model.display(),
+                output.len(),
+                labels.len()
+            )));
+        }
         let top = pipeline::top_k(&pipeline::softmax(output), k);
-        let path = prepared.path.display().to_string();
+        let path = prepared.path.to_string_lossy();
         match cli.format {
             Format::Jsonl => {
                 let t: Vec<_> = top
@@ -108,14 +116,13 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             }
             Format::Csv => {
                 for (r, &(i, p)) in top.iter().enumerate() {
-                    writeln!(
-                        out,
-                        "{},{},{},{p:.6}",
-                        csv_field(&path),
-                        r + 1,
-                        csv_field(&labels[i])
-                    )
-                    .map_err(io)?
+                    let row = csv_row::<&str>(&[
+                        &path,
+                        &(r + 1).to_string(),
+                        &labels[i],
+                        &format!("{p:.6}"),
+                    ]);
+                    out.write_all(row.as_bytes()).map_err(io)?
                 }
             }
             Format::Table => {

@@ -1,6 +1,7 @@
 //! ehm-export: checkpoint → self-describing ONNX (`onnx`), and a look inside a model (`inspect`).
 use clap::{Parser, Subcommand};
 use ehm_core::contract::{ModelContract, Task};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -105,15 +106,28 @@ enum InterpArg {
     Bicubic,
 }
 
-fn print_summary(s: &ehm_core::export::ExportSummary, json: bool, t0: std::time::Instant) {
+/// `writeln!` to the tool's stdout; a closed pipe ends the tool quietly (`stdout_error`).
+macro_rules! say {
+    ($out:expr, $($t:tt)*) => {
+        writeln!($out, $($t)*).map_err(ehm_core::pipeline::stdout_error)?
+    };
+}
+
+fn print_summary(
+    out: &mut impl Write,
+    s: &ehm_core::export::ExportSummary,
+    json: bool,
+    t0: std::time::Instant,
+) -> ehm_core::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(s).unwrap());
+        say!(out, "{}", serde_json::to_string(s).unwrap());
     } else {
         let int8 = match s.int8_matmuls {
             0 => String::new(),
             k => format!(", {k} weight matrices int8"),
         };
-        println!(
+        say!(
+            out,
             "wrote {} ({} task, {:.1} MB, {:.2} M parameters, opset {}{int8}) in {:.1} s",
             s.output.display(),
             s.task,
@@ -123,9 +137,12 @@ fn print_summary(s: &ehm_core::export::ExportSummary, json: bool, t0: std::time:
             t0.elapsed().as_secs_f64()
         );
     }
+    Ok(())
 }
 
 fn run(cli: Cli) -> ehm_core::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
     match cli.cmd {
         Cmd::Onnx {
             checkpoint,
@@ -147,7 +164,7 @@ fn run(cli: Cli) -> ehm_core::Result<()> {
                     int8,
                 },
             )?;
-            print_summary(&s, json, t0);
+            print_summary(&mut out, &s, json, t0)?;
         }
         Cmd::Import {
             model,
@@ -203,7 +220,7 @@ fn run(cli: Cli) -> ehm_core::Result<()> {
                 int8,
             };
             let s = ehm_core::export::import::import_onnx(&model, &output, &opts)?;
-            print_summary(&s, json, t0);
+            print_summary(&mut out, &s, json, t0)?;
         }
         Cmd::Inspect { model, json } => {
             let c = ModelContract::read(&model)?;
@@ -212,33 +229,43 @@ fn run(cli: Cli) -> ehm_core::Result<()> {
                     "task": c.task, "inputs": c.inputs, "outputs": c.outputs, "opset": c.opset,
                     "parameters": c.parameters, "config": c.config, "labels": c.labels, "source": c.source,
                 });
-                println!("{v}");
+                say!(out, "{v}");
             } else {
                 let p = &c.config.preprocess;
-                println!("model        {}", model.display());
-                println!(
+                say!(out, "model        {}", model.display());
+                say!(
+                    out,
                     "task         {} (output '{}')",
                     c.task.name(),
                     c.task.output()
                 );
-                println!("inputs       {}", c.inputs.join(", "));
-                println!("outputs      {}", c.outputs.join(", "));
-                println!("opset        {}", c.opset);
-                println!("parameters   {:.2} M", c.parameters as f64 / 1e6);
-                println!(
+                say!(out, "inputs       {}", c.inputs.join(", "));
+                say!(out, "outputs      {}", c.outputs.join(", "));
+                say!(out, "opset        {}", c.opset);
+                say!(out, "parameters   {:.2} M", c.parameters as f64 / 1e6);
+                say!(
+                    out,
                     "architecture {} / patch {}, embed dim {}",
-                    c.config.arch, c.config.patch_size, c.config.embed_dim
+                    c.config.arch,
+                    c.config.patch_size,
+                    c.config.embed_dim
                 );
-                println!(
+                say!(
+                    out,
                     "input size   {0}×{0}, resize {1:?}, crop_pct {2}, {3:?}",
-                    p.image_size, p.resize, p.crop_pct, p.interpolation
+                    p.image_size,
+                    p.resize,
+                    p.crop_pct,
+                    p.interpolation
                 );
-                println!("mean / std   {:?} / {:?}", p.mean, p.std);
-                println!(
+                say!(out, "mean / std   {:?} / {:?}", p.mean, p.std);
+                say!(
+                    out,
                     "weights      {}",
                     c.config.quantization.as_deref().unwrap_or("float")
                 );
-                println!(
+                say!(
+                    out,
                     "labels       {}",
                     if c.labels.is_empty() {
                         "-".into()
@@ -247,18 +274,23 @@ fn run(cli: Cli) -> ehm_core::Result<()> {
                     }
                 );
                 if let Some(s) = &c.source {
-                    println!(
+                    say!(
+                        out,
                         "source       {} (checkpoint sha256 {})",
-                        s.name, s.checkpoint_sha256
+                        s.name,
+                        s.checkpoint_sha256
                     );
                 }
             }
         }
     }
+    out.flush().map_err(ehm_core::pipeline::stdout_error)?;
     Ok(())
 }
 
 fn main() -> ExitCode {
+    // `ehm-export inspect … | head` closes stdout early: stop quietly like other Unix tools
+    ehm_core::pipeline::exit_quietly_on_broken_pipe();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

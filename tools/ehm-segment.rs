@@ -2,6 +2,7 @@
 //! Per image: a class-index PNG at the input's size, a colour overlay PNG with a legend, and a
 //! JSON line with the pixel fraction of each class. A thin front over `ehm_core::pipeline`.
 use clap::Parser;
+use ehm_core::args;
 use ehm_core::contract::Task;
 use ehm_core::infer::{OrtModel, Parallelism};
 use ehm_core::pipeline::{self, Item, RunOptions};
@@ -28,20 +29,23 @@ struct Cli {
     #[arg(long, short, default_value = "segment_out")]
     out: PathBuf,
     /// Images per inference call
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = args::at_least_one)]
     batch: usize,
     /// Threads for decoding and for inference (each)
-    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()), value_parser = args::at_least_one)]
     threads: usize,
     /// ONNX Runtime sessions that run parts of each batch side by side (default: one
     /// single-threaded session per thread; 1 = one session on all threads, best for one image)
-    #[arg(long)]
+    #[arg(long, value_parser = args::at_least_one)]
     sessions: Option<usize>,
-    /// Opacity of the class colours in the overlay
-    #[arg(long, default_value_t = 0.55)]
+    /// Opacity of the class colours in the overlay (0 … 1)
+    #[arg(long, default_value_t = 0.55, value_parser = args::unit)]
     alpha: f32,
+    /// Largest image file read, in MB (larger files are failed inputs)
+    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB)]
+    max_file_mb: u64,
     #[arg(required = true)]
-    inputs: Vec<String>,
+    inputs: Vec<std::ffi::OsString>,
 }
 
 /// A file name for `path` not used yet in this run (`stem`, `stem-2`, …).
@@ -60,6 +64,7 @@ fn unique_name(path: &std::path::Path, used: &mut HashSet<String>) -> String {
 }
 
 fn run(cli: Cli) -> ehm_core::Result<usize> {
+    ehm_core::fsutil::set_max_input_mb(cli.max_file_mb);
     let mut model = OrtModel::open_with(&cli.model, Parallelism::split(cli.threads, cli.sessions))?;
     pipeline::require_task(&model, Task::Segment, "ehm-segment")?;
     let labels = model.contract.labels.clone();
@@ -90,6 +95,13 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             return Ok(());
         };
         let classes = shape[0];
+        if classes > labels.len() {
+            return Err(ehm_core::Error::Shape(format!(
+                "{}: {classes} classes but {} labels",
+                cli.model.display(),
+                labels.len()
+            )));
+        }
         let (w, h) = (prepared.width, prepared.height);
         let map = pipeline::argmax_resized(output, classes, s, w as usize, h as usize);
         let mut counts = vec![0u64; classes];
@@ -129,8 +141,9 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         writeln!(
             out,
             "{}",
-            serde_json::json!({"path": prepared.path, "width": w, "height": h,
-                "classes_png": classes_png, "overlay_png": overlay_png, "fractions": fractions})
+            serde_json::json!({"path": prepared.path.to_string_lossy(), "width": w, "height": h,
+                "classes_png": classes_png.to_string_lossy(), "overlay_png": overlay_png.to_string_lossy(),
+                "fractions": fractions})
         )
         .map_err(io)
     })?;

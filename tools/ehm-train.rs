@@ -1,9 +1,19 @@
 //! ehm-train: pretrain ViTs with evolved hierarchical masking (and baselines); benchmark steps.
 //! A thin front: parse flags, call the library, print. All work lives in `ehm::train`.
 use clap::{Args, Parser, Subcommand};
+use ehm::args;
 use ehm::config::{MaskingKind, TeacherKind, ZooEntry};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// `println!` that ends the tool quietly when stdout is closed (`ehm-train … | head`) instead
+/// of panicking; other write errors are errors.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*).map_err(ehm::pipeline::stdout_error)?
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -37,9 +47,11 @@ enum Cmd {
         checkpoint: PathBuf,
         #[command(flatten)]
         data: EvalData,
-        #[arg(long, default_value_t = 20)]
+        /// Neighbours that vote
+        #[arg(long, default_value_t = 20, value_parser = args::at_least_one)]
         k: usize,
-        #[arg(long, default_value_t = 0.07)]
+        /// Softmax temperature of the votes (> 0)
+        #[arg(long, default_value_t = 0.07, value_parser = positive_f32, allow_negative_numbers = true)]
         temperature: f32,
         #[arg(long)]
         json: bool,
@@ -89,20 +101,22 @@ struct PretrainArgs {
     #[arg(long)]
     data: Option<String>,
     /// Use a fixed seeded subset of this many images
-    #[arg(long)]
+    #[arg(long, value_parser = args::at_least_one)]
     limit: Option<usize>,
-    #[arg(long)]
+    /// Epochs (fractions allowed; > 0)
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
     epochs: Option<f64>,
-    #[arg(long)]
+    #[arg(long, value_parser = args::at_least_one)]
     batch_size: Option<usize>,
-    /// Base learning rate (lr = blr × batch / 256)
-    #[arg(long)]
+    /// Base learning rate (lr = blr × batch / 256; > 0)
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
     blr: Option<f64>,
-    #[arg(long)]
+    #[arg(long, value_parser = args::non_negative, allow_negative_numbers = true)]
     warmup_epochs: Option<f64>,
     #[arg(long, value_enum)]
     masking: Option<MaskingKind>,
-    #[arg(long)]
+    /// Fraction of patches masked, between 0 and 1
+    #[arg(long, value_parser = args::open_fraction, allow_negative_numbers = true)]
     mask_ratio: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
@@ -110,7 +124,7 @@ struct PretrainArgs {
     #[arg(long)]
     teacher: Option<String>,
     /// EMA half-life in optimizer steps
-    #[arg(long)]
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
     ema_half_life: Option<f64>,
     /// Encoder blocks whose attention forms the affinity, e.g. 0,1,2 (default: all)
     #[arg(long, value_delimiter = ',')]
@@ -119,9 +133,9 @@ struct PretrainArgs {
     #[arg(long)]
     affinity_norm: Option<String>,
     /// Save a checkpoint every N steps (and at the end)
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     save_every: u64,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     log_every: u64,
     /// kNN monitor every N epochs (0 = at the end only, -1 = never)
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
@@ -135,7 +149,7 @@ struct PretrainArgs {
     #[arg(long, default_value_t = 2000)]
     knn_test_limit: usize,
     /// Data-loading threads
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = args::at_least_one)]
     workers: usize,
     /// Compute dtype: fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)
     #[arg(long)]
@@ -153,28 +167,28 @@ struct PretrainArgs {
 /// The supervised recipe shared by finetune and segment (MAE's fine-tuning defaults).
 #[derive(Args)]
 struct RecipeArgs {
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = args::at_least_one)]
     epochs: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = args::at_least_one)]
     batch_size: usize,
     /// Base learning rate; the peak lr is blr · batch_size / 256 [default: finetune 1e-3;
     /// segment 2e-3, or 0.05 with --freeze-backbone (only the head learns)]
-    #[arg(long)]
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
     blr: Option<f64>,
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = 1e-6, value_parser = args::non_negative, allow_negative_numbers = true)]
     min_lr: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = args::non_negative, allow_negative_numbers = true)]
     warmup_epochs: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = args::non_negative, allow_negative_numbers = true)]
     weight_decay: f64,
     /// Layer-wise lr decay (1 = off)
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = 0.75, value_parser = args::positive, allow_negative_numbers = true)]
     layer_decay: f64,
     /// Stochastic depth rate of the last block
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = args::non_negative, allow_negative_numbers = true)]
     drop_path: f64,
     /// Gradient-norm clip (0 = off)
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = args::non_negative, allow_negative_numbers = true)]
     clip: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -191,8 +205,8 @@ struct RecipeArgs {
 impl RecipeArgs {
     fn recipe(&self, label_smoothing: f64, default_blr: f64) -> ehm::train::supervised::Recipe {
         ehm::train::supervised::Recipe {
-            epochs: self.epochs.max(1),
-            batch_size: self.batch_size.max(1),
+            epochs: self.epochs,
+            batch_size: self.batch_size,
             blr: self.blr.unwrap_or(default_blr),
             min_lr: self.min_lr,
             warmup_epochs: self.warmup_epochs,
@@ -270,10 +284,10 @@ fn finetune(a: FinetuneArgs) -> ehm::Result<()> {
     };
     let r = ehm::train::finetune::finetune(&o)?;
     if a.recipe.json {
-        println!("{}", serde_json::to_string(&r).unwrap());
+        say!("{}", serde_json::to_string(&r).unwrap());
         return Ok(());
     }
-    println!(
+    say!(
         "fine-tune: top-1 {:.2} %, top-5 {:.2} % on {} test images ({} train, {} epochs, {} steps{})",
         100.0 * r.top1,
         100.0 * r.top5,
@@ -283,12 +297,12 @@ fn finetune(a: FinetuneArgs) -> ehm::Result<()> {
         r.steps,
         r.resumed_from.map(|s| format!(", resumed at step {s}")).unwrap_or_default()
     );
-    println!("  {:<14} {:>8}", "class", "accuracy");
+    say!("  {:<14} {:>8}", "class", "accuracy");
     for (c, acc) in &r.per_class {
-        println!("  {c:<14} {:>7.2} %", 100.0 * acc);
+        say!("  {c:<14} {:>7.2} %", 100.0 * acc);
     }
-    println!("  checkpoint     {}", r.checkpoint.display());
-    println!(
+    say!("  checkpoint     {}", r.checkpoint.display());
+    say!(
         "  confusion      {} / {}",
         r.confusion_csv.display(),
         r.confusion_png.display()
@@ -314,10 +328,10 @@ fn segment(a: SegmentArgs) -> ehm::Result<()> {
     };
     let r = ehm::train::segment::segment(&o)?;
     if a.recipe.json {
-        println!("{}", serde_json::to_string(&r).unwrap());
+        say!("{}", serde_json::to_string(&r).unwrap());
         return Ok(());
     }
-    println!(
+    say!(
         "segmentation: mIoU {:.2} %, pixel accuracy {:.2} % on {} val images ({} train, {}², {} epochs, backbone {})",
         100.0 * r.miou,
         100.0 * r.pixel_accuracy,
@@ -327,15 +341,15 @@ fn segment(a: SegmentArgs) -> ehm::Result<()> {
         r.epochs,
         if r.frozen_backbone { "frozen" } else { "fine-tuned" }
     );
-    println!("  {:<14} {:>8}", "class", "IoU");
+    say!("  {:<14} {:>8}", "class", "IoU");
     for (c, iou) in &r.per_class_iou {
         match iou {
-            Some(v) => println!("  {c:<14} {:>7.2} %", 100.0 * v),
-            None => println!("  {c:<14} {:>8}", "—"),
+            Some(v) => say!("  {c:<14} {:>7.2} %", 100.0 * v),
+            None => say!("  {c:<14} {:>8}", "—"),
         }
     }
-    println!("  checkpoint     {}", r.checkpoint.display());
-    println!("  predictions    {}", r.predictions_png.display());
+    say!("  checkpoint     {}", r.checkpoint.display());
+    say!("  predictions    {}", r.predictions_png.display());
     Ok(())
 }
 
@@ -365,12 +379,12 @@ struct ProbeArgs {
     out: PathBuf,
     #[command(flatten)]
     data: EvalData,
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = args::at_least_one)]
     epochs: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = args::at_least_one)]
     batch_size: usize,
-    /// SGD (momentum 0.9) learning rate, half-cycle cosine
-    #[arg(long, default_value_t = 0.1)]
+    /// SGD (momentum 0.9) learning rate, half-cycle cosine (> 0)
+    #[arg(long, default_value_t = 0.1, value_parser = args::positive, allow_negative_numbers = true)]
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -386,17 +400,17 @@ fn probe(a: ProbeArgs) -> ehm::Result<()> {
         train_limit: a.data.train_limit,
         test_limit: a.data.test_limit,
         pool: a.data.pool,
-        epochs: a.epochs.max(1),
-        batch_size: a.batch_size.max(1),
+        epochs: a.epochs,
+        batch_size: a.batch_size,
         lr: a.lr,
         seed: a.seed,
         out: a.out,
     };
     let r = ehm::train::probe::probe(&o)?;
     if a.json {
-        println!("{}", serde_json::to_string(&r).unwrap());
+        say!("{}", serde_json::to_string(&r).unwrap());
     } else {
-        println!(
+        say!(
             "linear probe: top-1 {:.2} %, top-5 {:.2} % on {} test images ({} train, {} epochs)",
             100.0 * r.top1,
             100.0 * r.top5,
@@ -404,12 +418,12 @@ fn probe(a: ProbeArgs) -> ehm::Result<()> {
             r.train_images,
             r.epochs
         );
-        println!("  {:<14} {:>8}", "class", "accuracy");
+        say!("  {:<14} {:>8}", "class", "accuracy");
         for (c, acc) in &r.per_class {
-            println!("  {c:<14} {:>7.2} %", 100.0 * acc);
+            say!("  {c:<14} {:>7.2} %", 100.0 * acc);
         }
-        println!("  checkpoint     {}", r.checkpoint.display());
-        println!(
+        say!("  checkpoint     {}", r.checkpoint.display());
+        say!(
             "  confusion      {} / {}",
             r.confusion_csv.display(),
             r.confusion_png.display()
@@ -441,6 +455,10 @@ struct BenchArgs {
     /// Also append the JSON line to this file
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+fn positive_f32(s: &str) -> Result<f32, String> {
+    args::positive(s).map(|v| v as f32)
 }
 
 fn kind(s: &str) -> ehm::Result<tch::Kind> {
@@ -519,8 +537,8 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     }
     let opts = ehm::train::PretrainOptions {
         out: a.out,
-        save_every: a.save_every.max(1),
-        log_every: a.log_every.max(1),
+        save_every: a.save_every,
+        log_every: a.log_every,
         knn_every: a.knn_every,
         knn_train: a.knn_train,
         knn_test: a.knn_test,
@@ -532,11 +550,12 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     };
     let s = ehm::train::pretrain(&e, &opts)?;
     if a.json {
-        println!("{}", serde_json::to_string(&s).unwrap());
+        say!("{}", serde_json::to_string(&s).unwrap());
     } else {
-        println!(
+        say!(
             "pretraining finished ({} masking on {})",
-            s.masking, s.device
+            s.masking,
+            s.device
         );
         let rows = [
             (
@@ -571,7 +590,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
             ("metrics", s.out.join("metrics.jsonl").display().to_string()),
         ];
         for (k, v) in rows {
-            println!("  {k:<18} {v}");
+            say!("  {k:<18} {v}");
         }
     }
     Ok(())
@@ -587,7 +606,7 @@ fn dump_images(spec: &str, limit: usize, out: &std::path::Path) -> ehm::Result<(
         let p = out.join(format!("{i:05}_{class}.png"));
         ehm::fsutil::write_png_atomic(&p, &ds.image(i)?)?;
     }
-    println!("wrote {} images of {spec} to {}", ds.len(), out.display());
+    say!("wrote {} images of {spec} to {}", ds.len(), out.display());
     Ok(())
 }
 
@@ -614,7 +633,7 @@ fn make_segdata(
     };
     let t0 = std::time::Instant::now();
     let s = ehm::data::segdata::make_segdata(&cfg)?;
-    println!(
+    say!(
         "wrote {} train + {} val images ({}×{}) with {} classes ({}) to {} in {:.1} s, from {} objects and {} background photos",
         s.train_images,
         s.val_images,
@@ -644,7 +663,7 @@ fn bench(a: BenchArgs) -> ehm::Result<()> {
     };
     let r = ehm::train::bench::bench(&o)?;
     let line = serde_json::to_string(&r).unwrap();
-    println!("{line}");
+    say!("{line}");
     if let Some(p) = a.json {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -657,26 +676,69 @@ fn bench(a: BenchArgs) -> ehm::Result<()> {
     Ok(())
 }
 
+fn init(model: &str, out: &std::path::Path) -> ehm::Result<()> {
+    let e = ZooEntry::find(model)?;
+    let p = ehm::train::pretrain::write_initial_checkpoint(&e, out)?;
+    say!("wrote {}", p.display());
+    Ok(())
+}
+
+fn knn(
+    checkpoint: &std::path::Path,
+    data: &EvalData,
+    k: usize,
+    temperature: f32,
+    json: bool,
+) -> ehm::Result<()> {
+    let limits = (data.train_limit, data.test_limit);
+    let (acc, ntr, nte) = ehm::train::probe::knn(
+        checkpoint,
+        &data.train,
+        &data.test,
+        limits,
+        data.pool,
+        k,
+        temperature,
+    )?;
+    if json {
+        say!(
+            "{}",
+            serde_json::json!({"knn_top1": acc, "k": k, "temperature": temperature, "train_images": ntr, "test_images": nte})
+        );
+    } else {
+        say!(
+            "kNN (k = {k}, T = {temperature}) top-1 {:.2} % on {nte} test images against {ntr}",
+            100.0 * acc
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    // `ehm-train … | head` closes stdout early: stop quietly like other Unix tools
+    ehm::pipeline::exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Pretrain(a) => pretrain(*a),
         Cmd::Bench(a) => bench(a),
-        Cmd::Init { model, out } => ZooEntry::find(&model)
-            .and_then(|e| ehm::train::pretrain::write_initial_checkpoint(&e, &out))
-            .map(|p| println!("wrote {}", p.display())),
+        Cmd::Init { model, out } => init(&model, &out),
         Cmd::Probe(a) => probe(a),
         Cmd::DumpImages { data, limit, out } => dump_images(&data, limit, &out),
-        Cmd::MakeSegdata { out, train, val, size, max_objects, seed } => make_segdata(out, train, val, size, max_objects, seed),
-        Cmd::Knn { checkpoint, data, k, temperature, json } => {
-            ehm::train::probe::knn(&checkpoint, &data.train, &data.test, (data.train_limit, data.test_limit), data.pool, k.max(1), temperature).map(|(acc, ntr, nte)| {
-                if json {
-                    println!("{}", serde_json::json!({"knn_top1": acc, "k": k, "temperature": temperature, "train_images": ntr, "test_images": nte}));
-                } else {
-                    println!("kNN (k = {k}, T = {temperature}) top-1 {:.2} % on {nte} test images against {ntr}", 100.0 * acc);
-                }
-            })
-        }
+        Cmd::MakeSegdata {
+            out,
+            train,
+            val,
+            size,
+            max_objects,
+            seed,
+        } => make_segdata(out, train, val, size, max_objects, seed),
+        Cmd::Knn {
+            checkpoint,
+            data,
+            k,
+            temperature,
+            json,
+        } => knn(&checkpoint, &data, k, temperature, json),
         Cmd::Finetune(a) => finetune(*a),
         Cmd::Segment(a) => segment(*a),
     };

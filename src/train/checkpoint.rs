@@ -16,11 +16,27 @@ fn to_bytes(t: &Tensor) -> (Vec<usize>, Vec<u8>) {
 }
 
 /// Serialise named tensors (any kind; stored as F32) with string metadata, atomically.
+/// Refuses (and writes nothing) when a tensor holds NaN or infinity: a diverged run must not
+/// replace the last good checkpoint with one that only looks like a result.
 pub fn save_tensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let bad: Vec<&str> = tensors
+        .iter()
+        .filter(|(_, t)| !bool::try_from(t.isfinite().all()).unwrap_or(false))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if let Some(first) = bad.first() {
+        return Err(Error::Training(format!(
+            "{}: not saved: {} of {} tensors ({first}{}) hold NaN or infinity — training diverged; the previous checkpoint is kept (lower the learning rate or check the data)",
+            path.display(),
+            bad.len(),
+            tensors.len(),
+            if bad.len() > 1 { ", …" } else { "" }
+        )));
+    }
     let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| {
@@ -83,4 +99,33 @@ pub fn load_into_varstore(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_weights_are_not_saved() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ck.safetensors");
+        let good = Tensor::from_slice(&[1.0f32, 2.0]);
+        save_tensors(&p, &[("w".into(), good.shallow_clone())], HashMap::new()).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        for bad in [f32::NAN, f32::INFINITY] {
+            let t = Tensor::from_slice(&[1.0f32, bad]);
+            let e = save_tensors(
+                &p,
+                &[("w".into(), good.shallow_clone()), ("b".into(), t)],
+                HashMap::new(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("not saved") && e.contains("1 of 2") && e.contains('b'),
+                "{e}"
+            );
+            assert_eq!(std::fs::read(&p).unwrap(), before, "the good file is kept");
+        }
+    }
 }

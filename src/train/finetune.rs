@@ -46,8 +46,11 @@ pub struct FinetuneReport {
     /// Mean training loss of the first and the last epoch run by this invocation.
     pub first_epoch_loss: Option<f64>,
     pub last_epoch_loss: Option<f64>,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub checkpoint: PathBuf,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub confusion_csv: PathBuf,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub confusion_png: PathBuf,
 }
 

@@ -45,6 +45,7 @@ pub struct RunConfig {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub out: PathBuf,
     pub device: String,
     pub masking: String,
@@ -57,7 +58,9 @@ pub struct Summary {
     pub seconds: f64,
     pub knn_top1: Option<f64>,
     pub resumed_from: Option<u64>,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub checkpoint: PathBuf,
+    #[serde(serialize_with = "crate::fsutil::lossy_opt_path")]
     pub mask_picture: Option<PathBuf>,
 }
 
@@ -103,6 +106,28 @@ fn knn_eval(engine: &Engine, pre: &Preprocess, tr: &Labelled, te: &Labelled) -> 
         features::KNN_TEMPERATURE,
         false,
     )
+}
+
+/// Up to `n` images spread over the data set for the mask picture. A file that cannot be read
+/// is reported and replaced by the next one, as the loader does: one bad file must not stop
+/// a run.
+fn sample_images(ds: &dyn Dataset, n: usize) -> Vec<image::RgbImage> {
+    let len = ds.len();
+    let mut out = Vec::new();
+    for k in 0..n.min(len) {
+        let start = k * len / n;
+        let end = ((k + 1) * len / n).max(start + 1);
+        for i in start..end {
+            match ds.image(i) {
+                Ok(img) => {
+                    out.push(img);
+                    break;
+                }
+                Err(e) => eprintln!("warning: skipping {e}"),
+            }
+        }
+    }
+    out
 }
 
 /// Rows: sample images; columns: the image, then masks at t = 0, ¼, ½, ¾, 1 with the
@@ -323,14 +348,13 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
 
     // Fixed sample images for the mask picture.
     let per = pre.tensor_len();
-    let pics: Vec<image::RgbImage> = (0..6.min(ds.len()))
-        .map(|i| {
-            ds.image(i * ds.len() / 6).map(|img| {
-                let c = pre.eval_crop(img.width(), img.height());
-                crate::data::preprocess::resize_crop(&img, c, pre.image_size, pre.interpolation)
-            })
+    let pics: Vec<image::RgbImage> = sample_images(ds.as_ref(), 6)
+        .iter()
+        .map(|img| {
+            let c = pre.eval_crop(img.width(), img.height());
+            crate::data::preprocess::resize_crop(img, c, pre.image_size, pre.interpolation)
         })
-        .collect::<Result<_>>()?;
+        .collect();
     let mut pic_bytes = vec![0u8; pics.len() * per];
     for (i, img) in pics.iter().enumerate() {
         crate::data::preprocess::chw_u8_into(img, false, &mut pic_bytes[i * per..(i + 1) * per]);
@@ -427,9 +451,11 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             }
             if done % opts.save_every == 0 || done == total {
                 save_all(&engine, &run, out, done, total)?;
-                let png = mask_picture(&engine, &pic_bytes, &pics)?;
-                write_atomic(&out.join("masks.png"), &png)?;
-                write_atomic(&out.join("masks").join(format!("step_{done:07}.png")), &png)?;
+                if !pics.is_empty() {
+                    let png = mask_picture(&engine, &pic_bytes, &pics)?;
+                    write_atomic(&out.join("masks.png"), &png)?;
+                    write_atomic(&out.join("masks").join(format!("step_{done:07}.png")), &png)?;
+                }
             }
             bar.inc(1);
             cur = match next.take() {

@@ -39,8 +39,11 @@ pub struct ProbeReport {
     pub test_images: usize,
     pub epochs: usize,
     pub final_train_loss: f64,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub checkpoint: PathBuf,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub confusion_csv: PathBuf,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub confusion_png: PathBuf,
 }
 

@@ -56,7 +56,9 @@ pub struct SegmentReport {
     pub resumed_from: Option<u64>,
     pub first_epoch_loss: Option<f64>,
     pub last_epoch_loss: Option<f64>,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub checkpoint: PathBuf,
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub predictions_png: PathBuf,
 }
 

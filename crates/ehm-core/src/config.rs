@@ -196,22 +196,37 @@ impl Default for PretrainConfig {
 }
 
 impl PretrainConfig {
+    /// Check every number of the recipe (zoo files and command-line overrides both end here);
+    /// the message names the field.
     pub fn validate(&self) -> Result<()> {
-        if !(0.0..1.0).contains(&self.mask_ratio) {
-            return Err(Error::Config(format!(
-                "mask_ratio must be in [0, 1), got {}",
+        let bad = |m: String| Err(Error::Config(m));
+        if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
+            return bad(format!(
+                "mask_ratio must be between 0 and 1 (exclusive), got {}",
                 self.mask_ratio
-            )));
-        }
-        if self.batch_size == 0 || self.epochs <= 0.0 {
-            return Err(Error::Config(
-                "batch_size and epochs must be positive".into(),
             ));
         }
-        if self.ehm.ema_half_life_steps <= 0.0 {
-            return Err(Error::Config(
-                "ehm.ema_half_life_steps must be positive".into(),
-            ));
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1".into());
+        }
+        for (name, v) in [
+            ("epochs", self.epochs),
+            ("blr", self.blr),
+            ("ehm.ema_half_life_steps", self.ehm.ema_half_life_steps),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} must be a finite number above 0, got {v}"));
+            }
+        }
+        for (name, v) in [
+            ("min_lr", self.min_lr),
+            ("warmup_epochs", self.warmup_epochs),
+            ("weight_decay", self.weight_decay),
+            ("clip_grad", self.clip_grad),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{name} must be a finite number ≥ 0, got {v}"));
+            }
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! everyone else; this module is the only place that knows the metadata keys.
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
-use crate::export::onnx::{ModelProto, StringStringEntryProto};
+use crate::export::onnx::{ModelProto, StringStringEntryProto, ValueInfoProto};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -62,6 +62,30 @@ pub struct ContractConfig {
     pub quantization: Option<String>,
 }
 
+impl ContractConfig {
+    /// Every field checked (metadata is input like any other: a model file may be damaged or
+    /// hostile); the message names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.preprocess.validate().map_err(|e| match e {
+            Error::Config(m) => m,
+            e => e.to_string(),
+        })?;
+        if self.patch_size == 0 || !self.preprocess.image_size.is_multiple_of(self.patch_size) {
+            return Err(format!(
+                "patch_size {} does not divide preprocess.image_size {}",
+                self.patch_size, self.preprocess.image_size
+            ));
+        }
+        if self.embed_dim <= 0 || self.embedding_dim.is_some_and(|e| e <= 0) {
+            return Err(format!(
+                "embed_dim {} / embedding_dim {:?} must be positive",
+                self.embed_dim, self.embedding_dim
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `ehm.source`: where the weights came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Source {
@@ -83,6 +107,25 @@ pub fn default_opset(m: &ModelProto) -> i64 {
         .filter_map(|o| o.version)
         .max()
         .unwrap_or(0)
+}
+
+/// The static dimensions of a graph input or output (`None` for a dynamic one).
+pub fn dims(v: &ValueInfoProto) -> Vec<Option<i64>> {
+    use crate::export::onnx::tensor_shape_proto::dimension::Value as Dim;
+    let Some(crate::export::onnx::type_proto::Value::TensorType(t)) =
+        v.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return vec![];
+    };
+    t.shape.as_ref().map_or(vec![], |s| {
+        s.dim
+            .iter()
+            .map(|d| match d.value {
+                Some(Dim::DimValue(v)) => Some(v),
+                _ => None,
+            })
+            .collect()
+    })
 }
 
 /// Number of stored weight values (initializer elements).
@@ -146,6 +189,9 @@ impl ModelContract {
         let config: ContractConfig =
             serde_json::from_str(&meta(KEY_CONFIG).ok_or("no ehm.config metadata")?)
                 .map_err(|e| format!("bad ehm.config: {e}"))?;
+        config
+            .validate()
+            .map_err(|e| format!("bad ehm.config: {e}"))?;
         let labels: Vec<String> = match meta(KEY_LABELS) {
             Some(s) => serde_json::from_str(&s).map_err(|e| format!("bad ehm.labels: {e}"))?,
             None => vec![],
@@ -157,12 +203,35 @@ impl ModelContract {
         if !inputs.iter().any(|i| i == INPUT) {
             return Err(format!("no '{INPUT}' input (inputs: {inputs:?})"));
         }
-        if !outputs.iter().any(|o| o == task.output()) {
+        let Some(out) = g
+            .output
+            .iter()
+            .find(|o| o.name.as_deref() == Some(task.output()))
+        else {
             return Err(format!(
                 "task {} needs output '{}' (outputs: {outputs:?})",
                 task.name(),
                 task.output()
             ));
+        };
+        if matches!(task, Task::Classify | Task::Segment) {
+            // one label per class: the tools index labels by the output's class axis
+            match dims(out).get(1).copied().flatten() {
+                Some(c) if c as usize != labels.len() => {
+                    return Err(format!(
+                        "bad ehm.labels: {} labels for the {c} classes of '{}'",
+                        labels.len(),
+                        task.output()
+                    ))
+                }
+                _ if labels.is_empty() => {
+                    return Err(format!(
+                        "bad ehm.labels: a {} model needs its class names",
+                        task.name()
+                    ))
+                }
+                _ => {}
+            }
         }
         let opset = default_opset(m);
         let parameters = parameter_count(g);

@@ -95,20 +95,13 @@ pub fn per_class_accuracy(cm: &[Vec<u64>]) -> Vec<f64> {
 
 /// CSV with a header row of predicted classes and one row per true class.
 pub fn confusion_csv(cm: &[Vec<u64>], names: &[String]) -> String {
-    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-    let mut out = format!(
-        "truth\\pred,{}\n",
-        names.iter().map(|n| q(n)).collect::<Vec<_>>().join(",")
-    );
+    let mut header = vec!["truth\\pred".to_string()];
+    header.extend(names.iter().cloned());
+    let mut out = crate::output::csv_row(&header);
     for (i, row) in cm.iter().enumerate() {
-        out += &format!(
-            "{},{}\n",
-            q(&names[i]),
-            row.iter()
-                .map(|v| v.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        let mut fields = vec![names[i].clone()];
+        fields.extend(row.iter().map(|v| v.to_string()));
+        out += &crate::output::csv_row(&fields);
     }
     out
 }
@@ -153,7 +146,7 @@ mod confusion_tests {
         assert_eq!(cm[0][2], 1);
         let csv = confusion_csv(&cm, &["a".into(), "b\"x".into(), "c".into()]);
         assert!(
-            csv.starts_with("truth\\pred,\"a\",\"b\"\"x\",\"c\"\n\"a\",1,0,1\n"),
+            csv.starts_with("truth\\pred,a,\"b\"\"x\",c\na,1,0,1\n"),
             "{csv}"
         );
     }

@@ -1,8 +1,10 @@
-//! Atomic file writes: write to a temporary file in the same folder, fsync, rename.
-//! A crash at any moment leaves either the old file or the new one, never half a file.
-use crate::error::{IoContext, Result};
-use std::io::Write;
-use std::path::Path;
+//! Files: atomic writes (write to a temporary file in the same folder, fsync, rename — a crash
+//! at any moment leaves either the old file or the new one, never half a file); reading input
+//! files safely (regular files only, with a size cap); paths in JSON that keep every byte.
+use crate::error::{Error, IoContext, Result};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Write `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -45,11 +47,162 @@ pub fn write_atomic_with(
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
+    sha256_of(std::fs::File::open(path).at(path)?, path)
+}
+
+fn sha256_of(mut r: impl Read, path: &Path) -> Result<String> {
     use sha2::Digest;
-    let mut f = std::fs::File::open(path).at(path)?;
     let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h).at(path)?;
+    std::io::copy(&mut r, &mut h).at(path)?;
     Ok(hex::encode(h.finalize()))
+}
+
+/// Default size cap of one input file (an image), in MiB: far above any photo, far below what
+/// would exhaust memory.
+pub const DEFAULT_MAX_INPUT_MB: u64 = 256;
+static MAX_INPUT_BYTES: AtomicU64 = AtomicU64::new(DEFAULT_MAX_INPUT_MB << 20);
+
+/// Set the size cap of input files for this process (the tools' `--max-file-mb`).
+pub fn set_max_input_mb(mb: u64) {
+    MAX_INPUT_BYTES.store(mb.saturating_mul(1 << 20), Ordering::Relaxed);
+}
+
+/// Open an input file the user named: only a regular file (a FIFO or a device would block or
+/// never end), and at most the size cap (a 3 GB "photo" is refused, not read into memory).
+/// Returns the open file and its length.
+pub fn open_input(path: &Path) -> Result<(std::fs::File, u64)> {
+    // metadata first: opening a FIFO for reading blocks until someone writes to it
+    let meta = std::fs::metadata(path).at(path)?;
+    if !meta.is_file() {
+        let kind = {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_char_device() || t.is_block_device() {
+                "a device"
+            } else if t.is_socket() {
+                "a socket"
+            } else if t.is_dir() {
+                "a folder"
+            } else {
+                "a special file"
+            }
+        };
+        return Err(Error::bad_file(
+            path,
+            format!("not a regular file ({kind}); only regular files are read"),
+        ));
+    }
+    let cap = MAX_INPUT_BYTES.load(Ordering::Relaxed);
+    if meta.len() > cap {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "{:.1} MB, larger than the {} MB limit for one input file (--max-file-mb raises it)",
+                meta.len() as f64 / (1u64 << 20) as f64,
+                cap >> 20
+            ),
+        ));
+    }
+    let f = std::fs::File::open(path).at(path)?;
+    // the file may be another by now, or have grown: re-check what was opened
+    let meta = f.metadata().at(path)?;
+    if !meta.is_file() || meta.len() > cap {
+        return Err(Error::bad_file(path, "changed while being opened"));
+    }
+    Ok((f, meta.len()))
+}
+
+/// The bytes of an input file (`open_input`'s checks; never more than the cap).
+pub fn read_input(path: &Path) -> Result<Vec<u8>> {
+    let (f, len) = open_input(path)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(MAX_INPUT_BYTES.load(Ordering::Relaxed))
+        .read_to_end(&mut bytes)
+        .at(path)?;
+    Ok(bytes)
+}
+
+/// sha256 of an input file (`open_input`'s checks), hex.
+pub fn sha256_input(path: &Path) -> Result<String> {
+    let (f, _) = open_input(path)?;
+    sha256_of(f.take(MAX_INPUT_BYTES.load(Ordering::Relaxed)), path)
+}
+
+/// Refuse to write `out` when it is one of `inputs` (the same file, however it is named).
+pub fn refuse_overwriting_inputs(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(o) = std::fs::canonicalize(out) else {
+        return Ok(()); // does not exist yet: cannot be an input
+    };
+    for i in inputs {
+        if std::fs::canonicalize(i).is_ok_and(|c| c == o) {
+            return Err(Error::Config(format!(
+                "{}: the output is one of the inputs ({}); choose another output file",
+                out.display(),
+                i.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Serde for a stored path that keeps every byte: a UTF-8 path as a JSON string, any other as
+/// `{"unix_bytes": BASE64}` (file names on Linux are bytes, not always UTF-8).
+pub mod lossless_path {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::path::{Path, PathBuf};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Bytes { unix_bytes: String },
+    }
+
+    pub fn serialize<S: Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        use std::os::unix::ffi::OsStrExt;
+        match p.to_str() {
+            Some(t) => s.serialize_str(t),
+            None => Repr::Bytes {
+                unix_bytes: base64::engine::general_purpose::STANDARD
+                    .encode(p.as_os_str().as_bytes()),
+            }
+            .serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        use base64::Engine;
+        use std::os::unix::ffi::OsStrExt;
+        Ok(match Repr::deserialize(d)? {
+            Repr::Text(t) => PathBuf::from(t),
+            Repr::Bytes { unix_bytes } => {
+                let b = base64::engine::general_purpose::STANDARD
+                    .decode(unix_bytes)
+                    .map_err(serde::de::Error::custom)?;
+                PathBuf::from(std::ffi::OsStr::from_bytes(&b))
+            }
+        })
+    }
+}
+
+/// Serialize a path for people and scripts as a string, invalid UTF-8 replaced by U+FFFD
+/// (output only; what the index stores is `lossless_path`).
+pub fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string_lossy())
+}
+
+/// `lossy_path` for an optional path.
+pub fn lossy_opt_path<S: serde::Serializer>(
+    p: &Option<PathBuf>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => lossy_path(p, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// The repository's cache folder (`.cache/`), where set-up puts libraries and data.
@@ -61,17 +214,20 @@ pub fn cache_dir() -> std::path::PathBuf {
     project_dir(".cache")
 }
 
-/// A folder of the project (`models`, `.cache`): in the current directory when it has one
-/// (a copied checkout), else in the checkout the binary was built from.
+/// A folder of the project (`models`, `.cache`): the one in the checkout the binary was built
+/// from; where that checkout is not on this machine (a binary carried elsewhere), the one in
+/// the current directory. A folder of the same name in the current directory never hides the
+/// checkout's: it may be anyone's (`EHM_MODELS` / `EHM_CACHE` point elsewhere on purpose).
 pub fn project_dir(name: &str) -> std::path::PathBuf {
+    // this crate sits at crates/ehm-core in the checkout
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(name);
     let here = Path::new(name);
-    if here.is_dir() {
+    if !built.is_dir() && here.is_dir() {
         return here.to_path_buf();
     }
-    // this crate sits at crates/ehm-core in the checkout
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(name)
+    built
 }
 
 /// Little-endian f32 values from bytes (a trailing partial value is ignored).

@@ -4,6 +4,7 @@
 //! ehm-retrieve), which therefore never link libtorch. Training lives in the `ehm` crate.
 //!
 //! Layers (arrows point down): tools → {export, infer, retrieval} → {masking, eval} → data.
+pub mod args;
 pub mod checkpoint;
 pub mod config;
 pub mod contract;
@@ -14,6 +15,7 @@ pub mod export;
 pub mod fsutil;
 pub mod infer;
 pub mod masking;
+pub mod output;
 pub mod picture;
 pub mod pipeline;
 pub mod progress;

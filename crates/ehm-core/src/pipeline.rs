@@ -24,8 +24,12 @@ pub enum Format {
 }
 
 /// Inputs as given on the command line, expanded: `(images in order, problems)`. A problem is a
-/// one-line message (missing path, glob without matches, folder without images).
-pub fn expand_inputs(inputs: &[String]) -> Result<(Vec<PathBuf>, Vec<String>)> {
+/// one-line message (missing path, glob without matches, folder without images). Paths are
+/// taken as bytes (a file name need not be UTF-8); `-` reads one path per line from stdin.
+pub fn expand_inputs<S: AsRef<std::ffi::OsStr>>(
+    inputs: &[S],
+) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    use std::os::unix::ffi::OsStrExt;
     let (mut paths, mut problems) = (Vec::new(), Vec::new());
     let mut add = |p: PathBuf, explicit: bool, problems: &mut Vec<String>| {
         if p.is_dir() {
@@ -45,22 +49,30 @@ pub fn expand_inputs(inputs: &[String]) -> Result<(Vec<PathBuf>, Vec<String>)> {
         }
     };
     for arg in inputs {
+        let arg = arg.as_ref();
+        let pattern = arg
+            .to_str()
+            .filter(|a| a.contains(['*', '?', '[']) && !std::path::Path::new(a).exists());
         if arg == "-" {
-            for line in std::io::stdin().lock().lines() {
+            for line in std::io::stdin().lock().split(b'\n') {
                 let line =
                     line.map_err(|e| Error::Other(format!("reading paths from stdin: {e}")))?;
-                let t = line.trim();
+                let t = line.trim_ascii();
                 if !t.is_empty() {
-                    add(PathBuf::from(t), true, &mut problems);
+                    add(
+                        PathBuf::from(std::ffi::OsStr::from_bytes(t)),
+                        true,
+                        &mut problems,
+                    );
                 }
             }
-        } else if arg.contains(['*', '?', '[']) && !std::path::Path::new(arg).exists() {
-            let matches: Vec<PathBuf> = glob::glob(arg)
-                .map_err(|e| Error::Config(format!("bad glob {arg}: {e}")))?
+        } else if let Some(pattern) = pattern {
+            let matches: Vec<PathBuf> = glob::glob(pattern)
+                .map_err(|e| Error::Config(format!("bad glob {pattern}: {e}")))?
                 .filter_map(|r| r.ok())
                 .collect();
             if matches.is_empty() {
-                problems.push(format!("{arg}: the pattern matches nothing"));
+                problems.push(format!("{pattern}: the pattern matches nothing"));
             }
             for m in matches {
                 add(m, false, &mut problems);

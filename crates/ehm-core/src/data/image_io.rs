@@ -1,6 +1,8 @@
 //! Image decoding for every reader and tool: format sniffed from content, EXIF orientation
-//! applied, and hard limits so a file that declares 30000×30000 pixels is refused, not allocated.
-use crate::error::{Error, IoContext, Result};
+//! applied, and hard limits so a file that declares 30000×30000 pixels is refused, not allocated;
+//! only regular files up to a size cap are read (`fsutil::read_input`), and a JPEG cut short
+//! is an error, not an image with a grey bottom.
+use crate::error::{Error, Result};
 use image::{ImageDecoder, ImageReader, RgbImage};
 use std::io::Cursor;
 use std::path::Path;
@@ -30,8 +32,42 @@ fn limits() -> image::Limits {
 
 /// Decode an image file to 8-bit RGB with EXIF orientation applied.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).at(path)?;
+    let bytes = crate::fsutil::read_input(path)?;
     decode_rgb(&bytes, path)
+}
+
+/// Whether a JPEG stream reaches its end-of-image marker. The JPEG decoder fills a file cut
+/// short with grey and reports success; PIL calls such a file truncated, and so do we. Walks
+/// the marker segments (lengths) and the entropy-coded data of each scan (where 0xFF is
+/// followed by a stuffed 0x00 or a restart marker) until EOI.
+fn jpeg_complete(b: &[u8]) -> bool {
+    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
+        return false;
+    }
+    let mut i = 2;
+    while i + 1 < b.len() {
+        if b[i] != 0xFF {
+            i += 1; // entropy-coded data (or stray bytes between segments)
+            continue;
+        }
+        match b[i + 1] {
+            0xD9 => return true,
+            // fill byte, stuffed zero, restart markers, TEM: no length follows
+            0xFF => i += 1,
+            0x00 | 0x01 | 0xD0..=0xD7 => i += 2,
+            _ => {
+                if i + 3 >= b.len() {
+                    return false;
+                }
+                let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+                if len < 2 {
+                    return false;
+                }
+                i += 2 + len;
+            }
+        }
+    }
+    false
 }
 
 /// Decode image bytes; `origin` names the source in error messages.
@@ -46,6 +82,12 @@ pub fn decode_rgb(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
         return Err(Error::bad_image(origin, "unknown image format"));
     }
     reader.limits(limits());
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_complete(bytes) {
+        return Err(Error::bad_image(
+            origin,
+            "truncated JPEG (the file ends before the image does)",
+        ));
+    }
     let is_webp = reader.format() == Some(image::ImageFormat::WebP);
     let mut decoder = reader
         .into_decoder()
@@ -138,6 +180,28 @@ mod tests {
         let bytes = unsafe { std::slice::from_raw_parts(out, n) }.to_vec();
         unsafe { libwebp_sys::WebPFree(out as *mut _) };
         bytes
+    }
+
+    #[test]
+    fn a_jpeg_cut_anywhere_is_truncated_a_whole_one_is_not() {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 7]));
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+            .encode_image(&img)
+            .unwrap();
+        assert!(jpeg_complete(&bytes));
+        assert!(decode_rgb(&bytes, Path::new("whole.jpg")).is_ok());
+        // bytes after EOI are allowed (cameras append data)
+        let mut padded = bytes.clone();
+        padded.extend_from_slice(&[0, 0, 0x12]);
+        assert!(jpeg_complete(&padded));
+        for cut in [bytes.len() - 1, bytes.len() - 2, bytes.len() / 2, 200, 20] {
+            assert!(!jpeg_complete(&bytes[..cut]), "cut at {cut}");
+            let e = decode_rgb(&bytes[..cut], Path::new("cut.jpg"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
+        }
     }
 
     #[test]

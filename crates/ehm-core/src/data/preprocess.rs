@@ -8,6 +8,9 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// Largest input side a model may declare: a ViT/16 at 4096² already has 65,536 tokens and
+/// a 17 GB attention matrix per head; larger values are typos or hostile metadata.
+pub const MAX_IMAGE_SIZE: u32 = 4096;
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,21 +101,32 @@ impl Preprocess {
         }
     }
 
+    /// Check every field (a zoo file, a checkpoint's config and a model's metadata all pass
+    /// through here); the message names the field.
     pub fn validate(&self) -> crate::Result<()> {
-        if self.image_size == 0 {
-            return Err(crate::Error::Config(
-                "preprocess.image_size must be > 0".into(),
+        let bad = |m: String| Err(crate::Error::Config(m));
+        if !(1..=MAX_IMAGE_SIZE).contains(&self.image_size) {
+            return bad(format!(
+                "preprocess.image_size must be 1 … {MAX_IMAGE_SIZE}, got {}",
+                self.image_size
             ));
         }
         if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
-            return Err(crate::Error::Config(format!(
+            return bad(format!(
                 "preprocess.crop_pct must be in (0, 1], got {}",
                 self.crop_pct
-            )));
+            ));
         }
-        if self.std.iter().any(|s| *s <= 0.0) {
-            return Err(crate::Error::Config(
-                "preprocess.std must be positive".into(),
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return bad(format!(
+                "preprocess.mean must be finite, got {:?}",
+                self.mean
+            ));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return bad(format!(
+                "preprocess.std must be positive and finite, got {:?}",
+                self.std
             ));
         }
         Ok(())

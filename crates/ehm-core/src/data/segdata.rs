@@ -42,6 +42,7 @@ pub struct SplitRecord {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SegDataSummary {
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub out: PathBuf,
     pub classes: Vec<String>,
     pub train_images: usize,

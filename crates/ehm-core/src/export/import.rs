@@ -137,25 +137,6 @@ fn image_input(
     })
 }
 
-/// Static dims of a value (None where symbolic).
-fn dims(v: &onnx::ValueInfoProto) -> Vec<Option<i64>> {
-    use onnx::tensor_shape_proto::dimension::Value as Dim;
-    let Some(onnx::type_proto::Value::TensorType(t)) =
-        v.r#type.as_ref().and_then(|t| t.value.as_ref())
-    else {
-        return vec![];
-    };
-    t.shape.as_ref().map_or(vec![], |s| {
-        s.dim
-            .iter()
-            .map(|d| match d.value {
-                Some(Dim::DimValue(v)) => Some(v),
-                _ => None,
-            })
-            .collect()
-    })
-}
-
 /// Build the adopted model for `task` around the kept nodes; `tokens` = (count, width), the
 /// width −1 only for the probe build that finds it.
 #[allow(clippy::too_many_arguments)]
@@ -298,6 +279,8 @@ const TOKENS: &str = "ehm.tokens";
 
 /// Adopt the ViT in `src` as an ehm `task` model written (atomically) to `out`.
 pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ExportSummary> {
+    crate::fsutil::refuse_overwriting_inputs(out, &[src])?;
+    opts.preprocess.validate()?;
     let bytes = std::fs::read(src).at(src)?;
     let model = ModelProto::decode(&bytes[..])
         .map_err(|e| Error::bad_file(src, format!("not an ONNX model ({e})")))?;
@@ -321,7 +304,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
     }
     let input = image_input(g, opts.input.as_deref(), src)?;
     let input_name = input.name.clone().unwrap_or_default();
-    let d = dims(&input);
+    let d = crate::contract::dims(&input);
     if d.len() == 4 {
         let want = [None, Some(3), Some(size as i64), Some(size as i64)];
         for (k, (have, want)) in d.iter().zip(want).enumerate().skip(1) {
@@ -363,7 +346,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
     let mut config = ContractConfig {
         preprocess: opts.preprocess.clone(),
         patch_size: opts.patch_size,
-        embed_dim: 0,
+        embed_dim: 1, // not known until the probe below runs
         embedding_dim: None,
         arch: opts.arch.clone(),
         quantization: None,

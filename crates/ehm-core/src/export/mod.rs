@@ -127,6 +127,7 @@ pub fn resize_pos_grid(grid: &[f32], g: usize, d: usize, new: usize) -> Vec<f32>
 /// What an export produced.
 #[derive(Debug, serde::Serialize)]
 pub struct ExportSummary {
+    #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub output: PathBuf,
     pub task: String,
     pub bytes: u64,
@@ -340,10 +341,11 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
     let v = &ck.vit;
     let (d, p, g0) = (v.embed_dim, v.patch_size as i64, v.grid() as i64);
     let size = opts.image_size.unwrap_or(v.image_size);
-    if !size.is_multiple_of(v.patch_size) {
+    let max = crate::data::preprocess::MAX_IMAGE_SIZE;
+    if size == 0 || size > max || !size.is_multiple_of(v.patch_size) {
         return Err(Error::Config(format!(
-            "--image-size {size} is not a multiple of the patch size {}",
-            v.patch_size
+            "--image-size {size}: the image size must be a multiple of the patch size {} from {} to {max}",
+            v.patch_size, v.patch_size
         )));
     }
     let gsz = (size / v.patch_size) as i64;
@@ -578,6 +580,8 @@ pub fn export_onnx(
     opts: &ExportOptions,
 ) -> Result<ExportSummary> {
     let ck = Checkpoint::open(checkpoint)?;
+    let config = ck.path.with_file_name("config.json");
+    crate::fsutil::refuse_overwriting_inputs(out, &[&ck.path, &config])?;
     write_model(&build_model(&ck, task, opts)?, task, out)
 }
 
