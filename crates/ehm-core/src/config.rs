@@ -109,31 +109,52 @@ impl std::fmt::Display for MaskingKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum TeacherKind {
-    /// EMA of the student, decay from `ema_half_life_steps`.
+    /// EMA of the student (half-life `ema_half_life`).
     Ema,
     /// The student itself, without gradients.
     Student,
 }
 
-/// EHM knobs (design.md §4).
+pub use crate::masking::{AffinityNorm, AffinitySource, GridNoise, Merge, ScheduleShape};
+
+/// EHM knobs (docs/ehm.md). Every choice a researcher ablates is here, so a run's config.json
+/// says exactly which EHM it ran.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EhmConfig {
     pub teacher: TeacherKind,
-    /// EMA half-life in optimizer steps: decay = 0.5^(1/half_life).
-    pub ema_half_life_steps: f64,
-    /// Encoder blocks whose attention is summed into the affinity; empty = all.
+    /// EMA half-life as a fraction of the run's optimizer steps: decay = 0.5^(1/(frac·steps)).
+    /// EPM's 0.99996 at ImageNet scale is a 17k-step half-life, ≈ 2 % of an 800-epoch run.
+    pub ema_half_life: f64,
+    /// Absolute half-life in steps; overrides `ema_half_life` when set.
+    pub ema_half_life_steps: Option<f64>,
+    /// Encoder blocks whose attention forms the affinity; empty = all. The teacher stops after
+    /// the last one it needs.
     pub affinity_blocks: Vec<usize>,
-    /// Normalisation of the symmetrised attention before the merge tree.
-    pub affinity_norm: crate::masking::AffinityNorm,
-    /// Segments at t = 0, as a fraction of N (design: ≈ N/4).
-    pub start_segments_frac: f64,
-    /// Segments at t = 1 (design: ≈ 8).
-    pub end_segments: usize,
-    /// Side of the grid cells whose noise is blended in early (2 → 2×2 cells).
+    /// What the affinity is made of (attention, attention profiles, token cosine).
+    pub affinity: AffinitySource,
+    /// Normalisation of the symmetrised affinity before the merge tree.
+    pub affinity_norm: AffinityNorm,
+    /// Merge only 4-adjacent segments (contiguous groups), or any two.
+    pub merge: Merge,
+    /// How the segment count falls from `start_segments` to `end_segments` over t.
+    pub schedule: ScheduleShape,
+    /// Segments of the cut at t = 0 (default: N / grid_cell², one per grid cell).
+    pub start_segments: Option<usize>,
+    /// Segments of the cut at t = 1 (default: max(2, round(N / 20)), EPM's 10 at N = 196).
+    pub end_segments: Option<usize>,
+    /// EPM's jitter: each image's cut has c + randint(0, jitter) segments (0 = none).
+    pub segment_jitter: usize,
+    /// α(t) = t^alpha_power weighs segment noise against grid noise (EPM: √t).
+    pub alpha_power: f64,
+    /// Mask ratio at t = 1 (linear from `mask_ratio` at t = 0); None = constant.
+    pub mask_ratio_end: Option<f64>,
+    /// Layout of the grid noise: EPM's parity classes (default) or whole cells.
+    pub grid_noise: GridNoise,
+    /// Period of the grid noise (2: parity classes of 2×2 cells).
     pub grid_cell: usize,
 }
 
@@ -141,13 +162,30 @@ impl Default for EhmConfig {
     fn default() -> Self {
         EhmConfig {
             teacher: TeacherKind::Ema,
-            ema_half_life_steps: 200.0,
+            ema_half_life: 0.02,
+            ema_half_life_steps: None,
             affinity_blocks: vec![],
-            affinity_norm: crate::masking::AffinityNorm::Degree,
-            start_segments_frac: 0.25,
-            end_segments: 8,
+            affinity: AffinitySource::Attention,
+            affinity_norm: AffinityNorm::Degree,
+            merge: Merge::Adjacent,
+            schedule: ScheduleShape::Geometric,
+            start_segments: None,
+            end_segments: None,
+            segment_jitter: 0,
+            alpha_power: 0.5,
+            mask_ratio_end: None,
+            grid_noise: GridNoise::Parity,
             grid_cell: 2,
         }
+    }
+}
+
+impl EhmConfig {
+    /// The EMA half-life in steps for a run of `total_steps` (at least one step).
+    pub fn half_life_steps(&self, total_steps: u64) -> f64 {
+        self.ema_half_life_steps
+            .unwrap_or(self.ema_half_life * total_steps as f64)
+            .max(1.0)
     }
 }
 
@@ -212,7 +250,12 @@ impl PretrainConfig {
         for (name, v) in [
             ("epochs", self.epochs),
             ("blr", self.blr),
-            ("ehm.ema_half_life_steps", self.ehm.ema_half_life_steps),
+            ("ehm.ema_half_life", self.ehm.ema_half_life),
+            (
+                "ehm.ema_half_life_steps",
+                self.ehm.ema_half_life_steps.unwrap_or(1.0),
+            ),
+            ("ehm.alpha_power", self.ehm.alpha_power),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return bad(format!("{name} must be a finite number above 0, got {v}"));
@@ -227,6 +270,19 @@ impl PretrainConfig {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(format!("{name} must be a finite number ≥ 0, got {v}"));
             }
+        }
+        if let Some(r) = self.ehm.mask_ratio_end {
+            if !(r > 0.0 && r < 1.0) {
+                return bad(format!(
+                    "ehm.mask_ratio_end must be between 0 and 1 (exclusive), got {r}"
+                ));
+            }
+        }
+        if self.ehm.grid_cell == 0 {
+            return bad("ehm.grid_cell must be at least 1".into());
+        }
+        if self.ehm.start_segments == Some(0) || self.ehm.end_segments == Some(0) {
+            return bad("ehm.start_segments / end_segments must be at least 1".into());
         }
         Ok(())
     }

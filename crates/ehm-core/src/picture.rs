@@ -140,6 +140,121 @@ pub fn sheet(rows: &[Vec<RgbImage>]) -> RgbImage {
     out
 }
 
+/// One line of a `line_chart`.
+pub struct Series<'a> {
+    pub name: &'a str,
+    /// (x, y) points in x order.
+    pub points: Vec<(f64, f64)>,
+    pub colour: [u8; 3],
+    /// Drawn dashed (baselines).
+    pub dashed: bool,
+}
+
+/// A line chart on white: axes, y ticks at quarters of `y_range`, x from the data, a legend
+/// in the top-left corner, `title` above. For training curves.
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    series: &[Series],
+    y_range: (f64, f64),
+    w: u32,
+    h: u32,
+) -> RgbImage {
+    let mut img = RgbImage::from_pixel(w, h, Rgb([255; 3]));
+    let (left, right, top, bottom) = (44i64, 12i64, 22i64, 30i64);
+    let (pw, ph) = (w as i64 - left - right, h as i64 - top - bottom);
+    let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+    let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    let (x0, x1) = if x0.is_finite() && x1 > x0 {
+        (x0, x1)
+    } else {
+        (0.0, 1.0)
+    };
+    let (y0, y1) = y_range;
+    let to_px = |x: f64, y: f64| {
+        (
+            left + ((x - x0) / (x1 - x0) * pw as f64).round() as i64,
+            top + ph - ((y.clamp(y0, y1) - y0) / (y1 - y0) * ph as f64).round() as i64,
+        )
+    };
+    let put = |img: &mut RgbImage, x: i64, y: i64, c: [u8; 3]| {
+        if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
+            img.put_pixel(x as u32, y as u32, Rgb(c));
+        }
+    };
+    // grid lines and y labels
+    for k in 0..=4 {
+        let v = y0 + (y1 - y0) * k as f64 / 4.0;
+        let (_, py) = to_px(x0, v);
+        for x in left..left + pw {
+            put(&mut img, x, py, if k == 0 { [0; 3] } else { [225; 3] });
+        }
+        draw_text(&mut img, 2, py - 4, &format!("{v:.2}"), [60; 3], 1);
+    }
+    for y in top..top + ph {
+        put(&mut img, left, y, [0; 3]);
+    }
+    draw_text(&mut img, left, 4, title, [0; 3], 1);
+    draw_text(
+        &mut img,
+        left,
+        top + ph + 6,
+        &format!("{x0:.0}"),
+        [60; 3],
+        1,
+    );
+    let end = format!("{x1:.0}");
+    draw_text(
+        &mut img,
+        left + pw - text_width(&end, 1) as i64,
+        top + ph + 6,
+        &end,
+        [60; 3],
+        1,
+    );
+    let lw = text_width(x_label, 1) as i64;
+    draw_text(
+        &mut img,
+        left + (pw - lw) / 2,
+        top + ph + 18,
+        x_label,
+        [60; 3],
+        1,
+    );
+    for (i, s) in series.iter().enumerate() {
+        for pair in s.points.windows(2) {
+            let (a, b) = (to_px(pair[0].0, pair[0].1), to_px(pair[1].0, pair[1].1));
+            let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).max(1);
+            for k in 0..=steps {
+                if s.dashed && (k / 4) % 2 == 1 {
+                    continue;
+                }
+                let x = a.0 + (b.0 - a.0) * k / steps;
+                let y = a.1 + (b.1 - a.1) * k / steps;
+                put(&mut img, x, y, s.colour);
+                put(&mut img, x, y + 1, s.colour);
+            }
+        }
+        for &(x, y) in &s.points {
+            let (px, py) = to_px(x, y);
+            for d in -1..=1 {
+                put(&mut img, px + d, py, s.colour);
+                put(&mut img, px, py + d, s.colour);
+            }
+        }
+        let ly = top + 4 + i as i64 * 11;
+        for x in left + 6..left + 20 {
+            if !s.dashed || (x / 3) % 2 == 0 {
+                put(&mut img, x, ly + 3, s.colour);
+            }
+        }
+        draw_text(&mut img, left + 24, ly, s.name, [30; 3], 1);
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +273,42 @@ mod tests {
         assert_ne!(o.get_pixel(1, 0).0, [10, 20, 30]);
         assert_eq!(colourise(&mask).get_pixel(0, 0).0, [0, 0, 0]);
         assert_ne!(class_colour(1), class_colour(2));
+    }
+
+    #[test]
+    fn line_chart_draws_each_series_in_its_colour() {
+        let red = [220, 20, 20];
+        let blue = [20, 20, 220];
+        let img = line_chart(
+            "asa",
+            "step",
+            &[
+                Series {
+                    name: "teacher",
+                    points: vec![(0.0, 0.2), (10.0, 0.8)],
+                    colour: red,
+                    dashed: false,
+                },
+                Series {
+                    name: "grid",
+                    points: vec![(0.0, 0.5), (10.0, 0.5)],
+                    colour: blue,
+                    dashed: true,
+                },
+            ],
+            (0.0, 1.0),
+            200,
+            120,
+        );
+        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+        assert!(
+            count(red) > 100 && count(blue) > 50,
+            "{} {}",
+            count(red),
+            count(blue)
+        );
+        // the teacher line rises: its pixels on the left are lower (larger y) than on the right
+        let ys = |x: u32| (0..120).filter(|&y| img.get_pixel(x, y).0 == red).max();
+        assert!(ys(60) > ys(170), "{:?} {:?}", ys(60), ys(170));
     }
 }

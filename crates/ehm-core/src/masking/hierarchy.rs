@@ -43,7 +43,9 @@ pub struct MergeTree {
 }
 
 /// How the symmetrised attention is turned into the affinity the tree merges on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AffinityNorm {
     /// Use `S = (A + Aᵀ)/2` as is.
@@ -54,9 +56,21 @@ pub enum AffinityNorm {
     Degree,
 }
 
+/// Which segments may merge.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Merge {
+    /// Only 4-adjacent segments: every level is a partition into contiguous groups.
+    Adjacent,
+    /// Any two segments (groups may be scattered, e.g. both eyes of a face).
+    Free,
+}
+
 /// Build the tree from a row-major `N × N` affinity (symmetrised here, so callers may pass
 /// raw attention). O(N²) memory and about O(N²·deg) time — N ≤ 1024 is fine.
-pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree {
+pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm, merge: Merge) -> MergeTree {
     let n = grid.n();
     assert_eq!(affinity.len(), n * n, "affinity must be N×N for the grid");
     // sum[a][b]: total affinity between segments a and b (indexed by representative patch).
@@ -85,8 +99,16 @@ pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree
         }
     }
     let mut size = vec![1f64; n];
+    let free = merge == Merge::Free;
+    // free merging keeps no neighbour lists: every live segment is a candidate
     let mut nbrs: Vec<Vec<u32>> = (0..n)
-        .map(|i| grid.neighbours(i).map(|j| j as u32).collect())
+        .map(|i| {
+            if free {
+                vec![]
+            } else {
+                grid.neighbours(i).map(|j| j as u32).collect()
+            }
+        })
         .collect();
     let mut alive = vec![true; n];
     // parent: union-find over representatives, to map a proposal made at the start of a round
@@ -97,9 +119,12 @@ pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree
         // Borůvka round: every live segment proposes its best neighbour (highest average
         // linkage; ties to the lowest index, for determinism).
         let mut proposals: Vec<(f64, u32, u32)> = Vec::new();
-        for a in (0..n).filter(|&a| alive[a]) {
+        let live: Vec<u32> = (0..n as u32).filter(|&a| alive[a as usize]).collect();
+        for &a in &live {
+            let a = a as usize;
             let mut best: Option<(f64, u32)> = None;
-            for &b in &nbrs[a] {
+            let cands = if free { &live[..] } else { &nbrs[a][..] };
+            for &b in cands.iter().filter(|&&b| b as usize != a) {
                 let link = sum[a * n + b as usize] / (size[a] * size[b as usize]);
                 if best.is_none_or(|(bl, bb)| link > bl || (link == bl && b < bb)) {
                     best = Some((link, b));
@@ -125,6 +150,12 @@ pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree
                 sum[k * n + a] = v;
             }
             size[a] += size[b];
+            alive[b] = false;
+            parent[b] = a as u32;
+            merges.push((a as u32, b as u32));
+            if free {
+                continue;
+            }
             let nb_b = std::mem::take(&mut nbrs[b]);
             for &c in &nb_b {
                 let c = c as usize;
@@ -141,9 +172,6 @@ pub fn build_tree(affinity: &[f32], grid: Grid, norm: AffinityNorm) -> MergeTree
             }
             nbrs[a].retain(|&x| x as usize != b && x as usize != a);
             dedup(&mut nbrs[a]);
-            alive[b] = false;
-            parent[b] = a as u32;
-            merges.push((a as u32, b as u32));
         }
     }
     MergeTree { n, merges }
@@ -227,7 +255,12 @@ mod tests {
     fn every_level_is_a_contiguous_partition_and_levels_nest() {
         for (side, seed) in [(4, 1), (8, 2), (7, 3)] {
             let g = Grid::square(side);
-            let t = build_tree(&random_affinity(g.n(), seed), g, AffinityNorm::Degree);
+            let t = build_tree(
+                &random_affinity(g.n(), seed),
+                g,
+                AffinityNorm::Degree,
+                Merge::Adjacent,
+            );
             assert_eq!(t.merges.len(), g.n() - 1);
             let mut prev: Option<Vec<u32>> = None;
             for c in (1..=g.n()).rev() {
@@ -263,7 +296,7 @@ mod tests {
             }
         }
         for norm in [AffinityNorm::None, AffinityNorm::Degree] {
-            let lab = build_tree(&a, g, norm).cut(4);
+            let lab = build_tree(&a, g, norm, Merge::Adjacent).cut(4);
             for i in 0..64 {
                 for j in 0..64 {
                     assert_eq!(
@@ -287,7 +320,7 @@ mod tests {
             a[j * 64 + 27] = 0.0;
         }
         for norm in [AffinityNorm::None, AffinityNorm::Degree] {
-            let lab = build_tree(&a, g, norm).cut(8);
+            let lab = build_tree(&a, g, norm, Merge::Adjacent).cut(8);
             let mut sizes = [0usize; 8];
             lab.iter().for_each(|&l| sizes[l as usize] += 1);
             assert!(sizes.iter().all(|&s| s >= 2), "{norm:?}: {sizes:?}");
@@ -301,16 +334,49 @@ mod tests {
         a[3] = f32::NAN;
         a[40] = f32::INFINITY;
         for norm in [AffinityNorm::None, AffinityNorm::Degree] {
-            let t = build_tree(&a, g, norm);
+            let t = build_tree(&a, g, norm, Merge::Adjacent);
             assert_eq!(t.merges.len(), 15);
             assert!(is_contiguous_partition(&t.cut(5), g));
         }
         assert_eq!(
-            build_tree(&[f32::NAN; 256], g, AffinityNorm::Degree)
+            build_tree(&[f32::NAN; 256], g, AffinityNorm::Degree, Merge::Adjacent)
                 .merges
                 .len(),
             15
         );
+    }
+
+    #[test]
+    fn free_merging_joins_scattered_patches_adjacent_merging_cannot() {
+        // a checkerboard affinity: patches of one colour belong together, though no two of
+        // them are 4-adjacent
+        let g = Grid::square(6);
+        let colour = |i: usize| (i / 6 + i % 6) % 2;
+        let a: Vec<f32> = (0..36 * 36)
+            .map(|k| {
+                if colour(k / 36) == colour(k % 36) {
+                    1.0
+                } else {
+                    0.05
+                }
+            })
+            .collect();
+        let free = build_tree(&a, g, AffinityNorm::None, Merge::Free).cut(2);
+        assert!((0..36).all(|i| (0..36).all(|j| (free[i] == free[j]) == (colour(i) == colour(j)))));
+        assert!(!is_contiguous_partition(&free, g));
+        let adj = build_tree(&a, g, AffinityNorm::None, Merge::Adjacent).cut(2);
+        assert!(is_contiguous_partition(&adj, g));
+        // free trees are still trees: N − 1 merges, nested levels of the right size
+        let t = build_tree(
+            &random_affinity(36, 8),
+            g,
+            AffinityNorm::Degree,
+            Merge::Free,
+        );
+        assert_eq!(t.merges.len(), 35);
+        for c in 1..=36 {
+            assert_eq!(*t.cut(c).iter().max().unwrap() as usize + 1, c);
+        }
     }
 
     #[test]
@@ -330,7 +396,7 @@ mod tests {
             }
         }
         let recovers = |norm| {
-            let lab = build_tree(&a, g, norm).cut(4);
+            let lab = build_tree(&a, g, norm, Merge::Adjacent).cut(4);
             (0..64).all(|i| (0..64).all(|j| (lab[i] == lab[j]) == (quad(i) == quad(j))))
         };
         assert!(

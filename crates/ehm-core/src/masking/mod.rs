@@ -6,8 +6,9 @@
 //! strategy only decides which patches share noise (grid cells, blocks, hierarchy segments).
 pub mod hierarchy;
 pub mod picture;
+pub mod quality;
 
-pub use hierarchy::{build_tree, AffinityNorm, Grid, MergeTree};
+pub use hierarchy::{build_tree, AffinityNorm, Grid, Merge, MergeTree};
 
 use crate::config::{EhmConfig, MaskingKind};
 use rand::{Rng, SeedableRng};
@@ -35,36 +36,109 @@ pub fn keep_count(n: usize, mask_ratio: f64) -> usize {
     ((n as f64) * (1.0 - mask_ratio)).floor() as usize
 }
 
-/// The evolution schedule (design.md §4.3).
-#[derive(Clone, Debug)]
+/// What the EHM affinity is made of (the teacher computes it; see `model::Encoder::affinity`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum AffinitySource {
+    /// Softmax attention summed over heads and the chosen blocks: how much i attends to j.
+    Attention,
+    /// Cosine similarity of attention rows: whether i and j attend to the same places.
+    AttentionColumns,
+    /// Cosine similarity (≥ 0) of the patch tokens after the last chosen block (EPM's EM step
+    /// compares token features).
+    Cosine,
+}
+
+/// How the grid noise is laid out (`grid` masking, and EHM's t = 0 end).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum GridNoise {
+    /// EPM: one random value per parity class (row % cell, col % cell). At mask ratio
+    /// 1 − 1/cell² exactly one patch of every cell × cell block stays visible — MAE's easy
+    /// grid sampling, where the easy-to-hard curriculum starts.
+    Parity,
+    /// One random value per cell × cell block: whole blocks are kept or masked (SimMIM-like,
+    /// harder than random).
+    Cells,
+}
+
+/// How the number of segments of the cut falls over training.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleShape {
+    /// c(t) = start · (end/start)^t: the same factor per unit of t.
+    Geometric,
+    /// c(t) = start + (end − start)·t (EPM's 40 → 10).
+    Linear,
+}
+
+/// The evolution schedule (docs/ehm.md): segments of the cut, α and the mask ratio at
+/// training progress t ∈ [0, 1].
+#[derive(Clone, Debug, PartialEq)]
 pub struct Schedule {
     pub n: usize,
     pub start_segments: usize,
     pub end_segments: usize,
+    pub shape: ScheduleShape,
+    pub jitter: usize,
+    pub alpha_power: f64,
+    pub mask_ratio: (f64, f64),
 }
 
 impl Schedule {
-    pub fn new(n: usize, cfg: &EhmConfig) -> Self {
-        let start = ((n as f64 * cfg.start_segments_frac).round() as usize).clamp(1, n);
-        let end = cfg.end_segments.clamp(1, start);
+    /// The schedule of `cfg` on a grid of `n` patches with base mask ratio `mask_ratio`.
+    /// Fine end: one segment per grid cell (single patches when `grid_cell` = 1); coarse end:
+    /// a few segments, max(2, N/20) — 10 at N = 196 (EPM), 3 at N = 64, 13 at N = 256.
+    pub fn new(n: usize, cfg: &EhmConfig, mask_ratio: f64) -> Self {
+        let cell = cfg.grid_cell.max(1);
+        let start = cfg
+            .start_segments
+            .unwrap_or(n / (cell * cell))
+            .clamp(1, n.max(1));
+        let auto_end = ((n as f64 / 20.0).round() as usize).max(2);
+        let end = cfg.end_segments.unwrap_or(auto_end).clamp(1, start);
         Schedule {
             n,
             start_segments: start,
             end_segments: end,
+            shape: cfg.schedule,
+            jitter: cfg.segment_jitter,
+            alpha_power: cfg.alpha_power,
+            mask_ratio: (mask_ratio, cfg.mask_ratio_end.unwrap_or(mask_ratio)),
         }
     }
-    /// Number of segments of the hierarchy cut at progress `t`: geometric from fine to coarse.
+
+    /// Whether the cut changes over training at all (false: a config that cannot evolve).
+    pub fn evolves(&self) -> bool {
+        self.start_segments > self.end_segments
+    }
+
+    /// Segments of the cut at progress `t` (before jitter).
     pub fn segments(&self, t: f64) -> usize {
         let t = t.clamp(0.0, 1.0);
-        let (a, b) = (
-            (self.start_segments as f64).ln(),
-            (self.end_segments as f64).ln(),
-        );
-        ((a + (b - a) * t).exp().round() as usize).clamp(self.end_segments, self.start_segments)
+        let (a, b) = (self.start_segments as f64, self.end_segments as f64);
+        let c = match self.shape {
+            ScheduleShape::Geometric => (a.ln() + (b.ln() - a.ln()) * t).exp(),
+            ScheduleShape::Linear => a + (b - a) * t,
+        };
+        (c.round() as usize).clamp(self.end_segments, self.start_segments)
     }
-    /// Weight of segment noise against grid noise: α(t) = √t (EPM).
+
+    /// Weight of segment noise against grid noise: α(t) = t^alpha_power (EPM: √t).
     pub fn alpha(&self, t: f64) -> f64 {
-        t.clamp(0.0, 1.0).sqrt()
+        t.clamp(0.0, 1.0).powf(self.alpha_power)
+    }
+
+    /// Mask ratio at progress `t` (linear between the two ends).
+    pub fn mask_ratio(&self, t: f64) -> f64 {
+        let (a, b) = self.mask_ratio;
+        a + (b - a) * t.clamp(0.0, 1.0)
     }
 }
 
@@ -79,16 +153,23 @@ fn image_rng(seed: u64, step: u64, b: usize) -> ChaCha8Rng {
 /// at the keep boundary at random.
 const JITTER: f64 = 1e-4;
 
-fn grid_noise(grid: Grid, cell: usize, rng: &mut impl Rng) -> Vec<f64> {
+/// Grid noise of one image: one value per parity class or per cell (`GridNoise`), plus jitter.
+fn grid_noise(grid: Grid, cell: usize, layout: GridNoise, rng: &mut impl Rng) -> Vec<f64> {
     let cell = cell.max(1);
-    let cw = grid.w.div_ceil(cell);
-    let cells: Vec<f64> = (0..grid.h.div_ceil(cell) * cw)
-        .map(|_| rng.random())
-        .collect();
+    let group = |i: usize| -> usize {
+        let (r, c) = (i / grid.w, i % grid.w);
+        match layout {
+            GridNoise::Parity => (r % cell) * cell + c % cell,
+            GridNoise::Cells => (r / cell) * grid.w.div_ceil(cell) + c / cell,
+        }
+    };
+    let groups = match layout {
+        GridNoise::Parity => cell * cell,
+        GridNoise::Cells => grid.h.div_ceil(cell) * grid.w.div_ceil(cell),
+    };
+    let values: Vec<f64> = (0..groups).map(|_| rng.random()).collect();
     (0..grid.n())
-        .map(|i| {
-            cells[(i / grid.w / cell) * cw + (i % grid.w) / cell] + JITTER * rng.random::<f64>()
-        })
+        .map(|i| values[group(i)] + JITTER * rng.random::<f64>())
         .collect()
 }
 
@@ -139,10 +220,16 @@ fn block_noise(grid: Grid, to_mask: usize, rng: &mut impl Rng) -> Vec<f64> {
 }
 
 /// EHM noise for one image: α·u_segment + (1−α)·u_grid, segments from the hierarchy cut.
-fn ehm_noise(labels: &[u32], grid: Grid, cell: usize, alpha: f64, rng: &mut impl Rng) -> Vec<f64> {
+fn ehm_noise(
+    labels: &[u32],
+    grid: Grid,
+    cfg: &EhmConfig,
+    alpha: f64,
+    rng: &mut impl Rng,
+) -> Vec<f64> {
     let k = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
     let seg: Vec<f64> = (0..k).map(|_| rng.random()).collect();
-    let g = grid_noise(grid, cell, rng);
+    let g = grid_noise(grid, cfg.grid_cell, cfg.grid_noise, rng);
     labels
         .iter()
         .zip(g)
@@ -189,16 +276,42 @@ pub struct MaskParams {
     pub seed: u64,
 }
 
+/// Affinity values that are NaN or infinite (a diverged teacher). The trainer stops on any:
+/// a tree built from them would be image-independent noise.
+pub fn non_finite(affinity: &[f32]) -> usize {
+    affinity.iter().filter(|v| !v.is_finite()).count()
+}
+
 impl MaskParams {
-    pub fn keep(&self) -> usize {
-        keep_count(self.grid.n(), self.mask_ratio)
+    /// The schedule of these parameters.
+    pub fn schedule(&self) -> Schedule {
+        Schedule::new(self.grid.n(), &self.ehm, self.mask_ratio)
+    }
+
+    /// Visible patches per image at progress `t` (the mask ratio may follow a schedule).
+    pub fn keep_at(&self, t: f64) -> usize {
+        keep_count(self.grid.n(), self.schedule().mask_ratio(t))
+    }
+
+    /// The hierarchy cut of one image at progress `t` (EHM): the merge tree of its affinity
+    /// (`[N, N]`), cut at the schedule's segment count plus this image's jitter.
+    pub fn cut(&self, affinity: &[f32], t: f64, rng: &mut impl Rng) -> Vec<u32> {
+        let sched = self.schedule();
+        let c = sched.segments(t)
+            + if sched.jitter > 0 {
+                rng.random_range(0..=sched.jitter)
+            } else {
+                0
+            };
+        build_tree(affinity, self.grid, self.ehm.affinity_norm, self.ehm.merge)
+            .cut(c.min(self.grid.n()))
     }
 
     /// Masks for a batch at training progress `t`, step `step`. `affinity` (`[B, N, N]`,
     /// row-major) is required for EHM and ignored otherwise.
     pub fn sample(&self, batch: usize, t: f64, step: u64, affinity: Option<&[f32]>) -> MaskBatch {
         let n = self.grid.n();
-        let keep = self.keep();
+        let keep = self.keep_at(t);
         match self.kind {
             MaskingKind::Random => {
                 let noise: Vec<Vec<f64>> = (0..batch)
@@ -215,6 +328,7 @@ impl MaskParams {
                         grid_noise(
                             self.grid,
                             self.ehm.grid_cell,
+                            self.ehm.grid_noise,
                             &mut image_rng(self.seed, step, b),
                         )
                     })
@@ -230,20 +344,14 @@ impl MaskParams {
             MaskingKind::Ehm => {
                 let aff = affinity.expect("EHM masking needs an affinity");
                 assert_eq!(aff.len(), batch * n * n, "affinity must be [B, N, N]");
-                let sched = Schedule::new(n, &self.ehm);
-                let (c, alpha) = (sched.segments(t), sched.alpha(t));
+                let alpha = self.schedule().alpha(t);
                 let per_image: Vec<(Vec<f64>, Vec<u32>)> = (0..batch)
                     .into_par_iter()
                     .map(|b| {
-                        let tree = build_tree(
-                            &aff[b * n * n..(b + 1) * n * n],
-                            self.grid,
-                            self.ehm.affinity_norm,
-                        );
-                        let labels = tree.cut(c);
                         let mut r = image_rng(self.seed, step, b);
+                        let labels = self.cut(&aff[b * n * n..(b + 1) * n * n], t, &mut r);
                         (
-                            ehm_noise(&labels, self.grid, self.ehm.grid_cell, alpha, &mut r),
+                            ehm_noise(&labels, self.grid, &self.ehm, alpha, &mut r),
                             labels,
                         )
                     })
@@ -285,19 +393,22 @@ mod tests {
             MaskingKind::Ehm,
         ] {
             for (side, batch) in [(8, 5), (14, 3), (7, 4)] {
-                let p = params(kind, side);
+                let mut p = params(kind, side);
+                p.ehm.segment_jitter = 2;
+                p.ehm.mask_ratio_end = Some(0.5);
                 let n = side * side;
                 let aff = rand_aff(batch, n);
                 for t in [0.0, 0.3, 1.0] {
+                    let keep = p.keep_at(t);
                     let m = p.sample(batch, t, 11, Some(&aff));
-                    assert_eq!(m.ids_keep.len(), batch * p.keep());
+                    assert_eq!(m.ids_keep.len(), batch * keep);
                     for b in 0..batch {
                         let visible = m.mask[b * n..(b + 1) * n]
                             .iter()
                             .filter(|&&v| v == 0.0)
                             .count();
-                        assert_eq!(visible, p.keep(), "{kind} side {side} t {t}");
-                        for &i in &m.ids_keep[b * p.keep()..(b + 1) * p.keep()] {
+                        assert_eq!(visible, keep, "{kind} side {side} t {t}");
+                        for &i in &m.ids_keep[b * keep..(b + 1) * keep] {
                             assert_eq!(m.mask[b * n + i as usize], 0.0);
                         }
                         // ids_restore is a permutation
@@ -312,7 +423,12 @@ mod tests {
 
     #[test]
     fn same_seed_same_masks_other_seed_other_masks() {
-        for kind in [MaskingKind::Random, MaskingKind::Block, MaskingKind::Ehm] {
+        for kind in [
+            MaskingKind::Random,
+            MaskingKind::Block,
+            MaskingKind::Grid,
+            MaskingKind::Ehm,
+        ] {
             let p = params(kind, 8);
             let aff = rand_aff(4, 64);
             let a = p.sample(4, 0.5, 3, Some(&aff));
@@ -324,42 +440,240 @@ mod tests {
     }
 
     #[test]
-    fn schedule_endpoints() {
-        let s = Schedule::new(196, &EhmConfig::default());
-        assert_eq!(s.segments(0.0), 49);
-        assert_eq!(s.segments(1.0), 8);
-        assert!(s.segments(0.5) < 49 && s.segments(0.5) > 8);
-        assert_eq!(s.alpha(0.0), 0.0);
-        assert_eq!(s.alpha(1.0), 1.0);
-        let s64 = Schedule::new(64, &EhmConfig::default());
-        assert_eq!((s64.segments(0.0), s64.segments(1.0)), (16, 8));
+    fn the_schedule_evolves_at_every_grid_size() {
+        let cfg = EhmConfig::default();
+        // (N, fine end = one segment per 2×2 cell, coarse end = max(2, N/20))
+        for (n, start, end) in [
+            (196, 49, 10),
+            (64, 16, 3),
+            (256, 64, 13),
+            (16, 4, 2),
+            (36, 9, 2),
+        ] {
+            let s = Schedule::new(n, &cfg, 0.75);
+            assert_eq!((s.start_segments, s.end_segments), (start, end), "N = {n}");
+            assert!(s.evolves());
+            assert_eq!((s.segments(0.0), s.segments(1.0)), (start, end));
+            let mid = s.segments(0.5);
+            assert!(
+                mid < start && mid > end || start - end < 3,
+                "N = {n}: {mid}"
+            );
+            // monotone
+            let cs: Vec<usize> = (0..=20).map(|k| s.segments(k as f64 / 20.0)).collect();
+            assert!(cs.windows(2).all(|w| w[0] >= w[1]), "{cs:?}");
+        }
+        // a grid too small to evolve says so
+        assert!(!Schedule::new(4, &cfg, 0.75).evolves());
+        // EPM's shape: linear 40 → 10 at N = 196
+        let epm = EhmConfig {
+            schedule: ScheduleShape::Linear,
+            start_segments: Some(40),
+            end_segments: Some(10),
+            ..cfg.clone()
+        };
+        let s = Schedule::new(196, &epm, 0.75);
+        assert_eq!(
+            (s.segments(0.0), s.segments(0.5), s.segments(1.0)),
+            (40, 25, 10)
+        );
+        assert_eq!((s.alpha(0.0), s.alpha(0.25), s.alpha(1.0)), (0.0, 0.5, 1.0));
+        let lin_alpha = Schedule::new(
+            196,
+            &EhmConfig {
+                alpha_power: 1.0,
+                ..cfg.clone()
+            },
+            0.75,
+        );
+        assert_eq!(lin_alpha.alpha(0.25), 0.25);
+        let ratio = Schedule::new(
+            196,
+            &EhmConfig {
+                mask_ratio_end: Some(0.85),
+                ..cfg
+            },
+            0.65,
+        );
+        assert!((ratio.mask_ratio(0.5) - 0.75).abs() < 1e-12);
     }
 
     #[test]
-    fn t0_is_grid_masking_and_t1_follows_segments() {
+    fn segment_jitter_adds_up_to_its_value() {
+        let mut p = params(MaskingKind::Ehm, 8);
+        p.ehm.segment_jitter = 2;
+        let aff = rand_aff(1, 64);
+        let base = p.schedule().segments(0.5);
+        let mut seen = std::collections::BTreeSet::new();
+        for step in 0..60 {
+            let labels = p.cut(&aff, 0.5, &mut image_rng(1, step, 0));
+            seen.insert(*labels.iter().max().unwrap() as usize + 1);
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            vec![base, base + 1, base + 2]
+        );
+    }
+
+    /// Visible patches of image `b` of `m`, as a set.
+    fn visible(m: &MaskBatch, b: usize) -> Vec<usize> {
+        (0..m.n).filter(|&i| m.mask[b * m.n + i] == 0.0).collect()
+    }
+
+    #[test]
+    fn t0_is_easy_parity_grid_sampling() {
+        // EPM's grid: at r = 0.75 exactly one patch of every 2×2 cell stays visible
         let p = params(MaskingKind::Ehm, 8);
         let aff = rand_aff(6, 64);
-        // t = 0: noise is pure 2×2 grid noise, so kept patches form whole 2×2 cells.
-        let m = p.sample(6, 0.0, 1, Some(&aff));
+        let mut kept_classes = std::collections::BTreeSet::new();
+        for step in 0..8 {
+            let m = p.sample(6, 0.0, step, Some(&aff));
+            for b in 0..6 {
+                let vis = visible(&m, b);
+                for cell_r in 0..4 {
+                    for cell_c in 0..4 {
+                        let in_cell = vis
+                            .iter()
+                            .filter(|&&i| i / 8 / 2 == cell_r && i % 8 / 2 == cell_c)
+                            .count();
+                        assert_eq!(in_cell, 1, "step {step} image {b} cell ({cell_r},{cell_c})");
+                    }
+                }
+                let class: std::collections::BTreeSet<_> =
+                    vis.iter().map(|&i| (i / 8 % 2, i % 8 % 2)).collect();
+                assert_eq!(class.len(), 1, "one parity class kept");
+                kept_classes.extend(class);
+            }
+        }
+        assert_eq!(
+            kept_classes.len(),
+            4,
+            "the kept class varies between images and steps"
+        );
+        // `grid` masking uses the same parity layout
+        let g = params(MaskingKind::Grid, 8).sample(3, 0.0, 0, None);
+        assert!((0..3).all(|b| visible(&g, b).iter().all(|&i| {
+            let v = visible(&g, b)[0];
+            (i / 8 % 2, i % 8 % 2) == (v / 8 % 2, v % 8 % 2)
+        })));
+    }
+
+    #[test]
+    fn cells_layout_keeps_or_masks_whole_blocks() {
+        let mut p = params(MaskingKind::Ehm, 8);
+        p.ehm.grid_noise = GridNoise::Cells;
+        let m = p.sample(6, 0.0, 1, Some(&rand_aff(6, 64)));
         for b in 0..6 {
-            for cell_r in 0..4 {
-                for cell_c in 0..4 {
-                    let idx =
-                        |dr: usize, dc: usize| b * 64 + (cell_r * 2 + dr) * 8 + cell_c * 2 + dc;
-                    let v = m.mask[idx(0, 0)];
-                    assert!([(0usize, 1usize), (1, 0), (1, 1)]
-                        .iter()
-                        .all(|&(r, c)| m.mask[idx(r, c)] == v));
+            for cell in 0..16 {
+                let (cr, cc) = (cell / 4, cell % 4);
+                let v: Vec<f32> = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                    .iter()
+                    .map(|&(dr, dc)| m.mask[b * 64 + (cr * 2 + dr) * 8 + cc * 2 + dc])
+                    .collect();
+                assert!(v.iter().all(|&x| x == v[0]), "image {b} cell {cell}");
+            }
+        }
+    }
+
+    /// Two planted regions per image: left/right halves for even images, top/bottom for odd.
+    fn region(b: usize, i: usize) -> usize {
+        if b.is_multiple_of(2) {
+            (i % 8 >= 4) as usize
+        } else {
+            (i / 8 >= 4) as usize
+        }
+    }
+
+    fn planted(batch: usize) -> Vec<f32> {
+        let mut r = ChaCha8Rng::seed_from_u64(17);
+        let mut a = vec![0f32; batch * 64 * 64];
+        for b in 0..batch {
+            for i in 0..64 {
+                for j in 0..64 {
+                    let same = region(b, i) == region(b, j);
+                    a[(b * 64 + i) * 64 + j] =
+                        if same { 1.0 } else { 0.02 } + 0.05 * r.random::<f32>();
                 }
             }
         }
-        // t = 1: 8 segments; all segments but at most one are wholly masked or wholly kept.
+        a
+    }
+
+    /// Masks at t = 1, r = 0.5, cut to 2 segments.
+    fn late_two_segment_params(kind: MaskingKind) -> MaskParams {
+        let mut p = params(kind, 8);
+        p.mask_ratio = 0.5;
+        p.ehm.end_segments = Some(2);
+        p
+    }
+
+    /// Whether each image's visible set is exactly one of its planted regions.
+    fn follows_plant(m: &MaskBatch) -> bool {
+        (0..m.batch).all(|b| {
+            let vis = visible(m, b);
+            (0..2).any(|r| vis == (0..64).filter(|&i| region(b, i) == r).collect::<Vec<_>>())
+        })
+    }
+
+    #[test]
+    fn late_masks_are_the_planted_regions_of_each_image() {
+        let batch = 6;
+        let aff = planted(batch);
+        let p = late_two_segment_params(MaskingKind::Ehm);
+        for step in 0..5 {
+            let m = p.sample(batch, 1.0, step, Some(&aff));
+            assert!(follows_plant(&m), "step {step}");
+        }
+        // the check has teeth: random masking fails it
+        let r = late_two_segment_params(MaskingKind::Random).sample(batch, 1.0, 0, None);
+        assert!(!follows_plant(&r));
+        // an affinity ignored (zeroed, constant) or read one patch off (a CLS slip) fails it
+        let zero = vec![0f32; aff.len()];
+        assert!(!follows_plant(&p.sample(batch, 1.0, 0, Some(&zero))));
+        let mut shifted = aff.clone();
+        shifted.rotate_left(1);
+        assert!(!follows_plant(&p.sample(batch, 1.0, 0, Some(&shifted))));
+    }
+
+    #[test]
+    fn swapping_two_images_affinities_swaps_their_masks() {
+        let batch = 4;
+        let aff = planted(batch);
+        let p = late_two_segment_params(MaskingKind::Ehm);
+        let m = p.sample(batch, 1.0, 3, Some(&aff));
+        // images 0 (left/right) and 1 (top/bottom) exchange affinities
+        let mut swapped = aff.clone();
+        let (a, b) = swapped.split_at_mut(64 * 64);
+        a.swap_with_slice(&mut b[..64 * 64]);
+        let s = p.sample(batch, 1.0, 3, Some(&swapped));
+        let split = |m: &MaskBatch, b: usize| {
+            let v = visible(m, b);
+            let lr = v.iter().all(|&i| i % 8 >= 4) || v.iter().all(|&i| i % 8 < 4);
+            let tb = v.iter().all(|&i| i / 8 >= 4) || v.iter().all(|&i| i / 8 < 4);
+            (lr, tb)
+        };
+        assert_eq!(split(&m, 0), (true, false));
+        assert_eq!(split(&m, 1), (false, true));
+        assert_eq!(
+            split(&s, 0),
+            (false, true),
+            "image 0 now follows image 1's affinity"
+        );
+        assert_eq!(split(&s, 1), (true, false));
+        assert_eq!(&m.mask[128..], &s.mask[128..], "the others are untouched");
+    }
+
+    #[test]
+    fn t1_masks_keep_or_drop_whole_segments() {
+        let p = params(MaskingKind::Ehm, 8);
+        let aff = rand_aff(6, 64);
         let m = p.sample(6, 1.0, 1, Some(&aff));
         let seg = m.segments.as_ref().unwrap();
+        let c = p.schedule().segments(1.0) as u32;
         for b in 0..6 {
             let labels = &seg[b * 64..(b + 1) * 64];
-            assert_eq!(*labels.iter().max().unwrap(), 7);
-            let split = (0..8u32)
+            assert_eq!(*labels.iter().max().unwrap(), c - 1);
+            let split = (0..c)
                 .filter(|&s| {
                     let vals: Vec<f32> = (0..64)
                         .filter(|&i| labels[i] == s)
@@ -370,6 +684,12 @@ mod tests {
                 .count();
             assert!(split <= 1, "image {b}: {split} segments split");
         }
+    }
+
+    #[test]
+    fn non_finite_affinity_is_counted() {
+        assert_eq!(non_finite(&[1.0, f32::NAN, f32::INFINITY, 0.0]), 2);
+        assert_eq!(non_finite(&rand_aff(1, 16)), 0);
     }
 
     #[test]
