@@ -5,6 +5,7 @@
 //! Parameter names are timm's `VisionTransformer` / MAE's (`blocks.0.attn.qkv.weight`,
 //! `decoder_blocks.0.mlp.fc1.bias`, ...), so our checkpoints load in Python unchanged.
 use crate::config::VitConfig;
+use crate::masking::AffinitySource;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -303,10 +304,12 @@ impl Encoder {
         &e / e.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12)
     }
 
-    /// The teacher pass: all patches, no mask; softmax attention summed over heads and over
-    /// `blocks` (empty = all), class token dropped, `[B, N, N]` fp32. Stops after the last
-    /// block it needs.
-    pub fn affinity(&self, imgs: &Tensor, blocks: &[usize]) -> Tensor {
+    /// The EHM affinity `[B, N, N]` of `imgs` (class token dropped), from the blocks in
+    /// `blocks` (empty = all; the pass stops after the last one needed):
+    /// - `Attention`: softmax attention summed over heads and those blocks;
+    /// - `AttentionColumns`: cosine similarity of those attention rows (i and j attend alike);
+    /// - `Cosine`: cosine similarity, clamped at 0, of the patch tokens after the last block.
+    pub fn affinity(&self, imgs: &Tensor, blocks: &[usize], source: AffinitySource) -> Tensor {
         let want = |i: usize| blocks.is_empty() || blocks.contains(&i);
         let last = if blocks.is_empty() {
             self.blocks.len() - 1
@@ -316,7 +319,7 @@ impl Encoder {
         let mut x = self.with_cls(self.embed_patches(imgs));
         let mut acc: Option<Tensor> = None;
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
-            if want(i) {
+            if want(i) && source != AffinitySource::Cosine {
                 let (nx, w) = blk.forward_with_attention(&x);
                 acc = Some(match acc {
                     None => w,
@@ -327,9 +330,30 @@ impl Encoder {
                 x = blk.forward(&x);
             }
         }
-        let a = acc.expect("at least one affinity block");
-        let n = a.size()[1];
-        a.narrow(1, 1, n - 1).narrow(2, 1, n - 1)
+        let unit_rows = |t: Tensor| {
+            let norm = t
+                .norm_scalaropt_dim(2.0, [-1i64].as_slice(), true)
+                .clamp_min(1e-12);
+            t / norm
+        };
+        match source {
+            AffinitySource::Cosine => {
+                let n = x.size()[1];
+                let t = unit_rows(x.narrow(1, 1, n - 1).to_kind(Kind::Float));
+                t.matmul(&t.transpose(1, 2)).clamp_min(0.0)
+            }
+            _ => {
+                let a = acc.expect("at least one affinity block");
+                let n = a.size()[1];
+                let a = a.narrow(1, 1, n - 1).narrow(2, 1, n - 1);
+                if source == AffinitySource::AttentionColumns {
+                    let r = unit_rows(a);
+                    r.matmul(&r.transpose(1, 2))
+                } else {
+                    a
+                }
+            }
+        }
     }
 }
 
@@ -494,11 +518,25 @@ mod tests {
             1e-4,
             false
         ));
-        let aff = m.encoder.affinity(
-            &Tensor::randn([2, 3, 16, 16], (Kind::Float, Device::Cpu)),
-            &[],
-        );
-        assert_eq!(aff.size(), vec![2, 16, 16]);
+        let imgs = Tensor::randn([2, 3, 16, 16], (Kind::Float, Device::Cpu));
+        for source in [
+            AffinitySource::Attention,
+            AffinitySource::AttentionColumns,
+            AffinitySource::Cosine,
+        ] {
+            let aff = m.encoder.affinity(&imgs, &[], source);
+            assert_eq!(aff.size(), vec![2, 16, 16], "{source:?}");
+            if source != AffinitySource::Attention {
+                // similarities: symmetric, 1 on the diagonal, within [-1, 1] (cosine: [0, 1])
+                assert!(aff.allclose(&aff.transpose(1, 2), 1e-5, 1e-5, false));
+                let diag = aff.diagonal(0, 1, 2);
+                assert!(diag.allclose(&Tensor::ones_like(&diag), 1e-4, 1e-4, false));
+                assert!(aff.max().double_value(&[]) <= 1.0 + 1e-5);
+            }
+            if source == AffinitySource::Cosine {
+                assert!(aff.min().double_value(&[]) >= 0.0);
+            }
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! ehm-train pretrain end to end on a tiny synthetic CIFAR-format set: it trains, the loss
 //! falls, kill -9 at a random moment resumes to the same final step, bad runs stop cleanly.
 mod common;
-use common::{pretrain_cmd, write_cifar, write_model};
+use common::{pretrain_cmd, write_cifar, write_model, write_segset};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -113,6 +113,69 @@ fn kill_9_then_rerun_resumes_to_the_same_end() {
     // A third run finds the work done and does not train again.
     let s = json_out(&base_cmd(&model, d.path(), &out, &args).output().unwrap());
     assert_eq!(s["resumed_from"], 120);
+}
+
+/// Every tensor of a safetensors file, as raw bytes by name.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect()
+}
+
+#[test]
+fn a_resumed_ehm_run_is_bit_identical_to_an_uninterrupted_one() {
+    // EHM builds step s+1's masks from the teacher before step s's update; the resume file
+    // keeps those masks, so the resumed run masks its first step as the uninterrupted run did
+    let d = tempfile::tempdir().unwrap();
+    write_cifar(d.path());
+    let model = write_model(d.path());
+    let args = [
+        "--epochs",
+        "6",
+        "--save-every",
+        "7",
+        "--ema-half-life-steps",
+        "3",
+    ];
+    let whole = d.path().join("whole");
+    json_out(&base_cmd(&model, d.path(), &whole, &args).output().unwrap());
+    let cut = d.path().join("cut");
+    let mut child = base_cmd(&model, d.path(), &cut, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !cut.join("resume.safetensors").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let s = json_out(&base_cmd(&model, d.path(), &cut, &args).output().unwrap());
+    let resumed = s["resumed_from"].as_u64().expect("resumed");
+    assert!(
+        resumed < 60,
+        "killed before the end (resumed from {resumed})"
+    );
+    let (a, b) = (
+        tensors(&whole.join("checkpoint.safetensors")),
+        tensors(&cut.join("checkpoint.safetensors")),
+    );
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let differ: Vec<&String> = a.keys().filter(|k| a[*k] != b[*k]).collect();
+    assert!(
+        differ.is_empty(),
+        "resumed from step {resumed}: {} tensors differ, e.g. {:?}",
+        differ.len(),
+        differ.first()
+    );
 }
 
 #[test]
@@ -252,4 +315,119 @@ fn knn_subcommand_agrees_with_the_training_monitor() {
         monitor > 0.25,
         "above chance on the synthetic classes: {monitor}"
     );
+}
+
+#[test]
+fn hierarchy_monitor_and_the_masks_command() {
+    let d = tempfile::tempdir().unwrap();
+    write_cifar(d.path());
+    let model = write_model(d.path());
+    let seg = d.path().join("seg");
+    write_segset(&seg, 2, 12);
+    let out = d.path().join("run");
+    let args = [
+        "--epochs",
+        "2",
+        "--log-every",
+        "5",
+        "--hierarchy-every",
+        "1",
+        "--hierarchy-data",
+    ];
+    let o = base_cmd(&model, d.path(), &out, &args)
+        .arg(&seg)
+        .output()
+        .unwrap();
+    json_out(&o);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // hierarchy reports at the start (untrained teacher), after epoch 1 and at the end
+    let reports: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["hierarchy"].is_object())
+        .collect();
+    let steps: Vec<u64> = reports
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![0, 10, 20]);
+    for r in &reports {
+        let h = &r["hierarchy"];
+        assert_eq!(
+            h["counts"],
+            serde_json::json!([4, 8]),
+            "N = 16: counts below N"
+        );
+        assert_eq!(h["images"], 12);
+        for who in ["teacher", "grid"] {
+            for s in h[who].as_array().unwrap() {
+                for k in ["asa", "boundary_recall", "best_iou"] {
+                    let v = s[k].as_f64().unwrap();
+                    assert!((0.0..=1.0).contains(&v), "{who} {k} {v}");
+                }
+            }
+        }
+    }
+    assert!(out.join("hierarchy.png").exists());
+    // training intervals say what the masks followed
+    let train_line = lines.iter().find(|l| l["loss"].is_number()).unwrap();
+    for k in [
+        "cut_segments",
+        "alpha",
+        "largest_segment_share",
+        "mean_segment_patches",
+        "mask_ratio",
+    ] {
+        assert!(train_line[k].is_number(), "{k} missing: {train_line}");
+    }
+
+    // ehm-train masks: with the run's teacher, and with an untrained model
+    let imgs = seg.join("images/val");
+    let picture = d.path().join("masks.png");
+    let o = Command::new(exe())
+        .arg("masks")
+        .arg(&out)
+        .arg(imgs.join("000.png"))
+        .arg(imgs.join("001.png"))
+        .args(["--t", "0,0.5,1", "--picture"])
+        .arg(&picture)
+        .env("EHM_DEVICE", "cpu")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recs: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 6, "2 images × 3 values of t");
+    for r in &recs {
+        assert_eq!(r["grid"], serde_json::json!([4, 4]));
+        assert_eq!(r["masking"], "ehm");
+        assert_eq!(r["visible"].as_array().unwrap().len(), 4, "r = 0.75 of 16");
+        assert_eq!(r["segments"].as_array().unwrap().len(), 16);
+    }
+    // at t = 1 the cut has the schedule's coarse end (2 segments at N = 16)
+    let last = recs[2]["segments"].as_array().unwrap();
+    assert_eq!(last.iter().map(|v| v.as_u64().unwrap()).max(), Some(1));
+    let pic = image::open(&picture).unwrap();
+    assert!(
+        pic.width() > 4 * 128 && pic.height() > 2 * 128,
+        "{:?}",
+        (pic.width(), pic.height())
+    );
+    let o = Command::new(exe())
+        .args(["masks", "--model"])
+        .arg(&model)
+        .args(["--masking", "random", "--t", "0.5"])
+        .arg(imgs.join("000.png"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["masking"], "random");
+    assert!(r.get("segments").is_none());
 }

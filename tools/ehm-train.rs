@@ -30,6 +30,9 @@ struct Cli {
 enum Cmd {
     /// MAE pretraining with random | block | grid | ehm masking. Re-running the same command resumes.
     Pretrain(Box<PretrainArgs>),
+    /// The masks a strategy makes on IMAGES at chosen training progress, without training:
+    /// JSON lines (visible patches, the cut's segments) and a picture
+    Masks(Box<MasksArgs>),
     /// Write the untrained initial weights of a zoo entry as a checkpoint folder
     Init {
         #[arg(long, default_value = "vit_tiny_p4_fmnist")]
@@ -120,18 +123,8 @@ struct PretrainArgs {
     mask_ratio: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// EHM teacher: ema or student
-    #[arg(long)]
-    teacher: Option<String>,
-    /// EMA half-life in optimizer steps
-    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
-    ema_half_life: Option<f64>,
-    /// Encoder blocks whose attention forms the affinity, e.g. 0,1,2 (default: all)
-    #[arg(long, value_delimiter = ',')]
-    affinity_blocks: Option<Vec<usize>>,
-    /// Affinity normalisation before the merge tree: degree (default) or none
-    #[arg(long)]
-    affinity_norm: Option<String>,
+    #[command(flatten)]
+    ehm: EhmArgs,
     /// Save a checkpoint every N steps (and at the end)
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     save_every: u64,
@@ -148,6 +141,16 @@ struct PretrainArgs {
     knn_train_limit: usize,
     #[arg(long, default_value_t = 2000)]
     knn_test_limit: usize,
+    /// Segmentation folder (ehm-train make-segdata) whose val images score the teacher's
+    /// hierarchy: ASA, boundary recall, best IoU vs a fixed grid (metrics.jsonl, hierarchy.png)
+    #[arg(long)]
+    hierarchy_data: Option<PathBuf>,
+    /// Hierarchy quality every N epochs (0 = at the start and the end only)
+    #[arg(long, default_value_t = 0.0, value_parser = args::non_negative)]
+    hierarchy_every: f64,
+    /// Val images used for the hierarchy quality (0 = all)
+    #[arg(long, default_value_t = 200)]
+    hierarchy_limit: usize,
     /// Data-loading threads
     #[arg(long, default_value_t = 2, value_parser = args::at_least_one)]
     workers: usize,
@@ -162,6 +165,192 @@ struct PretrainArgs {
     json: bool,
     #[arg(long)]
     no_progress: bool,
+}
+
+#[derive(Args)]
+struct MasksArgs {
+    /// [RUN_DIR] IMAGES…: optionally a pretraining run folder first (its teacher parses the
+    /// images; without one an untrained --model does), then image files, folders or globs
+    #[arg(required = true)]
+    inputs: Vec<std::ffi::OsString>,
+    /// Zoo entry of the untrained model (when no run folder is given)
+    #[arg(long, default_value = "vit_tiny_p4_fmnist")]
+    model: String,
+    /// Masking strategy (default: the run's; ehm without a run)
+    #[arg(long, value_enum)]
+    masking: Option<MaskingKind>,
+    /// Training progress values, 0 … 1
+    #[arg(long = "t", value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1", value_parser = progress)]
+    ts: Vec<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the JSON lines here (default: stdout)
+    #[arg(long)]
+    jsonl: Option<PathBuf>,
+    /// Write the picture (rows: images; columns: t) here
+    #[arg(long)]
+    picture: Option<PathBuf>,
+    #[command(flatten)]
+    ehm: EhmArgs,
+}
+
+fn progress(s: &str) -> Result<f64, String> {
+    args::unit(s).map(|v| v as f64)
+}
+
+fn masks(a: MasksArgs) -> ehm::Result<()> {
+    let mut inputs = a.inputs.clone();
+    let run = match inputs.first().map(PathBuf::from) {
+        Some(p) if ehm::train::inspect::is_run_dir(&p) && inputs.len() > 1 => {
+            inputs.remove(0);
+            Some(p)
+        }
+        _ => None,
+    };
+    let (images, problems) = ehm::pipeline::expand_inputs(&inputs)?;
+    if let Some(p) = problems.first() {
+        return Err(ehm::Error::MissingData(p.clone()));
+    }
+    let o = ehm::train::inspect::MasksOptions {
+        run,
+        model: a.model.clone(),
+        masking: a.masking,
+        ts: a.ts.clone(),
+        seed: a.seed,
+        images,
+    };
+    let apply = |p: &mut ehm::config::PretrainConfig, depth: usize| a.ehm.apply(&mut p.ehm, depth);
+    let (records, pic) = ehm::train::inspect::masks(&o, &apply)?;
+    let lines: String = records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    match &a.jsonl {
+        Some(p) => ehm::fsutil::write_atomic(p, lines.as_bytes())?,
+        None => {
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(lines.as_bytes())
+                .map_err(ehm::pipeline::stdout_error)?
+        }
+    }
+    if let Some(p) = &a.picture {
+        ehm::fsutil::write_png_atomic(p, &pic)?;
+        eprintln!("picture: {}", p.display());
+    }
+    Ok(())
+}
+
+/// The EHM knobs a run can override (each a field of `ehm::config::EhmConfig`; docs/ehm.md).
+#[derive(Args, Clone, Default)]
+struct EhmArgs {
+    /// EHM teacher: an EMA of the student, or the student itself
+    #[arg(long, value_enum)]
+    teacher: Option<TeacherKind>,
+    /// EMA half-life as a fraction of the run's steps (default 0.02)
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
+    ema_half_life: Option<f64>,
+    /// EMA half-life in optimizer steps (overrides --ema-half-life)
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
+    ema_half_life_steps: Option<f64>,
+    /// Blocks whose attention forms the affinity: all, first:K, last:K or a list like 0,1,2
+    #[arg(long)]
+    affinity_blocks: Option<String>,
+    /// What the affinity is made of
+    #[arg(long, value_enum)]
+    affinity: Option<ehm::config::AffinitySource>,
+    /// Affinity normalisation before the merge tree
+    #[arg(long, value_enum)]
+    affinity_norm: Option<ehm::config::AffinityNorm>,
+    /// Merge only adjacent segments (contiguous groups) or any two
+    #[arg(long, value_enum)]
+    merge: Option<ehm::config::Merge>,
+    /// Shape of the segment-count schedule
+    #[arg(long, value_enum)]
+    schedule: Option<ehm::config::ScheduleShape>,
+    /// Segments at t = 0 (default N / grid_cell²)
+    #[arg(long, value_parser = args::at_least_one)]
+    start_segments: Option<usize>,
+    /// Segments at t = 1 (default max(2, N / 20))
+    #[arg(long, value_parser = args::at_least_one)]
+    end_segments: Option<usize>,
+    /// EPM's per-image jitter: c + randint(0, J) segments
+    #[arg(long)]
+    segment_jitter: Option<usize>,
+    /// α(t) = t^P weighs segment against grid noise (default 0.5: √t)
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
+    alpha_power: Option<f64>,
+    /// Mask ratio at t = 1 (linear from --mask-ratio)
+    #[arg(long, value_parser = args::open_fraction, allow_negative_numbers = true)]
+    mask_ratio_end: Option<f64>,
+    /// Grid noise layout: parity (EPM, easy start) or cells (whole 2×2 blocks)
+    #[arg(long, value_enum)]
+    grid_noise: Option<ehm::config::GridNoise>,
+}
+
+impl EhmArgs {
+    fn apply(&self, c: &mut ehm::config::EhmConfig, depth: usize) -> ehm::Result<()> {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
+        }
+        set!(
+            teacher,
+            ema_half_life,
+            affinity,
+            affinity_norm,
+            merge,
+            schedule,
+            segment_jitter,
+            alpha_power,
+            grid_noise
+        );
+        if let Some(v) = self.ema_half_life_steps {
+            c.ema_half_life_steps = Some(v);
+        }
+        if let Some(v) = self.start_segments {
+            c.start_segments = Some(v);
+        }
+        if let Some(v) = self.end_segments {
+            c.end_segments = Some(v);
+        }
+        if let Some(v) = self.mask_ratio_end {
+            c.mask_ratio_end = Some(v);
+        }
+        if let Some(spec) = &self.affinity_blocks {
+            c.affinity_blocks = parse_blocks(spec, depth)?;
+        }
+        if let Some(b) = c.affinity_blocks.iter().find(|&&b| b >= depth) {
+            return Err(ehm::Error::Config(format!(
+                "--affinity-blocks: block {b} does not exist (the encoder has {depth})"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `all`, `first:K`, `last:K` or a comma list of block indices.
+fn parse_blocks(spec: &str, depth: usize) -> ehm::Result<Vec<usize>> {
+    let bad = || {
+        ehm::Error::Config(format!(
+            "--affinity-blocks '{spec}': use all, first:K, last:K or a list like 0,1,2"
+        ))
+    };
+    let k = |v: &str| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|&k| (1..=depth).contains(&k))
+            .ok_or_else(bad)
+    };
+    Ok(match spec.split_once(':') {
+        None if spec == "all" => vec![],
+        Some(("first", v)) => (0..k(v)?).collect(),
+        Some(("last", v)) => (depth - k(v)?..depth).collect(),
+        None => spec
+            .split(',')
+            .map(|b| b.trim().parse().map_err(|_| bad()))
+            .collect::<ehm::Result<_>>()?,
+        _ => return Err(bad()),
+    })
 }
 
 /// The supervised recipe shared by finetune and segment (MAE's fine-tuning defaults).
@@ -501,40 +690,8 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     if let Some(v) = a.seed {
         p.seed = v;
     }
-    if let Some(v) = a.ema_half_life {
-        p.ehm.ema_half_life_steps = v;
-    }
-    if let Some(v) = a.affinity_blocks {
-        p.ehm.affinity_blocks = v;
-    }
-    if let Some(n) = a.affinity_norm {
-        p.ehm.affinity_norm = match n.as_str() {
-            "degree" => ehm::masking::AffinityNorm::Degree,
-            "none" => ehm::masking::AffinityNorm::None,
-            _ => {
-                return Err(ehm::Error::Config(format!(
-                    "--affinity-norm must be degree or none, got '{n}'"
-                )))
-            }
-        };
-    }
-    if let Some(t) = a.teacher {
-        p.ehm.teacher = match t.as_str() {
-            "ema" => TeacherKind::Ema,
-            "student" => TeacherKind::Student,
-            _ => {
-                return Err(ehm::Error::Config(format!(
-                    "--teacher must be ema or student, got '{t}'"
-                )))
-            }
-        };
-    }
     let depth = e.vit()?.depth as usize;
-    if let Some(b) = e.pretrain.ehm.affinity_blocks.iter().find(|&&b| b >= depth) {
-        return Err(ehm::Error::Config(format!(
-            "--affinity-blocks: block {b} does not exist (the encoder has {depth})"
-        )));
-    }
+    a.ehm.apply(&mut e.pretrain.ehm, depth)?;
     let opts = ehm::train::PretrainOptions {
         out: a.out,
         save_every: a.save_every,
@@ -543,6 +700,9 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
         knn_train: a.knn_train,
         knn_test: a.knn_test,
         knn_limit: (a.knn_train_limit, a.knn_test_limit),
+        hierarchy_data: a.hierarchy_data,
+        hierarchy_every: a.hierarchy_every,
+        hierarchy_limit: a.hierarchy_limit,
         workers: a.workers,
         dtype: a.dtype.as_deref().map(kind).transpose()?,
         fresh: a.fresh,
@@ -721,6 +881,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Pretrain(a) => pretrain(*a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Masks(a) => masks(*a),
         Cmd::Init { model, out } => init(&model, &out),
         Cmd::Probe(a) => probe(a),
         Cmd::DumpImages { data, limit, out } => dump_images(&data, limit, &out),

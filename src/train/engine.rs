@@ -11,6 +11,9 @@ use crate::masking::{Grid, MaskBatch, MaskParams};
 use crate::model::{Encoder, Mae};
 use tch::{nn, Device, Kind, Tensor};
 
+/// Run length assumed for the EMA half-life until `set_total_steps` is called (benchmarks).
+const DEFAULT_RUN_STEPS: u64 = 10_000;
+
 pub struct Teacher {
     _vs: nn::VarStore,
     pub encoder: Encoder,
@@ -31,12 +34,16 @@ pub struct Engine {
     pub device: Device,
     pub kind: Kind,
     pub cfg: VitConfig,
+    /// The preprocessing the model trains with (mean/std for `upload`).
+    pub preprocess: Preprocess,
     pub run: PretrainConfig,
     pub vs: nn::VarStore,
     pub model: Mae,
     pub flat: FlatParams,
     pub teacher: Option<Teacher>,
     pub masks: MaskParams,
+    /// EMA decay per step (from the half-life, a fraction of the run: `set_total_steps`).
+    pub ema_decay: f64,
     mean: Tensor,
     std: Tensor,
 }
@@ -44,20 +51,39 @@ pub struct Engine {
 /// A mask batch being built on a helper thread (or already built).
 pub enum MaskJob {
     Ready(MaskBatch),
-    Pending(std::thread::JoinHandle<MaskBatch>),
+    Pending(std::thread::JoinHandle<crate::Result<MaskBatch>>),
 }
 
 impl MaskJob {
     pub fn wait(self) -> crate::Result<MaskBatch> {
         match self {
             MaskJob::Ready(m) => Ok(m),
-            MaskJob::Pending(h) => h.join().map_err(|_| {
-                crate::Error::Training(
+            MaskJob::Pending(h) => h.join().unwrap_or_else(|_| {
+                Err(crate::Error::Training(
                     "the mask builder thread failed (see the message above)".into(),
-                )
+                ))
             }),
         }
     }
+}
+
+/// EHM masks from a host affinity, refusing a non-finite one: a diverged teacher would give
+/// image-independent masks, and the run would go on as if nothing happened.
+fn ehm_masks(
+    params: &MaskParams,
+    aff: &[f32],
+    batch: usize,
+    t: f64,
+    step: u64,
+) -> crate::Result<MaskBatch> {
+    let bad = crate::masking::non_finite(aff);
+    if bad > 0 {
+        return Err(crate::Error::Training(format!(
+            "the teacher's attention holds {bad} NaN/infinite values of {} at step {step}; stopped (the teacher diverged: lower --blr, or use --teacher student)",
+            aff.len()
+        )));
+    }
+    Ok(params.sample(batch, t, step, Some(aff)))
 }
 
 impl Engine {
@@ -109,19 +135,28 @@ impl Engine {
             seed: run.seed,
         };
         let stat = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
+        let ema_decay = 0.5f64.powf(1.0 / run.ehm.half_life_steps(DEFAULT_RUN_STEPS));
         Engine {
             device,
             kind,
             cfg: cfg.clone(),
+            preprocess: pre.clone(),
             run: run.clone(),
             vs,
             model,
             flat,
             teacher,
             masks,
+            ema_decay,
             mean: stat(pre.mean),
             std: stat(pre.std),
         }
+    }
+
+    /// Scale the EMA half-life to a run of `total` optimizer steps (`ehm.ema_half_life` is a
+    /// fraction of the run).
+    pub fn set_total_steps(&mut self, total: u64) {
+        self.ema_decay = 0.5f64.powf(1.0 / self.run.ehm.half_life_steps(total));
     }
 
     /// CHW bytes → normalised fp32 `[B, 3, H, W]` on the device (async copy from pinned memory).
@@ -159,10 +194,10 @@ impl Engine {
 
     /// Teacher affinity `[B, N, N]` on the device (EMA teacher, or the student without grad).
     pub fn affinity_device(&self, imgs: &Tensor) -> Tensor {
-        let blocks = &self.run.ehm.affinity_blocks;
+        let (blocks, source) = (&self.run.ehm.affinity_blocks, self.run.ehm.affinity);
         tch::no_grad(|| match &self.teacher {
-            Some(t) => t.encoder.affinity(imgs, blocks),
-            None => self.model.encoder.affinity(imgs, blocks),
+            Some(t) => t.encoder.affinity(imgs, blocks, source),
+            None => self.model.encoder.affinity(imgs, blocks, source),
         })
     }
 
@@ -173,13 +208,13 @@ impl Engine {
         let params = self.masks.clone();
         if self.masks.kind != MaskingKind::Ehm {
             return MaskJob::Pending(std::thread::spawn(move || {
-                params.sample(batch, t, step, None)
+                Ok(params.sample(batch, t, step, None))
             }));
         }
         if self.device == Device::Cpu {
             let aff = self.affinity_host(imgs);
             return MaskJob::Pending(std::thread::spawn(move || {
-                params.sample(batch, t, step, Some(&aff))
+                ehm_masks(&params, &aff, batch, t, step)
             }));
         }
         // On CUDA the affinity goes to pinned host memory asynchronously; the helper thread
@@ -194,7 +229,7 @@ impl Engine {
             tch::Cuda::synchronize(dev);
             let aff =
                 Vec::<f32>::try_from(host.to_kind(Kind::Float).view(-1)).expect("float affinity");
-            params.sample(batch, t, step, Some(&aff))
+            ehm_masks(&params, &aff, batch, t, step)
         }))
     }
 
@@ -223,7 +258,7 @@ impl Engine {
             (0.9, 0.95),
         );
         if let Some(t) = &mut self.teacher {
-            let decay = 0.5f64.powf(1.0 / self.run.ehm.ema_half_life_steps);
+            let decay = self.ema_decay;
             let n = t.ema.size()[0];
             let _ = tch::no_grad(|| t.ema.lerp_(&self.flat.master.narrow(0, 0, n), 1.0 - decay));
             t.refresh();
@@ -266,5 +301,120 @@ impl Engine {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TeacherKind;
+
+    /// A micro engine whose first block attends by colour: the patch embedding is
+    /// (red − blue) plus a constant, and block 0's queries and keys are that value, so a patch
+    /// attends to the patches of its own colour. EHM late in training (2 segments, r = 0.5)
+    /// must then mask exactly one colour region.
+    fn colour_engine() -> Engine {
+        let cfg = VitConfig::preset("vit_micro", 16, 4).unwrap();
+        let pre = Preprocess {
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            ..Preprocess::imagenet(16)
+        };
+        let mut run = PretrainConfig {
+            masking: MaskingKind::Ehm,
+            mask_ratio: 0.5,
+            ..Default::default()
+        };
+        run.ehm.teacher = TeacherKind::Student;
+        run.ehm.affinity_blocks = vec![0];
+        run.ehm.end_segments = Some(2);
+        let e = Engine::new(&cfg, &pre, &run, Device::Cpu, Kind::Float);
+        let vars = e.vs.variables();
+        let d = cfg.embed_dim;
+        let hd = d / cfg.num_heads;
+        tch::no_grad(|| {
+            for name in [
+                "patch_embed.proj.weight",
+                "patch_embed.proj.bias",
+                "pos_embed",
+                "cls_token",
+                "blocks.0.attn.qkv.weight",
+                "blocks.0.attn.qkv.bias",
+            ] {
+                let _ = vars[name].shallow_clone().zero_();
+            }
+            let w = vars["patch_embed.proj.weight"].shallow_clone();
+            let _ = w.get(0).get(0).fill_(1.0 / 16.0); // + red, mean over the 4×4 patch
+            let _ = w.get(0).get(2).fill_(-1.0 / 16.0); // − blue
+            let _ = vars["patch_embed.proj.bias"].get(1).fill_(1.0);
+            let qkv = vars["blocks.0.attn.qkv.weight"].shallow_clone();
+            for head in 0..cfg.num_heads {
+                let _ = qkv.get(head * hd).get(0).fill_(1.0); // query
+                let _ = qkv.get(d + head * hd).get(0).fill_(1.0); // key
+            }
+        });
+        e
+    }
+
+    /// A 16×16 image, red where `red(x, y)`, blue elsewhere, as the engine's input.
+    fn two_colour(e: &Engine, red: impl Fn(u32, u32) -> bool) -> Tensor {
+        let img = image::RgbImage::from_fn(16, 16, |x, y| {
+            image::Rgb(if red(x, y) { [255, 0, 0] } else { [0, 0, 255] })
+        });
+        let mut px = vec![0u8; 3 * 256];
+        crate::data::preprocess::chw_u8_into(&img, false, &mut px);
+        e.upload(&px, 1)
+    }
+
+    fn visible(m: &MaskBatch) -> Vec<usize> {
+        (0..m.n).filter(|&i| m.mask[i] == 0.0).collect()
+    }
+
+    #[test]
+    fn late_masks_follow_the_models_own_parse_of_the_image() {
+        let e = colour_engine();
+        let halves = |f: fn(usize) -> bool| -> [Vec<usize>; 2] {
+            [
+                (0..16).filter(|&i| f(i)).collect(),
+                (0..16).filter(|&i| !f(i)).collect(),
+            ]
+        };
+        let left_right = halves(|i| i % 4 < 2);
+        let top_bottom = halves(|i| i / 4 < 2);
+        let side = two_colour(&e, |x, _| x < 8);
+        let stacked = two_colour(&e, |_, y| y < 8);
+        for step in 0..6 {
+            // through the trainer's own pipeline (teacher pass → helper thread → masks)
+            let m = e.mask_job(&side, 1.0, step).wait().unwrap();
+            assert!(
+                left_right.contains(&visible(&m)),
+                "step {step}: {:?}",
+                visible(&m)
+            );
+            let m = e.mask_job(&stacked, 1.0, step).wait().unwrap();
+            assert!(
+                top_bottom.contains(&visible(&m)),
+                "step {step}: {:?}",
+                visible(&m)
+            );
+        }
+        // at t = 0 the same images get the parity grid: one visible patch per 2×2 cell
+        // (r = 0.5 keeps two parity classes)
+        let m = e.mask_job(&side, 0.0, 0).wait().unwrap();
+        assert_eq!(visible(&m).len(), 8);
+        assert!(!left_right.contains(&visible(&m)));
+    }
+
+    #[test]
+    fn a_non_finite_teacher_stops_the_masks_with_a_message() {
+        let e = colour_engine();
+        tch::no_grad(|| {
+            let _ = e.vs.variables()["blocks.0.attn.qkv.weight"]
+                .shallow_clone()
+                .fill_(f64::NAN);
+        });
+        let imgs = two_colour(&e, |x, _| x < 8);
+        let err = e.mask_job(&imgs, 0.5, 3).wait().unwrap_err().to_string();
+        assert!(err.contains("NaN") && err.contains("step 3"), "{err}");
     }
 }

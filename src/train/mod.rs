@@ -4,6 +4,8 @@ pub mod checkpoint;
 pub mod engine;
 pub mod features;
 pub mod finetune;
+pub mod hierarchy;
+pub mod inspect;
 pub mod loader;
 pub mod optim;
 pub mod pretrain;

@@ -1,7 +1,7 @@
 //! `ehm-train pretrain`: MAE pretraining with random / block / grid / EHM masking.
 //! Checkpoints atomically every N steps; re-running the same command resumes.
 use super::checkpoint::{load_tensors, save_tensors};
-use super::engine::Engine;
+use super::engine::{Engine, MaskJob};
 use super::features::{self, Labelled, Pool};
 use super::loader::Loader;
 use crate::config::{MaskingKind, PretrainConfig, VitConfig, ZooEntry};
@@ -9,6 +9,7 @@ use crate::data::{self, DataSpec, Dataset, Preprocess};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::write_atomic;
 use crate::masking::picture::{render, Tile};
+use crate::masking::MaskBatch;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -28,6 +29,12 @@ pub struct PretrainOptions {
     pub knn_train: Option<String>,
     pub knn_test: Option<String>,
     pub knn_limit: (usize, usize),
+    /// Segmentation folder whose val images score the teacher's hierarchy (`hierarchy`).
+    pub hierarchy_data: Option<PathBuf>,
+    /// Hierarchy quality every this many epochs (0 = at the start and the end only).
+    pub hierarchy_every: f64,
+    /// Val images used for it (0 = all).
+    pub hierarchy_limit: usize,
     pub workers: usize,
     pub dtype: Option<Kind>,
     pub fresh: bool,
@@ -64,7 +71,9 @@ pub struct Summary {
     pub mask_picture: Option<PathBuf>,
 }
 
-#[derive(Serialize)]
+/// One line of `metrics.jsonl`: a training interval (loss, lr, speed and, for EHM, the cut
+/// the masks followed), a kNN result, or a hierarchy-quality report.
+#[derive(Serialize, Default)]
 struct MetricLine {
     step: u64,
     epoch: f64,
@@ -75,20 +84,53 @@ struct MetricLine {
     #[serde(skip_serializing_if = "Option::is_none")]
     images_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    mask_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    cut: Option<CutStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     knn_top1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hierarchy: Option<super::hierarchy::HierarchyReport>,
     elapsed_s: f64,
 }
 
+/// What the EHM masks of a step followed: segments of the cut (mean over the batch), α,
+/// the largest segment's share of the image and the mean segment size, in patches.
+#[derive(Serialize)]
+struct CutStats {
+    cut_segments: f64,
+    alpha: f64,
+    largest_segment_share: f64,
+    mean_segment_patches: f64,
+}
+
+impl CutStats {
+    fn of(m: &MaskBatch, alpha: f64) -> Option<Self> {
+        let seg = m.segments.as_ref()?;
+        let (mut count, mut largest) = (0.0, 0.0);
+        for labels in seg.chunks(m.n) {
+            let mut sizes = vec![0usize; m.n];
+            labels.iter().for_each(|&l| sizes[l as usize] += 1);
+            count += sizes.iter().filter(|&&s| s > 0).count() as f64;
+            largest += *sizes.iter().max().unwrap_or(&0) as f64 / m.n as f64;
+        }
+        let b = m.batch.max(1) as f64;
+        Some(CutStats {
+            cut_segments: count / b,
+            alpha,
+            largest_segment_share: largest / b,
+            mean_segment_patches: m.n as f64 * b / count.max(1.0),
+        })
+    }
+}
+
 impl MetricLine {
-    fn knn(step: u64, steps_per_epoch: u64, acc: f64, t0: Instant) -> Self {
+    fn at(step: u64, steps_per_epoch: u64, t0: Instant) -> Self {
         MetricLine {
             step,
             epoch: step as f64 / steps_per_epoch as f64,
-            loss: None,
-            lr: None,
-            images_per_s: None,
-            knn_top1: Some(acc),
             elapsed_s: t0.elapsed().as_secs_f64(),
+            ..Default::default()
         }
     }
 }
@@ -159,11 +201,85 @@ fn mask_picture(engine: &Engine, samples: &[u8], images: &[image::RgbImage]) -> 
             row
         })
         .collect();
-    let pic = render(&tiles, engine.masks.grid, 96);
+    let sched = engine.masks.schedule();
+    let mut headers = vec!["image".to_string()];
+    headers.extend(ts.iter().map(|&t| match engine.masks.kind {
+        MaskingKind::Ehm => format!("t={t} c={}", sched.segments(t)),
+        _ => format!("t={t}"),
+    }));
+    let pic = render(&tiles, engine.masks.grid, 112, &headers);
     crate::fsutil::png_bytes(&pic)
 }
 
-fn save_all(engine: &Engine, run: &RunConfig, out: &Path, step: u64, total: u64) -> Result<()> {
+/// The masks of the step a resumed run starts with, as the uninterrupted run built them (from
+/// the teacher *before* the last saved update: the pipeline builds step s+1's masks before
+/// step s), stored in the resume file so a resumed EHM run is bit-identical.
+struct PendingMasks<'a> {
+    step: u64,
+    masks: &'a MaskBatch,
+}
+
+fn pending_tensors(p: &PendingMasks) -> Vec<(String, Tensor)> {
+    let m = p.masks;
+    let f = |v: Vec<f32>| Tensor::from_slice(&v);
+    let mut t = vec![
+        (
+            "next.ids_keep".to_string(),
+            f(m.ids_keep.iter().map(|&v| v as f32).collect()),
+        ),
+        (
+            "next.ids_restore".to_string(),
+            f(m.ids_restore.iter().map(|&v| v as f32).collect()),
+        ),
+        ("next.mask".to_string(), f(m.mask.clone())),
+    ];
+    if let Some(s) = &m.segments {
+        t.push((
+            "next.segments".to_string(),
+            f(s.iter().map(|&v| v as f32).collect()),
+        ));
+    }
+    t
+}
+
+/// The masks `pending_tensors` stored, if they are for `step`.
+fn pending_from(
+    t: &HashMap<String, Tensor>,
+    meta: &HashMap<String, String>,
+    step: u64,
+) -> Option<MaskBatch> {
+    let dims: Vec<usize> = meta
+        .get("next_masks")?
+        .split(',')
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let (&[at, batch, n, keep], Some(ids)) = (dims.as_slice(), t.get("next.ids_keep")) else {
+        return None;
+    };
+    if at as u64 != step {
+        return None;
+    }
+    let floats = |name: &str| Vec::<f32>::try_from(t.get(name)?.view(-1)).ok();
+    let ints = |v: Vec<f32>| v.into_iter().map(|x| x as i64).collect::<Vec<i64>>();
+    let m = MaskBatch {
+        batch,
+        n,
+        keep,
+        ids_keep: ints(Vec::<f32>::try_from(ids.view(-1)).ok()?),
+        ids_restore: ints(floats("next.ids_restore")?),
+        mask: floats("next.mask")?,
+        segments: floats("next.segments").map(|v| v.into_iter().map(|x| x as u32).collect()),
+    };
+    (m.ids_keep.len() == batch * keep && m.mask.len() == batch * n).then_some(m)
+}
+
+fn save_all(
+    engine: &Engine,
+    run: &RunConfig,
+    out: &Path,
+    (step, total): (u64, u64),
+    pending: Option<PendingMasks>,
+) -> Result<()> {
     let cfg_json = serde_json::to_string(run).expect("serialisable");
     let mut meta = HashMap::from([
         ("step".to_string(), step.to_string()),
@@ -178,6 +294,14 @@ fn save_all(engine: &Engine, run: &RunConfig, out: &Path, step: u64, total: u64)
     ];
     if let Some(t) = &engine.teacher {
         state.push(("ema".to_string(), t.ema.shallow_clone()));
+    }
+    if let Some(p) = &pending {
+        let m = p.masks;
+        meta.insert(
+            "next_masks".into(),
+            format!("{},{},{},{}", p.step, m.batch, m.n, m.keep),
+        );
+        state.extend(pending_tensors(p));
     }
     // The resume file is the one source of truth; write it first, then the user-facing files.
     save_tensors(&out.join("resume.safetensors"), &state, meta.clone())?;
@@ -205,7 +329,11 @@ fn save_all(engine: &Engine, run: &RunConfig, out: &Path, step: u64, total: u64)
 }
 
 /// Load resume state; returns the step to continue from.
-fn try_resume(engine: &mut Engine, run: &RunConfig, out: &Path) -> Result<Option<u64>> {
+fn try_resume(
+    engine: &mut Engine,
+    run: &RunConfig,
+    out: &Path,
+) -> Result<Option<(u64, Option<MaskBatch>)>> {
     let path = out.join("resume.safetensors");
     if !path.exists() {
         return Ok(None);
@@ -221,19 +349,89 @@ fn try_resume(engine: &mut Engine, run: &RunConfig, out: &Path) -> Result<Option
             out.display()
         )));
     }
-    engine.flat.restore(&t, &meta, &path)?;
+    let step = restore(engine, &t, &meta, &path)?;
+    Ok(Some((step, pending_from(&t, &meta, step))))
+}
+
+/// Put the weights, optimizer state and EMA of a resume file into `engine`; returns its step.
+fn restore(
+    engine: &mut Engine,
+    t: &HashMap<String, Tensor>,
+    meta: &HashMap<String, String>,
+    path: &Path,
+) -> Result<u64> {
+    engine.flat.restore(t, meta, path)?;
     if let Some(te) = &mut engine.teacher {
         let ema = t
             .get("ema")
-            .ok_or_else(|| Error::bad_file(&path, "missing ema"))?;
+            .ok_or_else(|| Error::bad_file(path, "missing ema"))?;
         tch::no_grad(|| te.ema.copy_(&ema.to_device(engine.device)));
         te.refresh();
     }
-    let step = meta
-        .get("step")
+    meta.get("step")
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::bad_file(&path, "no step in resume file"))?;
-    Ok(Some(step))
+        .ok_or_else(|| Error::bad_file(path, "no step in resume file"))
+}
+
+/// The engine of a finished or running pretraining run `dir`, for looking at its masks: the
+/// run's configuration changed by `adjust` (e.g. another masking), the student's weights and
+/// the teacher's EMA from `resume.safetensors` (the checkpoint's weights when there is none;
+/// the teacher is then the student).
+pub fn open_run(
+    dir: &Path,
+    adjust: impl FnOnce(&mut RunConfig) -> Result<()>,
+) -> Result<(Engine, RunConfig)> {
+    let ck = dir.join("checkpoint.safetensors");
+    let (weights, meta) = load_tensors(&ck)?;
+    let mut run: RunConfig = meta
+        .get("ehm.config")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| {
+            Error::bad_file(&ck, "no run configuration of this ehm version in the checkpoint (made by an older ehm?)")
+        })?;
+    adjust(&mut run)?;
+    run.pretrain.validate()?;
+    let mut engine = Engine::new(
+        &run.model,
+        &run.preprocess,
+        &run.pretrain,
+        Device::Cpu,
+        Kind::Float,
+    );
+    let resume = dir.join("resume.safetensors");
+    if resume.exists() {
+        let (t, meta) = load_tensors(&resume)?;
+        let had_ema = t.contains_key("ema");
+        if !had_ema {
+            // a run without a teacher, looked at with EHM masks: the student parses the images
+            engine.teacher = None;
+        }
+        restore(&mut engine, &t, &meta, &resume)?;
+    } else {
+        super::checkpoint::load_into_varstore(&engine.vs, &weights, &ck, &[])?;
+        engine.teacher = None;
+    }
+    Ok((engine, run))
+}
+
+/// `hierarchy.png` from every hierarchy report in metrics.jsonl (so a resumed run draws the
+/// whole curve).
+fn write_hierarchy_chart(metrics: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics).at(metrics)?;
+    let points: Vec<(u64, super::hierarchy::HierarchyReport)> = text
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((
+                v["step"].as_u64()?,
+                serde_json::from_value(v["hierarchy"].clone()).ok()?,
+            ))
+        })
+        .collect();
+    match super::hierarchy::chart(&points) {
+        Some(png) => crate::fsutil::write_png_atomic(&out.join("hierarchy.png"), &png),
+        None => Ok(()),
+    }
 }
 
 /// Keep metrics.jsonl consistent with a resumed step: drop lines from steps not yet redone.
@@ -292,6 +490,8 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     let spe = (ds.len() / p.batch_size) as u64;
     let total = ((p.epochs * spe as f64).round() as u64).max(1);
     let warmup = (p.warmup_epochs * spe as f64).round() as u64;
+    // training progress of a step: the schedules are functions of t, never of epochs
+    let t_of = |step: u64| step as f64 / total as f64;
 
     let out = &opts.out;
     if opts.fresh && out.exists() {
@@ -307,7 +507,19 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     }
     std::fs::create_dir_all(out).at(out)?;
     let mut engine = Engine::new(&cfg, &pre, &p, device, kind);
-    let resumed = try_resume(&mut engine, &run, out)?;
+    engine.set_total_steps(total);
+    if p.masking == MaskingKind::Ehm && !engine.masks.schedule().evolves() {
+        eprintln!(
+            "warning: the EHM cut stays at {} segments for the whole run (N = {} patches): the masks cannot evolve; set ehm.start_segments / end_segments or use a finer grid",
+            engine.masks.schedule().start_segments,
+            cfg.num_patches()
+        );
+    }
+    let resumed_state = try_resume(&mut engine, &run, out)?;
+    let (resumed, resumed_masks) = match resumed_state {
+        Some((s, m)) => (Some(s), m),
+        None => (None, None),
+    };
     let start = resumed.unwrap_or(0);
     let metrics_path = out.join("metrics.jsonl");
     if let Some(s) = resumed {
@@ -372,6 +584,33 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     let mut window = (Instant::now(), 0u64);
     let mut loss_acc = Tensor::zeros([], (Kind::Double, device));
 
+    // hierarchy-quality monitor: at the start (an untrained teacher, on a fresh run), every
+    // `hierarchy_every` epochs and at the end
+    let hier_set = match &opts.hierarchy_data {
+        Some(dir) => Some(super::hierarchy::HierarchySet::open(
+            dir,
+            &pre,
+            opts.hierarchy_limit,
+        )?),
+        None => None,
+    };
+    let hier_every = if opts.hierarchy_every > 0.0 {
+        ((opts.hierarchy_every * spe as f64).round() as u64).max(1)
+    } else {
+        u64::MAX
+    };
+    let hierarchy_line = |engine: &Engine, step: u64| {
+        hier_set.as_ref().map(|set| MetricLine {
+            hierarchy: Some(super::hierarchy::measure(engine, set)),
+            ..MetricLine::at(step, spe, t0)
+        })
+    };
+    if resumed.is_none() {
+        if let Some(line) = hierarchy_line(&engine, 0) {
+            writeln!(metrics, "{}", serde_json::to_string(&line).unwrap()).at(&metrics_path)?;
+        }
+    }
+
     if start < total {
         let mut loader = Loader::start(
             ds.clone(),
@@ -386,7 +625,10 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             |e: &Engine, l: &mut Loader| l.next_batch().map(|b| e.upload(&b.pixels, p.batch_size));
         let mut cur = upload(&engine, &mut loader)
             .ok_or_else(|| Error::Other("data loader ended early".into()))?;
-        let mut job = engine.mask_job(&cur, start as f64 / total as f64, start);
+        let mut job = match resumed_masks {
+            Some(m) => MaskJob::Ready(m),
+            None => engine.mask_job(&cur, t_of(start), start),
+        };
         let mut next = if start + 1 < total {
             upload(&engine, &mut loader)
         } else {
@@ -395,9 +637,9 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         for step in start..total {
             let masks = job.wait()?;
             // Queue the teacher for the next batch before this step (see engine.rs).
-            let next_job = next
+            let mut next_job = next
                 .as_ref()
-                .map(|n| engine.mask_job(n, (step + 1) as f64 / total as f64, step + 1));
+                .map(|n| engine.mask_job(n, t_of(step + 1), step + 1));
             let lr = engine.lr_at(step, total, warmup);
             let loss = engine.step(&cur, &masks, lr);
             loss_acc += &loss;
@@ -426,13 +668,12 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                 loss_acc = Tensor::zeros([], (Kind::Double, device));
                 last_loss = Some(mean);
                 let line = MetricLine {
-                    step: done,
-                    epoch: done as f64 / spe as f64,
                     loss: Some(mean),
                     lr: Some(lr),
                     images_per_s: Some(ips),
-                    knn_top1: None,
-                    elapsed_s: t0.elapsed().as_secs_f64(),
+                    mask_ratio: Some(engine.masks.schedule().mask_ratio(t_of(step))),
+                    cut: CutStats::of(&masks, engine.masks.schedule().alpha(t_of(step))),
+                    ..MetricLine::at(done, spe, t0)
                 };
                 writeln!(metrics, "{}", serde_json::to_string(&line).unwrap()).at(&metrics_path)?;
                 bar.set_message(format!("loss {mean:.4} lr {lr:.2e} {ips:.0} img/s"));
@@ -444,13 +685,42 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                 if done % knn_every_steps == 0 && done != total {
                     let acc = knn_eval(&engine, &pre, tr, te)?;
                     knn_last = Some(acc);
-                    let line = MetricLine::knn(done, spe, acc, t0);
+                    let line = MetricLine {
+                        knn_top1: Some(acc),
+                        ..MetricLine::at(done, spe, t0)
+                    };
                     writeln!(metrics, "{}", serde_json::to_string(&line).unwrap())
                         .at(&metrics_path)?;
                 }
             }
+            if done % hier_every == 0 || done == total {
+                if let Some(line) = hierarchy_line(&engine, done) {
+                    writeln!(metrics, "{}", serde_json::to_string(&line).unwrap())
+                        .at(&metrics_path)?;
+                    write_hierarchy_chart(&metrics_path, out)?;
+                }
+            }
             if done % opts.save_every == 0 || done == total {
-                save_all(&engine, &run, out, done, total)?;
+                // the next step's masks, as this run will use them (see PendingMasks)
+                let pending = match next_job.take() {
+                    Some(j) if p.masking == MaskingKind::Ehm => Some(j.wait()?),
+                    j => {
+                        next_job = j;
+                        None
+                    }
+                };
+                save_all(
+                    &engine,
+                    &run,
+                    out,
+                    (done, total),
+                    pending
+                        .as_ref()
+                        .map(|masks| PendingMasks { step: done, masks }),
+                )?;
+                if let Some(m) = pending {
+                    next_job = Some(MaskJob::Ready(m));
+                }
                 if !pics.is_empty() {
                     let png = mask_picture(&engine, &pic_bytes, &pics)?;
                     write_atomic(&out.join("masks.png"), &png)?;
@@ -474,7 +744,10 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     if let Some((tr, te)) = &knn_sets {
         let acc = knn_eval(&engine, &pre, tr, te)?;
         knn_last = Some(acc);
-        let line = MetricLine::knn(total, spe, acc, t0);
+        let line = MetricLine {
+            knn_top1: Some(acc),
+            ..MetricLine::at(total, spe, t0)
+        };
         writeln!(metrics, "{}", serde_json::to_string(&line).unwrap()).at(&metrics_path)?;
     }
     let secs = t0.elapsed().as_secs_f64();
@@ -518,7 +791,7 @@ pub fn write_initial_checkpoint(entry: &ZooEntry, out: &Path) -> Result<PathBuf>
         Kind::Float,
     );
     std::fs::create_dir_all(out).at(out)?;
-    save_all(&engine, &run, out, 0, 0)?;
+    save_all(&engine, &run, out, (0, 0), None)?;
     let _ = std::fs::remove_file(out.join("resume.safetensors"));
     Ok(out.join("checkpoint.safetensors"))
 }

@@ -104,7 +104,7 @@ impl SegSplit {
 }
 
 /// The class-index map `mask` cropped to `crop` and resized to `size²` by nearest neighbour.
-fn mask_crop(mask: &GrayImage, crop: Crop, size: u32, hflip: bool) -> Vec<u8> {
+pub(crate) fn mask_crop(mask: &GrayImage, crop: Crop, size: u32, hflip: bool) -> Vec<u8> {
     let (w, h) = (mask.width() as f64, mask.height() as f64);
     let mut out = Vec::with_capacity((size * size) as usize);
     for y in 0..size {
