@@ -8,6 +8,6 @@ tools/setup.sh data >/dev/null
 cargo build --release --bin ehm-train
 rm -rf gpu && mkdir -p gpu/cache/data/dataset-fashion-mnist/usr/share/datasets
 cp target/release/ehm-train gpu/
-cp ../shared/reference/mae_reference.py gpu/
+cp benches/py/mae_reference.py gpu/
 cp -r .cache/data/dataset-fashion-mnist/usr/share/datasets/fashion-mnist gpu/cache/data/dataset-fashion-mnist/usr/share/datasets/
 du -sh gpu

@@ -33,6 +33,9 @@ enum Cmd {
     /// The masks a strategy makes on IMAGES at chosen training progress, without training:
     /// JSON lines (visible patches, the cut's segments) and a picture
     Masks(Box<MasksArgs>),
+    /// Score the hierarchy a run's teacher (or an untrained model) builds: ASA, boundary recall
+    /// and best IoU against the exact object masks of a segmentation folder, next to a fixed grid
+    Hierarchy(Box<HierarchyArgs>),
     /// Write the untrained initial weights of a zoo entry as a checkpoint folder
     Init {
         #[arg(long, default_value = "vit_tiny_p4_fmnist")]
@@ -40,7 +43,7 @@ enum Cmd {
         #[arg(long, short)]
         out: PathBuf,
     },
-    /// Time the MAE step on synthetic data (compare with shared/reference/mae_reference.py)
+    /// Time the MAE step on synthetic data (compare with benches/py/mae_reference.py)
     Bench(BenchArgs),
     /// Linear probe of a frozen backbone (BatchNorm without affine + linear, on cached features)
     Probe(ProbeArgs),
@@ -192,6 +195,77 @@ struct MasksArgs {
     picture: Option<PathBuf>,
     #[command(flatten)]
     ehm: EhmArgs,
+}
+
+#[derive(Args)]
+struct HierarchyArgs {
+    /// Pretraining run folder (default: an untrained --model)
+    run: Option<PathBuf>,
+    /// Segmentation folder (ehm-train make-segdata; its val split is used)
+    #[arg(long)]
+    data: PathBuf,
+    /// Zoo entry of the untrained model (when no run folder is given)
+    #[arg(long, default_value = "vit_tiny_p8_photos64")]
+    model: String,
+    /// Val images used (0 = all)
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    ehm: EhmArgs,
+}
+
+fn hierarchy(a: HierarchyArgs) -> ehm::Result<()> {
+    let o = ehm::train::inspect::MasksOptions {
+        run: a.run.clone(),
+        model: a.model.clone(),
+        masking: None,
+        ts: vec![],
+        seed: a.seed,
+        images: vec![],
+    };
+    let apply = |p: &mut ehm::config::PretrainConfig, depth: usize| a.ehm.apply(&mut p.ehm, depth);
+    let r = ehm::train::inspect::hierarchy_quality(&o, &a.data, a.limit, &apply)?;
+    if a.json {
+        say!("{}", serde_json::to_string(&r).unwrap());
+        return Ok(());
+    }
+    say!(
+        "hierarchy of {} on {} val images of {}",
+        a.run
+            .as_ref()
+            .map_or(format!("an untrained {}", a.model), |p| p
+                .display()
+                .to_string()),
+        r.images,
+        a.data.display()
+    );
+    say!(
+        "{:>9}  {:>8} {:>8} {:>8}   {:>8} {:>8} {:>8}",
+        "segments",
+        "ASA",
+        "BR",
+        "bestIoU",
+        "grid ASA",
+        "grid BR",
+        "grid IoU"
+    );
+    for (k, c) in r.counts.iter().enumerate() {
+        let (t, g) = (&r.teacher[k], &r.grid[k]);
+        say!(
+            "{c:>9}  {:>8.3} {:>8.3} {:>8.3}   {:>8.3} {:>8.3} {:>8.3}",
+            t.asa,
+            t.boundary_recall,
+            t.best_iou,
+            g.asa,
+            g.boundary_recall,
+            g.best_iou
+        );
+    }
+    Ok(())
 }
 
 fn progress(s: &str) -> Result<f64, String> {
@@ -639,8 +713,8 @@ struct BenchArgs {
     masking: MaskingKind,
     #[arg(long, default_value = "bf16")]
     dtype: String,
-    #[arg(long, value_delimiter = ',')]
-    affinity_blocks: Option<Vec<usize>>,
+    #[command(flatten)]
+    ehm: EhmArgs,
     /// Also append the JSON line to this file
     #[arg(long)]
     json: Option<PathBuf>,
@@ -819,7 +893,13 @@ fn bench(a: BenchArgs) -> ehm::Result<()> {
         warmup: a.warmup,
         masking: a.masking,
         kind: kind(&a.dtype)?,
-        affinity_blocks: a.affinity_blocks.unwrap_or_default(),
+        ehm: {
+            let mut e = ehm::config::EhmConfig::default();
+            let depth =
+                ehm::config::VitConfig::preset(&format!("vit_{}", a.model), a.img, a.patch)?.depth;
+            a.ehm.apply(&mut e, depth as usize)?;
+            e
+        },
     };
     let r = ehm::train::bench::bench(&o)?;
     let line = serde_json::to_string(&r).unwrap();
@@ -882,6 +962,7 @@ fn main() -> ExitCode {
         Cmd::Pretrain(a) => pretrain(*a),
         Cmd::Bench(a) => bench(a),
         Cmd::Masks(a) => masks(*a),
+        Cmd::Hierarchy(a) => hierarchy(*a),
         Cmd::Init { model, out } => init(&model, &out),
         Cmd::Probe(a) => probe(a),
         Cmd::DumpImages { data, limit, out } => dump_images(&data, limit, &out),

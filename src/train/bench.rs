@@ -1,5 +1,5 @@
 //! `ehm-train bench`: the MAE step on synthetic images already on the device, the same
-//! model/batch/dtype as `shared/reference/mae_reference.py`, so images/s compare directly.
+//! model/batch/dtype as `benches/py/mae_reference.py` (the PyTorch yardstick), so images/s compare directly.
 //! EHM mode runs the full pipeline (teacher pass + merge trees overlapped with the step).
 use super::engine::Engine;
 use crate::config::{MaskingKind, PretrainConfig, VitConfig};
@@ -18,7 +18,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     pub masking: MaskingKind,
     pub kind: Kind,
-    pub affinity_blocks: Vec<usize>,
+    /// EHM settings (affinity source and blocks, …); the masking is `masking`.
+    pub ehm: crate::config::EhmConfig,
 }
 
 #[derive(Serialize, Debug)]
@@ -32,6 +33,8 @@ pub struct BenchResult {
     pub masking: String,
     /// Encoder blocks whose attention forms the EHM affinity (empty = all).
     pub affinity_blocks: Vec<usize>,
+    /// What the affinity is made of.
+    pub affinity: crate::config::AffinitySource,
     pub dtype: String,
     pub params_m: f64,
     pub step_s_mean: f64,
@@ -50,7 +53,7 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
         batch_size: o.batch,
         ..Default::default()
     };
-    run.ehm.affinity_blocks = o.affinity_blocks.clone();
+    run.ehm = o.ehm.clone();
     let mut engine = Engine::new(&cfg, &pre, &run, device, o.kind);
     let s = o.image_size as i64;
     let pool: Vec<Tensor> = (0..4)
@@ -105,7 +108,8 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
         patch: o.patch_size,
         batch: o.batch,
         masking: o.masking.to_string(),
-        affinity_blocks: o.affinity_blocks.clone(),
+        affinity_blocks: o.ehm.affinity_blocks.clone(),
+        affinity: o.ehm.affinity,
         dtype: match o.kind {
             Kind::BFloat16 => "bf16".into(),
             Kind::Half => "fp16".into(),

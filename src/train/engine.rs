@@ -313,7 +313,7 @@ mod tests {
     /// (red − blue) plus a constant, and block 0's queries and keys are that value, so a patch
     /// attends to the patches of its own colour. EHM late in training (2 segments, r = 0.5)
     /// must then mask exactly one colour region.
-    fn colour_engine() -> Engine {
+    fn colour_engine(source: crate::config::AffinitySource) -> Engine {
         let cfg = VitConfig::preset("vit_micro", 16, 4).unwrap();
         let pre = Preprocess {
             mean: [0.5; 3],
@@ -327,6 +327,7 @@ mod tests {
         };
         run.ehm.teacher = TeacherKind::Student;
         run.ehm.affinity_blocks = vec![0];
+        run.ehm.affinity = source;
         run.ehm.end_segments = Some(2);
         let e = Engine::new(&cfg, &pre, &run, Device::Cpu, Kind::Float);
         let vars = e.vs.variables();
@@ -372,7 +373,13 @@ mod tests {
 
     #[test]
     fn late_masks_follow_the_models_own_parse_of_the_image() {
-        let e = colour_engine();
+        use crate::config::AffinitySource::*;
+        for source in [Attention, AttentionColumns, Cosine] {
+            masks_follow_colour(&colour_engine(source));
+        }
+    }
+
+    fn masks_follow_colour(e: &Engine) {
         let halves = |f: fn(usize) -> bool| -> [Vec<usize>; 2] {
             [
                 (0..16).filter(|&i| f(i)).collect(),
@@ -381,8 +388,8 @@ mod tests {
         };
         let left_right = halves(|i| i % 4 < 2);
         let top_bottom = halves(|i| i / 4 < 2);
-        let side = two_colour(&e, |x, _| x < 8);
-        let stacked = two_colour(&e, |_, y| y < 8);
+        let side = two_colour(e, |x, _| x < 8);
+        let stacked = two_colour(e, |_, y| y < 8);
         for step in 0..6 {
             // through the trainer's own pipeline (teacher pass → helper thread → masks)
             let m = e.mask_job(&side, 1.0, step).wait().unwrap();
@@ -407,7 +414,7 @@ mod tests {
 
     #[test]
     fn a_non_finite_teacher_stops_the_masks_with_a_message() {
-        let e = colour_engine();
+        let e = colour_engine(crate::config::AffinitySource::Attention);
         tch::no_grad(|| {
             let _ = e.vs.variables()["blocks.0.attn.qkv.weight"]
                 .shallow_clone()

@@ -76,6 +76,28 @@ fn engine(o: &MasksOptions, ehm: Adjust) -> Result<Engine> {
     }
 }
 
+/// `ehm-train hierarchy`: the quality of the hierarchy that the run's teacher (or an untrained
+/// model) builds on the val images of the segmentation folder `data`, with the EHM settings
+/// changed by `ehm` (e.g. another affinity) — so settings can be compared on one teacher.
+pub fn hierarchy_quality(
+    o: &MasksOptions,
+    data: &Path,
+    limit: usize,
+    ehm: Adjust,
+) -> Result<super::hierarchy::HierarchyReport> {
+    let o = MasksOptions {
+        masking: Some(MaskingKind::Ehm),
+        run: o.run.clone(),
+        model: o.model.clone(),
+        ts: vec![],
+        seed: o.seed,
+        images: vec![],
+    };
+    let engine = engine(&o, ehm)?;
+    let set = super::hierarchy::HierarchySet::open(data, &engine.preprocess, limit)?;
+    Ok(super::hierarchy::measure(&engine, &set))
+}
+
 /// Sample the masks; returns one record per image and t (images outer) and the picture
 /// (rows: images; columns: the image, then each t).
 pub fn masks(o: &MasksOptions, ehm: Adjust) -> Result<(Vec<MaskRecord>, RgbImage)> {

@@ -1,4 +1,4 @@
-//! Reading the checkpoint format without libtorch (design.md §3): a run folder holds
+//! Reading the checkpoint format without libtorch (docs/formats.md): a run folder holds
 //! `checkpoint.safetensors` (fp32, timm / MAE names) and `config.json` (model, preprocess, …).
 //! Export, the probe and the tests all open checkpoints through here.
 use crate::config::VitConfig;

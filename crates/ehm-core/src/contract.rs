@@ -1,4 +1,4 @@
-//! The ONNX contract (design.md §1, §3): what a model file must carry so that the serving tools
+//! The ONNX contract (docs/formats.md): what a model file must carry so that the serving tools
 //! need nothing else — task, preprocessing, labels, source. Written by `export`, read here by
 //! everyone else; this module is the only place that knows the metadata keys.
 use crate::data::Preprocess;

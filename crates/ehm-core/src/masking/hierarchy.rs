@@ -1,9 +1,9 @@
-//! The merge tree of EHM (design.md §4.2): average-linkage agglomeration of 4-connected
+//! The merge tree of EHM (docs/ehm.md): average-linkage agglomeration of 4-connected
 //! patch groups on the patch grid, driven by a patch–patch affinity.
 //!
 //! Start from single patches and merge *spatially adjacent* segments by average linkage
 //! (sum of affinity over all cross pairs / product of sizes) until one segment is left. We use
-//! the parallel (Borůvka) form design.md §4.2 allows: in each round every segment merges with
+//! a parallel (Borůvka) form: in each round every segment merges with
 //! its best neighbour, so segments roughly double in size per round (≈ log2 N rounds) and no
 //! outlier patch survives as a singleton up to the coarse levels — the plain greedy order
 //! leaves "one big segment + isolated patches" at the top of the tree. Within a round the

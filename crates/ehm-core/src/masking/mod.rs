@@ -1,4 +1,4 @@
-//! Mask strategies. This module knows no model: an affinity `[B, N, N]` (for EHM), the patch
+//! Mask strategies (docs/ehm.md). This module knows no model: an affinity `[B, N, N]` (for EHM), the patch
 //! grid, training progress `t ∈ [0, 1]` and a seed go in; which patches stay visible come out.
 //!
 //! Every strategy is expressed as per-patch *noise*; as in MAE, patches are sorted by noise
