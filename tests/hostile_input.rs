@@ -336,6 +336,11 @@ fn export_refuses_to_overwrite_its_input_and_impossible_sizes() {
         &d.path().join("ck/../ck/checkpoint.safetensors"),
     );
     refused_one_line(&o, 1, "is one of the inputs");
+    // and so is a hard link to it
+    let link = d.path().join("linked.safetensors");
+    std::fs::hard_link(ck.join("checkpoint.safetensors"), &link).unwrap();
+    let o = common::export_onnx(&ck, "embed", &[], &link);
+    refused_one_line(&o, 1, "is one of the inputs");
     // import: output = the model it reads
     let m = d.path().join("m.onnx");
     ok(common::export_onnx(&ck, "backbone", &[], &m));

@@ -240,8 +240,9 @@ fn exploding_loss_stops_and_keeps_the_last_good_checkpoint() {
     .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
+    // the loss, or the teacher's affinity (EHM builds the next masks first), says it diverged
     assert!(
-        err.contains("loss became") && err.contains("at step"),
+        (err.contains("loss became") || err.contains("NaN/infinite")) && err.contains("at step"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");

@@ -35,7 +35,7 @@ struct Cli {
     #[arg(long, value_parser = args::at_least_one)]
     sessions: Option<usize>,
     /// Largest image file read, in MB (larger files are failed inputs)
-    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB)]
+    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
     max_file_mb: u64,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,

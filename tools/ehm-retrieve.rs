@@ -50,7 +50,7 @@ struct Writing {
 #[derive(Args)]
 struct Reading {
     /// Largest image file read, in MB (larger files are failed inputs)
-    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB)]
+    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
     max_file_mb: u64,
 }
 

@@ -42,7 +42,7 @@ struct Cli {
     #[arg(long, default_value_t = 0.55, value_parser = args::unit)]
     alpha: f32,
     /// Largest image file read, in MB (larger files are failed inputs)
-    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB)]
+    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
     max_file_mb: u64,
     #[arg(required = true)]
     inputs: Vec<std::ffi::OsString>,

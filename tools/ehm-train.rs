@@ -149,7 +149,7 @@ struct PretrainArgs {
     #[arg(long)]
     hierarchy_data: Option<PathBuf>,
     /// Hierarchy quality every N epochs (0 = at the start and the end only)
-    #[arg(long, default_value_t = 0.0, value_parser = args::non_negative)]
+    #[arg(long, default_value_t = 0.0, value_parser = args::non_negative, allow_negative_numbers = true)]
     hierarchy_every: f64,
     /// Val images used for the hierarchy quality (0 = all)
     #[arg(long, default_value_t = 200)]
@@ -183,7 +183,7 @@ struct MasksArgs {
     #[arg(long, value_enum)]
     masking: Option<MaskingKind>,
     /// Training progress values, 0 … 1
-    #[arg(long = "t", value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1", value_parser = progress)]
+    #[arg(long = "t", value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1", value_parser = args::progress)]
     ts: Vec<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -215,7 +215,7 @@ struct HierarchyArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    ehm: EhmArgs,
+    parse: AffinityArgs,
 }
 
 fn hierarchy(a: HierarchyArgs) -> ehm::Result<()> {
@@ -227,7 +227,8 @@ fn hierarchy(a: HierarchyArgs) -> ehm::Result<()> {
         seed: a.seed,
         images: vec![],
     };
-    let apply = |p: &mut ehm::config::PretrainConfig, depth: usize| a.ehm.apply(&mut p.ehm, depth);
+    let apply =
+        |p: &mut ehm::config::PretrainConfig, depth: usize| a.parse.apply(&mut p.ehm, depth);
     let r = ehm::train::inspect::hierarchy_quality(&o, &a.data, a.limit, &apply)?;
     if a.json {
         say!("{}", serde_json::to_string(&r).unwrap());
@@ -268,14 +269,16 @@ fn hierarchy(a: HierarchyArgs) -> ehm::Result<()> {
     Ok(())
 }
 
-fn progress(s: &str) -> Result<f64, String> {
-    args::unit(s).map(|v| v as f64)
-}
-
 fn masks(a: MasksArgs) -> ehm::Result<()> {
     let mut inputs = a.inputs.clone();
     let run = match inputs.first().map(PathBuf::from) {
-        Some(p) if ehm::train::inspect::is_run_dir(&p) && inputs.len() > 1 => {
+        Some(p) if ehm::train::inspect::is_run_dir(&p) => {
+            if inputs.len() == 1 {
+                return Err(ehm::Error::Config(format!(
+                    "{} is a run folder: give the images to look at after it",
+                    p.display()
+                )));
+            }
             inputs.remove(0);
             Some(p)
         }
@@ -299,6 +302,11 @@ fn masks(a: MasksArgs) -> ehm::Result<()> {
         .iter()
         .map(|r| serde_json::to_string(r).unwrap() + "\n")
         .collect();
+    // files first: a closed stdout ends the tool (quietly) at the first write
+    if let Some(p) = &a.picture {
+        ehm::fsutil::write_png_atomic(p, &pic)?;
+        eprintln!("picture: {}", p.display());
+    }
     match &a.jsonl {
         Some(p) => ehm::fsutil::write_atomic(p, lines.as_bytes())?,
         None => {
@@ -308,26 +316,14 @@ fn masks(a: MasksArgs) -> ehm::Result<()> {
                 .map_err(ehm::pipeline::stdout_error)?
         }
     }
-    if let Some(p) = &a.picture {
-        ehm::fsutil::write_png_atomic(p, &pic)?;
-        eprintln!("picture: {}", p.display());
-    }
     Ok(())
 }
 
-/// The EHM knobs a run can override (each a field of `ehm::config::EhmConfig`; docs/ehm.md).
+/// The EHM knobs that decide how the teacher parses an image (fields of
+/// `ehm::config::EhmConfig`; docs/ehm.md).
 #[derive(Args, Clone, Default)]
-struct EhmArgs {
-    /// EHM teacher: an EMA of the student, or the student itself
-    #[arg(long, value_enum)]
-    teacher: Option<TeacherKind>,
-    /// EMA half-life as a fraction of the run's steps (default 0.02)
-    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
-    ema_half_life: Option<f64>,
-    /// EMA half-life in optimizer steps (overrides --ema-half-life)
-    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
-    ema_half_life_steps: Option<f64>,
-    /// Blocks whose attention forms the affinity: all, first:K, last:K or a list like 0,1,2
+struct AffinityArgs {
+    /// Blocks the affinity comes from: all, first:K, last:K or a list like 0,1,2 (default first:3)
     #[arg(long)]
     affinity_blocks: Option<String>,
     /// What the affinity is made of
@@ -339,6 +335,36 @@ struct EhmArgs {
     /// Merge only adjacent segments (contiguous groups) or any two
     #[arg(long, value_enum)]
     merge: Option<ehm::config::Merge>,
+}
+
+impl AffinityArgs {
+    fn apply(&self, c: &mut ehm::config::EhmConfig, depth: usize) -> ehm::Result<()> {
+        if let Some(spec) = &self.affinity_blocks {
+            c.affinity_blocks = parse_blocks(spec, depth)?;
+        }
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(affinity, affinity_norm, merge);
+        Ok(())
+    }
+}
+
+/// All the EHM knobs a pretraining run can override (each a field of
+/// `ehm::config::EhmConfig`; docs/ehm.md).
+#[derive(Args, Clone, Default)]
+struct EhmArgs {
+    #[command(flatten)]
+    parse: AffinityArgs,
+    /// EHM teacher: an EMA of the student, or the student itself
+    #[arg(long, value_enum)]
+    teacher: Option<TeacherKind>,
+    /// EMA half-life as a fraction of the run's steps (default 0.02)
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
+    ema_half_life: Option<f64>,
+    /// EMA half-life in optimizer steps (overrides --ema-half-life)
+    #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
+    ema_half_life_steps: Option<f64>,
     /// Shape of the segment-count schedule
     #[arg(long, value_enum)]
     schedule: Option<ehm::config::ScheduleShape>,
@@ -364,40 +390,27 @@ struct EhmArgs {
 
 impl EhmArgs {
     fn apply(&self, c: &mut ehm::config::EhmConfig, depth: usize) -> ehm::Result<()> {
+        self.parse.apply(c, depth)?;
         macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
         set!(
             teacher,
             ema_half_life,
-            affinity,
-            affinity_norm,
-            merge,
             schedule,
             segment_jitter,
             alpha_power,
             grid_noise
         );
-        if let Some(v) = self.ema_half_life_steps {
-            c.ema_half_life_steps = Some(v);
+        macro_rules! set_some {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = Some(v); } )* };
         }
-        if let Some(v) = self.start_segments {
-            c.start_segments = Some(v);
-        }
-        if let Some(v) = self.end_segments {
-            c.end_segments = Some(v);
-        }
-        if let Some(v) = self.mask_ratio_end {
-            c.mask_ratio_end = Some(v);
-        }
-        if let Some(spec) = &self.affinity_blocks {
-            c.affinity_blocks = parse_blocks(spec, depth)?;
-        }
-        if let Some(b) = c.affinity_blocks.iter().find(|&&b| b >= depth) {
-            return Err(ehm::Error::Config(format!(
-                "--affinity-blocks: block {b} does not exist (the encoder has {depth})"
-            )));
-        }
+        set_some!(
+            ema_half_life_steps,
+            start_segments,
+            end_segments,
+            mask_ratio_end
+        );
         Ok(())
     }
 }

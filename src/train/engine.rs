@@ -67,8 +67,21 @@ impl MaskJob {
     }
 }
 
-/// EHM masks from a host affinity, refusing a non-finite one: a diverged teacher would give
-/// image-independent masks, and the run would go on as if nothing happened.
+/// Refuse a non-finite affinity: a diverged teacher would give image-independent masks, and
+/// the run would go on as if nothing happened.
+/// `when` says where in the run (e.g. "at step 12").
+pub fn check_affinity(aff: &[f32], when: &str) -> crate::Result<()> {
+    let bad = crate::masking::non_finite(aff);
+    if bad > 0 {
+        return Err(crate::Error::Training(format!(
+            "the teacher's affinity holds {bad} NaN/infinite values of {} {when}; stopped (the teacher diverged: lower --blr, or use --teacher student)",
+            aff.len()
+        )));
+    }
+    Ok(())
+}
+
+/// EHM masks from a host affinity (checked).
 fn ehm_masks(
     params: &MaskParams,
     aff: &[f32],
@@ -76,13 +89,7 @@ fn ehm_masks(
     t: f64,
     step: u64,
 ) -> crate::Result<MaskBatch> {
-    let bad = crate::masking::non_finite(aff);
-    if bad > 0 {
-        return Err(crate::Error::Training(format!(
-            "the teacher's attention holds {bad} NaN/infinite values of {} at step {step}; stopped (the teacher diverged: lower --blr, or use --teacher student)",
-            aff.len()
-        )));
-    }
+    check_affinity(aff, &format!("at step {step}"))?;
     Ok(params.sample(batch, t, step, Some(aff)))
 }
 
@@ -422,6 +429,6 @@ mod tests {
         });
         let imgs = two_colour(&e, |x, _| x < 8);
         let err = e.mask_job(&imgs, 0.5, 3).wait().unwrap_err().to_string();
-        assert!(err.contains("NaN") && err.contains("step 3"), "{err}");
+        assert!(err.contains("NaN") && err.contains("at step 3"), "{err}");
     }
 }

@@ -2,11 +2,13 @@
 //! without training. With a run folder its teacher parses the images (the EMA of a resumable
 //! run, else the checkpoint's weights); without, an untrained model of a zoo entry does — so
 //! the difference between the two is what training taught the hierarchy.
-use super::engine::Engine;
+use super::engine::{check_affinity, Engine};
 use super::pretrain::{open_run, RunConfig};
 use crate::config::{MaskingKind, PretrainConfig, ZooEntry};
+use crate::data::Preprocess;
 use crate::error::Result;
 use crate::masking::picture::{render, Tile};
+use crate::masking::MaskBatch;
 use image::RgbImage;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,12 @@ pub type Adjust<'a> = &'a dyn Fn(&mut PretrainConfig, usize) -> Result<()>;
 
 /// The engine the options ask for, with the run's EHM settings changed by `ehm`.
 fn engine(o: &MasksOptions, ehm: Adjust) -> Result<Engine> {
+    let e = build_engine(o, ehm)?;
+    e.masks.validate().map_err(crate::Error::Config)?;
+    Ok(e)
+}
+
+fn build_engine(o: &MasksOptions, ehm: Adjust) -> Result<Engine> {
     let adjust = |p: &mut PretrainConfig, depth: usize| {
         if let Some(k) = o.masking {
             p.masking = k;
@@ -98,53 +106,57 @@ pub fn hierarchy_quality(
     Ok(super::hierarchy::measure(&engine, &set))
 }
 
-/// Sample the masks; returns one record per image and t (images outer) and the picture
-/// (rows: images; columns: the image, then each t).
-pub fn masks(o: &MasksOptions, ehm: Adjust) -> Result<(Vec<MaskRecord>, RgbImage)> {
-    let engine = engine(o, ehm)?;
-    let pre = engine.preprocess.clone();
+/// Images through the model's evaluation crop and resize: as pictures show them, and as the
+/// CHW bytes the engine uploads.
+pub fn model_inputs(pre: &Preprocess, images: &[RgbImage]) -> (Vec<RgbImage>, Vec<u8>) {
     let per = pre.tensor_len();
-    let mut pixels = vec![0u8; o.images.len() * per];
-    let mut shown = Vec::new();
-    for (p, out) in o.images.iter().zip(pixels.chunks_mut(per)) {
-        let img = crate::data::image_io::load_rgb(p)?;
-        let crop = pre.eval_crop(img.width(), img.height());
-        let small =
-            crate::data::preprocess::resize_crop(&img, crop, pre.image_size, pre.interpolation);
-        crate::data::preprocess::chw_u8_into(&small, false, out);
-        shown.push(small);
+    let shown: Vec<RgbImage> = images
+        .iter()
+        .map(|img| {
+            let crop = pre.eval_crop(img.width(), img.height());
+            crate::data::preprocess::resize_crop(img, crop, pre.image_size, pre.interpolation)
+        })
+        .collect();
+    let mut pixels = vec![0u8; shown.len() * per];
+    for (img, out) in shown.iter().zip(pixels.chunks_mut(per)) {
+        crate::data::preprocess::chw_u8_into(img, false, out);
     }
-    let b = o.images.len();
-    let imgs = engine.upload(&pixels, b);
-    let aff = (engine.masks.kind == MaskingKind::Ehm).then(|| engine.affinity_host(&imgs));
-    if let Some(a) = &aff {
-        let bad = crate::masking::non_finite(a);
-        if bad > 0 {
-            return Err(crate::Error::Training(format!(
-                "the teacher's attention holds {bad} NaN/infinite values: its weights are damaged"
-            )));
+    (shown, pixels)
+}
+
+/// The engine's masks for the images `pixels` (CHW bytes) at each progress value in `ts`; the
+/// teacher runs 32 images at a time, so any number of images fits in memory.
+/// `when` names the moment for error messages ("at step 40").
+pub fn sample_at(engine: &Engine, pixels: &[u8], ts: &[f64], when: &str) -> Result<Vec<MaskBatch>> {
+    let per = engine.preprocess.tensor_len();
+    let mut per_t: Vec<Vec<MaskBatch>> = vec![Vec::new(); ts.len()];
+    for chunk in pixels.chunks(32 * per) {
+        let b = chunk.len() / per;
+        let aff = if engine.masks.kind == MaskingKind::Ehm {
+            let a = engine.affinity_host(&engine.upload(chunk, b));
+            check_affinity(&a, when)?;
+            Some(a)
+        } else {
+            None
+        };
+        for (k, &t) in ts.iter().enumerate() {
+            per_t[k].push(engine.masks.sample(b, t, 0, aff.as_deref()));
         }
     }
-    let batches: Vec<_> =
-        o.ts.iter()
-            .map(|&t| engine.masks.sample(b, t, 0, aff.as_deref()))
-            .collect();
-    let grid = engine.masks.grid;
-    let n = grid.n();
-    let mut records = Vec::new();
-    for (i, path) in o.images.iter().enumerate() {
-        for (m, &t) in batches.iter().zip(&o.ts) {
-            records.push(MaskRecord {
-                image: path.clone(),
-                t,
-                masking: engine.masks.kind.to_string(),
-                grid: [grid.h, grid.w],
-                visible: (0..n).filter(|&p| m.mask[i * n + p] == 0.0).collect(),
-                segments: m.segments.as_ref().map(|s| s[i * n..(i + 1) * n].to_vec()),
-            });
-        }
-    }
-    let tiles: Vec<Vec<Tile>> = (0..b)
+    Ok(per_t.into_iter().map(MaskBatch::concat).collect())
+}
+
+/// The mask picture: one row per image — the image, then its masks at each t (`batches[k]`
+/// sampled at `ts[k]`) — with the segment count above each column.
+pub fn sheet(
+    engine: &Engine,
+    shown: &[RgbImage],
+    batches: &[MaskBatch],
+    ts: &[f64],
+    tile: u32,
+) -> RgbImage {
+    let n = engine.masks.grid.n();
+    let tiles: Vec<Vec<Tile>> = (0..shown.len())
         .map(|i| {
             let mut row = vec![Tile {
                 image: &shown[i],
@@ -161,11 +173,40 @@ pub fn masks(o: &MasksOptions, ehm: Adjust) -> Result<(Vec<MaskRecord>, RgbImage
         .collect();
     let sched = engine.masks.schedule();
     let mut headers = vec!["image".to_string()];
-    headers.extend(o.ts.iter().map(|&t| match engine.masks.kind {
+    headers.extend(ts.iter().map(|&t| match engine.masks.kind {
         MaskingKind::Ehm => format!("t={t} c={}", sched.segments(t)),
         _ => format!("t={t}"),
     }));
-    Ok((records, render(&tiles, grid, 128, &headers)))
+    render(&tiles, engine.masks.grid, tile, &headers)
+}
+
+/// Sample the masks; returns one record per image and t (images outer) and the picture
+/// (rows: images; columns: the image, then each t).
+pub fn masks(o: &MasksOptions, ehm: Adjust) -> Result<(Vec<MaskRecord>, RgbImage)> {
+    let engine = engine(o, ehm)?;
+    let images: Vec<RgbImage> = o
+        .images
+        .iter()
+        .map(|p| crate::data::image_io::load_rgb(p))
+        .collect::<Result<_>>()?;
+    let (shown, pixels) = model_inputs(&engine.preprocess, &images);
+    let batches = sample_at(&engine, &pixels, &o.ts, "on these images")?;
+    let grid = engine.masks.grid;
+    let n = grid.n();
+    let mut records = Vec::new();
+    for (i, path) in o.images.iter().enumerate() {
+        for (m, &t) in batches.iter().zip(&o.ts) {
+            records.push(MaskRecord {
+                image: path.clone(),
+                t,
+                masking: engine.masks.kind.to_string(),
+                grid: [grid.h, grid.w],
+                visible: (0..n).filter(|&p| m.mask[i * n + p] == 0.0).collect(),
+                segments: m.segments.as_ref().map(|s| s[i * n..(i + 1) * n].to_vec()),
+            });
+        }
+    }
+    Ok((records, sheet(&engine, &shown, &batches, &o.ts, 128)))
 }
 
 /// Whether `p` is a pretraining run folder (so `ehm-train masks RUN IMAGES…` can tell it

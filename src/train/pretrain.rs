@@ -8,7 +8,6 @@ use crate::config::{MaskingKind, PretrainConfig, VitConfig, ZooEntry};
 use crate::data::{self, DataSpec, Dataset, Preprocess};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::write_atomic;
-use crate::masking::picture::{render, Tile};
 use crate::masking::MaskBatch;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -174,41 +173,16 @@ fn sample_images(ds: &dyn Dataset, n: usize) -> Vec<image::RgbImage> {
 
 /// Rows: sample images; columns: the image, then masks at t = 0, ¼, ½, ¾, 1 with the
 /// current teacher's hierarchy.
-fn mask_picture(engine: &Engine, samples: &[u8], images: &[image::RgbImage]) -> Result<Vec<u8>> {
-    let b = images.len();
-    let imgs = engine.upload(samples, b);
+fn mask_picture(
+    engine: &Engine,
+    samples: &[u8],
+    images: &[image::RgbImage],
+    step: u64,
+) -> Result<Vec<u8>> {
     let ts = [0.0, 0.25, 0.5, 0.75, 1.0];
-    let aff = (engine.masks.kind == MaskingKind::Ehm).then(|| engine.affinity_host(&imgs));
-    let batches: Vec<_> = ts
-        .iter()
-        .map(|&t| engine.masks.sample(b, t, 0, aff.as_deref()))
-        .collect();
-    let n = engine.masks.grid.n();
-    let tiles: Vec<Vec<Tile>> = (0..b)
-        .map(|i| {
-            let mut row = vec![Tile {
-                image: &images[i],
-                segments: None,
-                mask: None,
-            }];
-            for m in &batches {
-                row.push(Tile {
-                    image: &images[i],
-                    segments: m.segments.as_ref().map(|s| &s[i * n..(i + 1) * n]),
-                    mask: Some(&m.mask[i * n..(i + 1) * n]),
-                });
-            }
-            row
-        })
-        .collect();
-    let sched = engine.masks.schedule();
-    let mut headers = vec!["image".to_string()];
-    headers.extend(ts.iter().map(|&t| match engine.masks.kind {
-        MaskingKind::Ehm => format!("t={t} c={}", sched.segments(t)),
-        _ => format!("t={t}"),
-    }));
-    let pic = render(&tiles, engine.masks.grid, 112, &headers);
-    crate::fsutil::png_bytes(&pic)
+    let when = format!("at step {step} (mask picture)");
+    let batches = super::inspect::sample_at(engine, samples, &ts, &when)?;
+    crate::fsutil::png_bytes(&super::inspect::sheet(engine, images, &batches, &ts, 112))
 }
 
 /// The masks of the step a resumed run starts with, as the uninterrupted run built them (from
@@ -270,7 +244,15 @@ fn pending_from(
         mask: floats("next.mask")?,
         segments: floats("next.segments").map(|v| v.into_iter().map(|x| x as u32).collect()),
     };
-    (m.ids_keep.len() == batch * keep && m.mask.len() == batch * n).then_some(m)
+    let sane = m.ids_keep.len() == batch * keep
+        && m.ids_restore.len() == batch * n
+        && m.mask.len() == batch * n
+        && m.segments.as_ref().is_none_or(|s| s.len() == batch * n)
+        && m.ids_keep
+            .iter()
+            .chain(&m.ids_restore)
+            .all(|&i| (0..n as i64).contains(&i));
+    sane.then_some(m)
 }
 
 fn save_all(
@@ -339,10 +321,15 @@ fn try_resume(
         return Ok(None);
     }
     let (t, meta) = load_tensors(&path)?;
-    let saved: RunConfig = meta
+    let text = meta
         .get("run_config")
-        .and_then(|s| serde_json::from_str(s).ok())
         .ok_or_else(|| Error::bad_file(&path, "no run configuration in the resume file"))?;
+    let saved: RunConfig = serde_json::from_str(text).map_err(|e| {
+        Error::bad_file(
+            &path,
+            format!("a run of another ehm version ({e}); pass --fresh to start over or choose another --out"),
+        )
+    })?;
     if &saved != run {
         return Err(Error::Config(format!(
             "{} holds a different run (model, data or recipe differ); pass --fresh to start over or choose another --out",
@@ -507,6 +494,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     }
     std::fs::create_dir_all(out).at(out)?;
     let mut engine = Engine::new(&cfg, &pre, &p, device, kind);
+    engine.masks.validate().map_err(Error::Config)?;
     engine.set_total_steps(total);
     if p.masking == MaskingKind::Ehm && !engine.masks.schedule().evolves() {
         eprintln!(
@@ -559,18 +547,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     };
 
     // Fixed sample images for the mask picture.
-    let per = pre.tensor_len();
-    let pics: Vec<image::RgbImage> = sample_images(ds.as_ref(), 6)
-        .iter()
-        .map(|img| {
-            let c = pre.eval_crop(img.width(), img.height());
-            crate::data::preprocess::resize_crop(img, c, pre.image_size, pre.interpolation)
-        })
-        .collect();
-    let mut pic_bytes = vec![0u8; pics.len() * per];
-    for (i, img) in pics.iter().enumerate() {
-        crate::data::preprocess::chw_u8_into(img, false, &mut pic_bytes[i * per..(i + 1) * per]);
-    }
+    let (pics, pic_bytes) = super::inspect::model_inputs(&pre, &sample_images(ds.as_ref(), 6));
 
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -722,7 +699,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                     next_job = Some(MaskJob::Ready(m));
                 }
                 if !pics.is_empty() {
-                    let png = mask_picture(&engine, &pic_bytes, &pics)?;
+                    let png = mask_picture(&engine, &pic_bytes, &pics, done)?;
                     write_atomic(&out.join("masks.png"), &png)?;
                     write_atomic(&out.join("masks").join(format!("step_{done:07}.png")), &png)?;
                 }

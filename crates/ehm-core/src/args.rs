@@ -56,6 +56,16 @@ pub fn unit(s: &str) -> Result<f32, String> {
     }
 }
 
+/// Training progress t, 0 to 1.
+pub fn progress(s: &str) -> Result<f64, String> {
+    let v: f64 = number(s)?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be from 0 to 1, got {v}"))
+    }
+}
+
 /// A cosine similarity threshold, −1 to 1.
 pub fn cosine(s: &str) -> Result<f32, String> {
     let v: f32 = number(s)?;
@@ -84,6 +94,7 @@ mod tests {
             assert!(open_fraction(bad).is_err(), "{bad}");
         }
         assert!(unit("5").is_err() && unit("nan").is_err() && unit("0.55").is_ok());
+        assert!(progress("1.5").is_err() && progress("nan").is_err() && progress("0.1") == Ok(0.1));
         assert!(cosine("1.5").is_err() && cosine("nan").is_err() && cosine("-1").is_ok());
     }
 }

@@ -105,8 +105,16 @@ pub fn open_input(path: &Path) -> Result<(std::fs::File, u64)> {
             ),
         ));
     }
-    let f = std::fs::File::open(path).at(path)?;
-    // the file may be another by now, or have grown: re-check what was opened
+    // O_NONBLOCK: should the path have become a FIFO since, opening it must not hang
+    let f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .at(path)?
+    };
+    // re-check what was actually opened
     let meta = f.metadata().at(path)?;
     if !meta.is_file() || meta.len() > cap {
         return Err(Error::bad_file(path, "changed while being opened"));
@@ -114,29 +122,37 @@ pub fn open_input(path: &Path) -> Result<(std::fs::File, u64)> {
     Ok((f, meta.len()))
 }
 
-/// The bytes of an input file (`open_input`'s checks; never more than the cap).
+/// The bytes of an input file (`open_input`'s checks; a file that grows past the cap while
+/// being read is refused, not cut).
 pub fn read_input(path: &Path) -> Result<Vec<u8>> {
     let (f, len) = open_input(path)?;
+    let cap = MAX_INPUT_BYTES.load(Ordering::Relaxed);
     let mut bytes = Vec::with_capacity(len as usize);
-    f.take(MAX_INPUT_BYTES.load(Ordering::Relaxed))
-        .read_to_end(&mut bytes)
-        .at(path)?;
+    f.take(cap + 1).read_to_end(&mut bytes).at(path)?;
+    if bytes.len() as u64 > cap {
+        return Err(Error::bad_file(
+            path,
+            "grew past the size limit while being read",
+        ));
+    }
     Ok(bytes)
 }
 
-/// sha256 of an input file (`open_input`'s checks), hex.
+/// sha256 of an input file (the bytes `read_input` would return).
 pub fn sha256_input(path: &Path) -> Result<String> {
-    let (f, _) = open_input(path)?;
-    sha256_of(f.take(MAX_INPUT_BYTES.load(Ordering::Relaxed)), path)
+    use sha2::Digest;
+    Ok(hex::encode(sha2::Sha256::digest(read_input(path)?)))
 }
 
-/// Refuse to write `out` when it is one of `inputs` (the same file, however it is named).
+/// Refuse to write `out` when it is one of `inputs`: the same file however it is named
+/// (another path, a symlink or a hard link: same device and inode).
 pub fn refuse_overwriting_inputs(out: &Path, inputs: &[&Path]) -> Result<()> {
-    let Ok(o) = std::fs::canonicalize(out) else {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(o) = std::fs::metadata(out) else {
         return Ok(()); // does not exist yet: cannot be an input
     };
     for i in inputs {
-        if std::fs::canonicalize(i).is_ok_and(|c| c == o) {
+        if std::fs::metadata(i).is_ok_and(|m| (m.dev(), m.ino()) == (o.dev(), o.ino())) {
             return Err(Error::Config(format!(
                 "{}: the output is one of the inputs ({}); choose another output file",
                 out.display(),

@@ -31,6 +31,33 @@ pub struct MaskBatch {
     pub segments: Option<Vec<u32>>,
 }
 
+impl MaskBatch {
+    /// Batches of the same grid and keep count, one after the other.
+    pub fn concat(parts: Vec<MaskBatch>) -> MaskBatch {
+        let mut it = parts.into_iter();
+        let mut out = it.next().expect("at least one part");
+        for p in it {
+            assert_eq!(
+                (p.n, p.keep),
+                (out.n, out.keep),
+                "parts of one grid and keep count"
+            );
+            out.batch += p.batch;
+            out.ids_keep.extend(p.ids_keep);
+            out.ids_restore.extend(p.ids_restore);
+            out.mask.extend(p.mask);
+            out.segments = match (out.segments, p.segments) {
+                (Some(mut a), Some(b)) => {
+                    a.extend(b);
+                    Some(a)
+                }
+                _ => None,
+            };
+        }
+        out
+    }
+}
+
 /// Visible patches per image.
 pub fn keep_count(n: usize, mask_ratio: f64) -> usize {
     ((n as f64) * (1.0 - mask_ratio)).floor() as usize
@@ -149,12 +176,15 @@ fn image_rng(seed: u64, step: u64, b: usize) -> ChaCha8Rng {
     r
 }
 
-/// Tie-breaking jitter: small enough never to reorder groups, large enough to split a group
-/// at the keep boundary at random.
+/// Tie-breaking jitter: below half the gap between two groups' grid values (`grid_noise`), so
+/// it never reorders groups, yet splits a group at the keep boundary at random.
 const JITTER: f64 = 1e-4;
 
-/// Grid noise of one image: one value per parity class or per cell (`GridNoise`), plus jitter.
+/// Grid noise of one image, without jitter: the groups (parity classes or cells, `GridNoise`)
+/// get the values (k + ½)/groups in random order — evenly spaced, so no two groups are closer
+/// than 1/groups and a jitter cannot reorder them.
 fn grid_noise(grid: Grid, cell: usize, layout: GridNoise, rng: &mut impl Rng) -> Vec<f64> {
+    use rand::seq::SliceRandom;
     let cell = cell.max(1);
     let group = |i: usize| -> usize {
         let (r, c) = (i / grid.w, i % grid.w);
@@ -167,9 +197,18 @@ fn grid_noise(grid: Grid, cell: usize, layout: GridNoise, rng: &mut impl Rng) ->
         GridNoise::Parity => cell * cell,
         GridNoise::Cells => grid.h.div_ceil(cell) * grid.w.div_ceil(cell),
     };
-    let values: Vec<f64> = (0..groups).map(|_| rng.random()).collect();
-    (0..grid.n())
-        .map(|i| values[group(i)] + JITTER * rng.random::<f64>())
+    let mut values: Vec<f64> = (0..groups)
+        .map(|k| (k as f64 + 0.5) / groups as f64)
+        .collect();
+    values.shuffle(rng);
+    (0..grid.n()).map(|i| values[group(i)]).collect()
+}
+
+/// `noise` plus the tie-breaking jitter.
+fn jittered(noise: Vec<f64>, rng: &mut impl Rng) -> Vec<f64> {
+    noise
+        .into_iter()
+        .map(|v| v + JITTER * rng.random::<f64>())
         .collect()
 }
 
@@ -219,7 +258,8 @@ fn block_noise(grid: Grid, to_mask: usize, rng: &mut impl Rng) -> Vec<f64> {
         .collect()
 }
 
-/// EHM noise for one image: α·u_segment + (1−α)·u_grid, segments from the hierarchy cut.
+/// EHM noise for one image: α·u_segment + (1−α)·u_grid, segments from the hierarchy cut,
+/// jitter added after the blend (so it breaks ties at every α, also α = 1).
 fn ehm_noise(
     labels: &[u32],
     grid: Grid,
@@ -230,11 +270,12 @@ fn ehm_noise(
     let k = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
     let seg: Vec<f64> = (0..k).map(|_| rng.random()).collect();
     let g = grid_noise(grid, cfg.grid_cell, cfg.grid_noise, rng);
-    labels
+    let blend = labels
         .iter()
         .zip(g)
         .map(|(&l, gn)| alpha * seg[l as usize] + (1.0 - alpha) * gn)
-        .collect()
+        .collect();
+    jittered(blend, rng)
 }
 
 /// Sort each image's noise and keep the K lowest.
@@ -293,6 +334,22 @@ impl MaskParams {
         keep_count(self.grid.n(), self.schedule().mask_ratio(t))
     }
 
+    /// Refuse mask ratios that leave no visible patch or mask none on this grid (the encoder
+    /// would see only the class token, or the loss over masked patches would be 0/0).
+    pub fn validate(&self) -> Result<(), String> {
+        let n = self.grid.n();
+        for t in [0.0, 1.0] {
+            let k = self.keep_at(t);
+            if k == 0 || k >= n {
+                return Err(format!(
+                    "mask ratio {} keeps {k} of {n} patches at t = {t}: at least one must stay visible and one be masked",
+                    self.schedule().mask_ratio(t)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The hierarchy cut of one image at progress `t` (EHM): the merge tree of its affinity
     /// (`[N, N]`), cut at the schedule's segment count plus this image's jitter.
     pub fn cut(&self, affinity: &[f32], t: f64, rng: &mut impl Rng) -> Vec<u32> {
@@ -325,12 +382,9 @@ impl MaskParams {
             MaskingKind::Grid => {
                 let noise: Vec<Vec<f64>> = (0..batch)
                     .map(|b| {
-                        grid_noise(
-                            self.grid,
-                            self.ehm.grid_cell,
-                            self.ehm.grid_noise,
-                            &mut image_rng(self.seed, step, b),
-                        )
+                        let r = &mut image_rng(self.seed, step, b);
+                        let g = grid_noise(self.grid, self.ehm.grid_cell, self.ehm.grid_noise, r);
+                        jittered(g, r)
                     })
                     .collect();
                 from_noise(&noise, keep)
@@ -684,6 +738,46 @@ mod tests {
                 .count();
             assert!(split <= 1, "image {b}: {split} segments split");
         }
+    }
+
+    #[test]
+    fn mask_ratios_that_leave_nothing_to_see_or_predict_are_refused() {
+        let mut p = params(MaskingKind::Random, 4);
+        assert!(p.validate().is_ok());
+        p.mask_ratio = 0.95; // keeps ⌊16 · 0.05⌋ = 0
+        assert!(p.validate().unwrap_err().contains("keeps 0 of 16"));
+        p.mask_ratio = 0.5;
+        p.ehm.mask_ratio_end = Some(0.99);
+        assert!(p.validate().is_err(), "checked at t = 1 too");
+        p.ehm.mask_ratio_end = None;
+        p.mask_ratio = 1e-20; // keeps all 16
+        assert!(p.validate().is_err());
+    }
+
+    #[test]
+    fn t1_ties_inside_a_segment_are_broken_at_random() {
+        // one segment straddles the keep boundary at t = 1: which of its patches stay visible
+        // must vary between steps, not always be the first ones in raster order
+        let mut p = params(MaskingKind::Ehm, 8);
+        p.mask_ratio = 0.6;
+        p.ehm.end_segments = Some(2);
+        let aff = planted(1);
+        let raster_prefix = |vis: &[usize]| {
+            // image 0's regions are the left and right halves; the kept one holds vis[0]
+            let r = region(0, vis[0]);
+            let first: Vec<usize> = (0..64)
+                .filter(|&i| region(0, i) == r)
+                .take(vis.len())
+                .collect();
+            first == vis
+        };
+        let always_prefix = (0..6)
+            .map(|step| visible(&p.sample(1, 1.0, step, Some(&aff)), 0))
+            .all(|v| v.len() == 25 && raster_prefix(&v));
+        assert!(
+            !always_prefix,
+            "the split segment keeps its first patches in raster order"
+        );
     }
 
     #[test]
