@@ -86,6 +86,10 @@ enum Cmd {
         size: u32,
         #[arg(long, default_value_t = 4)]
         max_objects: usize,
+        /// Two classes, background and object (same images as without): a task small
+        /// frozen backbones can learn
+        #[arg(long)]
+        objects_only: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -863,6 +867,7 @@ fn make_segdata(
     val: usize,
     size: u32,
     max_objects: usize,
+    objects_only: bool,
     seed: u64,
 ) -> ehm::Result<()> {
     let cache = ehm::fsutil::cache_dir();
@@ -874,6 +879,7 @@ fn make_segdata(
         val_images: val,
         size,
         max_objects,
+        objects_only,
         min_objects_per_class: 10,
         val_fraction: 0.2,
         seed,
@@ -985,8 +991,9 @@ fn main() -> ExitCode {
             val,
             size,
             max_objects,
+            objects_only,
             seed,
-        } => make_segdata(out, train, val, size, max_objects, seed),
+        } => make_segdata(out, train, val, size, max_objects, objects_only, seed),
         Cmd::Knn {
             checkpoint,
             data,

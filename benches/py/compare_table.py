@@ -3,7 +3,7 @@
 import json, statistics as st, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cols = [("knn_top1", "FMNIST kNN %", 100), ("retrieval_map", "retrieval mAP", 1),
-        ("seg_miou", "seg mIoU %", 100), ("asa8", "ASA@8", 1), ("br8", "BR@8", 1),
+        ("seg_object_iou", "object IoU %", 100), ("seg_miou", "seg mIoU %", 100), ("asa8", "ASA@8", 1), ("br8", "BR@8", 1),
         ("iou8", "best IoU@8", 1), ("pretrain_s", "pretrain s", 1)]
 def fmt(v, scale):
     v = [scale * x for x in v]
@@ -15,8 +15,9 @@ for model in dict.fromkeys(r["model"] for r in rows):
     rm = [r for r in rows if r["model"] == model]
     for m in dict.fromkeys(r["masking"] for r in rm):
         rs = [r for r in rm if r["masking"] == m]
-        lines.append(f"| {model} | {m} | {len(rs)} | " + " | ".join(fmt([r[c] for r in rs], k) for c, _, k in cols) + " |")
+        name = "*untrained*" if m == "none" else m
+        lines.append(f"| {model} | {name} | {len(rs)} | " + " | ".join(fmt([r[c] for r in rs], k) for c, _, k in cols) + " |")
     g = rm[0]
-    lines.append(f"| {model} | *fixed grid, 8 blocks* | | | | | {g['grid_asa8']:.3f} | {g['grid_br8']:.3f} | {g['grid_iou8']:.3f} | |")
+    lines.append(f"| {model} | *fixed grid, 8 blocks* | | | | | | {g['grid_asa8']:.3f} | {g['grid_br8']:.3f} | {g['grid_iou8']:.3f} | |")
 open(sys.argv[2], "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -165,7 +165,7 @@ pub fn chart(points: &[(u64, HierarchyReport)]) -> Option<image::RgbImage> {
         "step",
         &series,
         (0.0, 1.0),
-        560,
+        720,
         300,
     ))
 }

@@ -150,8 +150,8 @@ pub struct Series<'a> {
     pub dashed: bool,
 }
 
-/// A line chart on white: axes, y ticks at quarters of `y_range`, x from the data, a legend
-/// in the top-left corner, `title` above. For training curves.
+/// A line chart on white: axes, y ticks at quarters of `y_range`, x from the data, the legend
+/// in a panel on the right, `title` above. For training curves.
 pub fn line_chart(
     title: &str,
     x_label: &str,
@@ -161,7 +161,13 @@ pub fn line_chart(
     h: u32,
 ) -> RgbImage {
     let mut img = RgbImage::from_pixel(w, h, Rgb([255; 3]));
-    let (left, right, top, bottom) = (44i64, 12i64, 22i64, 30i64);
+    let legend_w = series
+        .iter()
+        .map(|s| text_width(s.name, 1))
+        .max()
+        .unwrap_or(0) as i64
+        + 36;
+    let (left, right, top, bottom) = (44i64, 12 + legend_w, 22i64, 30i64);
     let (pw, ph) = (w as i64 - left - right, h as i64 - top - bottom);
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
@@ -244,13 +250,14 @@ pub fn line_chart(
                 put(&mut img, px, py + d, s.colour);
             }
         }
-        let ly = top + 4 + i as i64 * 11;
-        for x in left + 6..left + 20 {
+        let (lx, ly) = (left + pw + 12, top + 4 + i as i64 * 12);
+        for x in lx..lx + 16 {
             if !s.dashed || (x / 3) % 2 == 0 {
                 put(&mut img, x, ly + 3, s.colour);
+                put(&mut img, x, ly + 4, s.colour);
             }
         }
-        draw_text(&mut img, left + 24, ly, s.name, [30; 3], 1);
+        draw_text(&mut img, lx + 20, ly, s.name, [30; 3], 1);
     }
     img
 }

@@ -24,6 +24,10 @@ pub struct SegDataConfig {
     pub val_images: usize,
     pub size: u32,
     pub max_objects: usize,
+    /// Label every object `object` (class 1) instead of its category: the same images
+    /// (the random draws do not depend on it), a foreground/background task that a small
+    /// frozen backbone can learn where 13 stamp categories are out of its reach.
+    pub objects_only: bool,
     /// Folders with fewer objects than this become `other`.
     pub min_objects_per_class: usize,
     pub val_fraction: f64,
@@ -194,7 +198,8 @@ fn compose(
         }
         let x = rng.random_range(-(w as i64) / 4..=(cfg.size as i64 - 3 * w as i64 / 4).max(0));
         let y = rng.random_range(-(h as i64) / 4..=(cfg.size as i64 - 3 * h as i64 / 4).max(0));
-        paste(&mut img, &mut mask, &o, x, y, s.class);
+        let class = if cfg.objects_only { 1 } else { s.class };
+        paste(&mut img, &mut mask, &o, x, y, class);
     }
     Ok((img, mask))
 }
@@ -249,6 +254,11 @@ pub fn make_segdata(cfg: &SegDataConfig) -> Result<SegDataSummary> {
             write_png_atomic(&cfg.out.join("masks").join(split).join(&f), &mask)
         })?;
     }
+    let classes = if cfg.objects_only {
+        vec!["background".to_string(), "object".to_string()]
+    } else {
+        classes
+    };
     write_atomic(
         &cfg.out.join("classes.json"),
         serde_json::to_string_pretty(&classes).unwrap().as_bytes(),
@@ -378,6 +388,7 @@ mod tests {
             val_images: 3,
             size: 64,
             max_objects: 3,
+            objects_only: false,
             min_objects_per_class: 10,
             val_fraction: 0.2,
             seed,
@@ -429,6 +440,30 @@ mod tests {
             a,
             std::fs::read(d3.path().join("masks/train/00003.png")).unwrap()
         );
+    }
+
+    #[test]
+    fn objects_only_labels_the_same_images_object_vs_background() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        make_segdata(&cfg(a.path(), 5)).unwrap();
+        let s = make_segdata(&SegDataConfig {
+            objects_only: true,
+            ..cfg(b.path(), 5)
+        })
+        .unwrap();
+        assert_eq!(s.classes, ["background", "object"]);
+        let mut fg = 0;
+        for i in 0..6 {
+            let stem = format!("{i:05}");
+            let (img_a, mask_a) = read_pair(a.path(), "train", &stem).unwrap();
+            let (img_b, mask_b) = read_pair(b.path(), "train", &stem).unwrap();
+            assert_eq!(img_a, img_b, "image {stem} differs");
+            for (pa, pb) in mask_a.pixels().zip(mask_b.pixels()) {
+                assert_eq!(pb.0[0], (pa.0[0] > 0) as u8);
+                fg += pb.0[0] as usize;
+            }
+        }
+        assert!(fg > 0);
     }
 
     #[test]
