@@ -116,9 +116,14 @@ struct PretrainArgs {
     /// Epochs (fractions allowed; > 0)
     #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
     epochs: Option<f64>,
+    /// Images per forward pass
     #[arg(long, value_parser = args::at_least_one)]
     batch_size: Option<usize>,
-    /// Base learning rate (lr = blr × batch / 256; > 0)
+    /// Gradient accumulation: one optimizer step per K forward passes, the same step as one
+    /// batch of batch-size × K (which the lr scales with)
+    #[arg(long, value_parser = args::at_least_one)]
+    accum_steps: Option<usize>,
+    /// Base learning rate (lr = blr × batch-size × accum-steps / 256; > 0)
     #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
     blr: Option<f64>,
     #[arg(long, value_parser = args::non_negative, allow_negative_numbers = true)]
@@ -765,6 +770,9 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     }
     if let Some(v) = a.batch_size {
         p.batch_size = v;
+    }
+    if let Some(v) = a.accum_steps {
+        p.accum_steps = v;
     }
     if let Some(v) = a.blr {
         p.blr = v;

@@ -65,7 +65,7 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
         }
     };
     let total = o.warmup + o.steps;
-    let mut job = engine.mask_job(&pool[0], 0.5, 0);
+    let mut job = engine.mask_job(std::slice::from_ref(&pool[0]), 0.5, 0);
     let mut loss = Tensor::zeros([], (Kind::Float, device));
     let mut t_start = Instant::now();
     for i in 0..total {
@@ -74,8 +74,8 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
             t_start = Instant::now();
         }
         let masks = job.wait()?;
-        let next = engine.mask_job(&pool[(i + 1) % 4], 0.5, i as u64 + 1);
-        loss = engine.step(&pool[i % 4], &masks, 1.5e-4);
+        let next = engine.mask_job(std::slice::from_ref(&pool[(i + 1) % 4]), 0.5, i as u64 + 1);
+        loss = engine.step(std::slice::from_ref(&pool[i % 4]), &masks, 1.5e-4);
         job = next;
     }
     sync();

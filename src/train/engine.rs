@@ -208,9 +208,11 @@ impl Engine {
         })
     }
 
-    /// Start building the masks for `imgs` at progress `t`, step `step`.
-    pub fn mask_job(&self, imgs: &Tensor, t: f64, step: u64) -> MaskJob {
-        let batch = imgs.size()[0] as usize;
+    /// Start building the masks for one optimizer step's images at progress `t`, step `step`.
+    /// `parts` are the step's gradient-accumulation pieces (one tensor without accumulation);
+    /// the masks are those of the whole step's batch, so they do not depend on the split.
+    pub fn mask_job(&self, parts: &[Tensor], t: f64, step: u64) -> MaskJob {
+        let batch: usize = parts.iter().map(|p| p.size()[0] as usize).sum();
         // Every strategy samples on a helper thread, one step ahead, off the launch thread.
         let params = self.masks.clone();
         if self.masks.kind != MaskingKind::Ehm {
@@ -219,14 +221,18 @@ impl Engine {
             }));
         }
         if self.device == Device::Cpu {
-            let aff = self.affinity_host(imgs);
+            let aff: Vec<f32> = parts.iter().flat_map(|p| self.affinity_host(p)).collect();
             return MaskJob::Pending(std::thread::spawn(move || {
                 ehm_masks(&params, &aff, batch, t, step)
             }));
         }
         // On CUDA the affinity goes to pinned host memory asynchronously; the helper thread
         // waits for it, so the launch thread can queue the training step at once.
-        let aff = self.affinity_device(imgs).to_kind(Kind::Half);
+        let pieces: Vec<Tensor> = parts
+            .iter()
+            .map(|p| self.affinity_device(p).to_kind(Kind::Half))
+            .collect();
+        let aff = Tensor::cat(&pieces, 0);
         let host = aff.to_device_(Device::Cpu, Kind::Half, true, false);
         let dev = match self.device {
             Device::Cuda(i) => i as i64,
@@ -250,15 +256,47 @@ impl Engine {
         )
     }
 
-    /// One optimizer step. Returns the (detached, device) loss; never syncs the host.
-    pub fn step(&mut self, imgs: &Tensor, masks: &MaskBatch, lr: f64) -> Tensor {
-        let (keep, restore, mask) = self.mask_tensors(masks);
-        let loss = self
-            .model
-            .forward_loss(imgs, &keep, &restore, &mask, self.run.norm_pix_loss);
-        let grad = self.flat.flat_grad(&loss);
+    /// One optimizer step over `parts` (the gradient-accumulation pieces of the step's batch;
+    /// one tensor without accumulation) with `masks` for the whole batch. The gradient is the
+    /// mean of the pieces' gradients, which is the whole batch's: every image masks the same
+    /// number of patches, so the batch loss is the mean of equal-sized pieces' losses.
+    /// Returns the (detached, device) loss; never syncs the host.
+    pub fn step(&mut self, parts: &[Tensor], masks: &MaskBatch, lr: f64) -> Tensor {
+        let k = parts.len();
+        let (mut grad, mut loss_sum): (Option<Tensor>, Option<Tensor>) = (None, None);
+        let mut first = 0;
+        for imgs in parts {
+            let b = imgs.size()[0] as usize;
+            let piece;
+            let m = if k == 1 {
+                masks
+            } else {
+                piece = masks.rows(first, b);
+                &piece
+            };
+            first += b;
+            let (keep, restore, mask) = self.mask_tensors(m);
+            let loss =
+                self.model
+                    .forward_loss(imgs, &keep, &restore, &mask, self.run.norm_pix_loss);
+            let g = if k == 1 {
+                self.flat.flat_grad(&loss)
+            } else {
+                self.flat.flat_grad(&(&loss / k as f64))
+            };
+            grad = Some(match grad {
+                None => g,
+                Some(acc) => acc + g,
+            });
+            let l = loss.detach();
+            loss_sum = Some(match loss_sum {
+                None => l,
+                Some(acc) => acc + l,
+            });
+        }
+        assert_eq!(first, masks.batch, "masks for every image of the step");
         let _ = self.flat.adamw_step(
-            grad,
+            grad.expect("at least one piece"),
             lr,
             self.run.weight_decay,
             self.run.clip_grad,
@@ -270,12 +308,17 @@ impl Engine {
             let _ = tch::no_grad(|| t.ema.lerp_(&self.flat.master.narrow(0, 0, n), 1.0 - decay));
             t.refresh();
         }
-        loss.detach()
+        let loss = loss_sum.expect("at least one piece");
+        if k == 1 {
+            loss
+        } else {
+            loss / k as f64
+        }
     }
 
     /// Learning rate at `step` of `total`: linear warm-up, then half-cycle cosine (MAE).
     pub fn lr_at(&self, step: u64, total: u64, warmup: u64) -> f64 {
-        let base = self.run.blr * self.run.batch_size as f64 / 256.0;
+        let base = self.run.blr * self.run.effective_batch() as f64 / 256.0;
         let s = step as f64;
         if s < warmup as f64 {
             return base * (s + 1.0) / warmup as f64;
@@ -399,13 +442,19 @@ mod tests {
         let stacked = two_colour(e, |_, y| y < 8);
         for step in 0..6 {
             // through the trainer's own pipeline (teacher pass → helper thread → masks)
-            let m = e.mask_job(&side, 1.0, step).wait().unwrap();
+            let m = e
+                .mask_job(std::slice::from_ref(&side), 1.0, step)
+                .wait()
+                .unwrap();
             assert!(
                 left_right.contains(&visible(&m)),
                 "step {step}: {:?}",
                 visible(&m)
             );
-            let m = e.mask_job(&stacked, 1.0, step).wait().unwrap();
+            let m = e
+                .mask_job(std::slice::from_ref(&stacked), 1.0, step)
+                .wait()
+                .unwrap();
             assert!(
                 top_bottom.contains(&visible(&m)),
                 "step {step}: {:?}",
@@ -414,7 +463,10 @@ mod tests {
         }
         // at t = 0 the same images get the parity grid: one visible patch per 2×2 cell
         // (r = 0.5 keeps two parity classes)
-        let m = e.mask_job(&side, 0.0, 0).wait().unwrap();
+        let m = e
+            .mask_job(std::slice::from_ref(&side), 0.0, 0)
+            .wait()
+            .unwrap();
         assert_eq!(visible(&m).len(), 8);
         assert!(!left_right.contains(&visible(&m)));
     }
@@ -428,7 +480,11 @@ mod tests {
                 .fill_(f64::NAN);
         });
         let imgs = two_colour(&e, |x, _| x < 8);
-        let err = e.mask_job(&imgs, 0.5, 3).wait().unwrap_err().to_string();
+        let err = e
+            .mask_job(std::slice::from_ref(&imgs), 0.5, 3)
+            .wait()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("NaN") && err.contains("at step 3"), "{err}");
     }
 }

@@ -466,15 +466,22 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         // Keep decoded photos in memory at a little above the training size (up to 4 GiB).
         ds = data::DecodedCache::wrap_if_fits(ds, pre.image_size * 5 / 4, 4 << 30);
     }
-    if ds.len() < p.batch_size {
+    // one optimizer step takes `batch` images, in `accum_steps` forward passes
+    let batch = p.effective_batch();
+    if ds.len() < batch {
         return Err(Error::Config(format!(
-            "{} has {} images, fewer than one batch of {}",
+            "{} has {} images, fewer than one batch of {}{}",
             spec,
             ds.len(),
-            p.batch_size
+            batch,
+            if p.accum_steps > 1 {
+                format!(" ({} × {} accumulation steps)", p.batch_size, p.accum_steps)
+            } else {
+                String::new()
+            }
         )));
     }
-    let spe = (ds.len() / p.batch_size) as u64;
+    let spe = (ds.len() / batch) as u64;
     let total = ((p.epochs * spe as f64).round() as u64).max(1);
     let warmup = (p.warmup_epochs * spe as f64).round() as u64;
     // training progress of a step: the schedules are functions of t, never of epochs
@@ -593,13 +600,21 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             ds.clone(),
             pre.clone(),
             p.augment.clone(),
-            p.batch_size,
+            batch,
             p.seed,
             start..total,
             opts.workers.max(1),
         );
-        let upload =
-            |e: &Engine, l: &mut Loader| l.next_batch().map(|b| e.upload(&b.pixels, p.batch_size));
+        // a step's batch, uploaded as its accumulation pieces of `batch_size` images
+        let piece = p.batch_size * pre.tensor_len();
+        let upload = |e: &Engine, l: &mut Loader| {
+            l.next_batch().map(|b| {
+                b.pixels
+                    .chunks(piece)
+                    .map(|c| e.upload(c, p.batch_size))
+                    .collect::<Vec<Tensor>>()
+            })
+        };
         let mut cur = upload(&engine, &mut loader)
             .ok_or_else(|| Error::Other("data loader ended early".into()))?;
         let mut job = match resumed_masks {
@@ -640,7 +655,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                         out.display()
                     )));
                 }
-                let ips = n * p.batch_size as f64 / window.0.elapsed().as_secs_f64();
+                let ips = n * batch as f64 / window.0.elapsed().as_secs_f64();
                 window = (Instant::now(), done);
                 loss_acc = Tensor::zeros([], (Kind::Double, device));
                 last_loss = Some(mean);
@@ -736,7 +751,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         epochs: total as f64 / spe as f64,
         images: ds.len(),
         final_loss: last_loss,
-        images_per_s: (total - start) as f64 * p.batch_size as f64 / secs.max(1e-9),
+        images_per_s: (total - start) as f64 * batch as f64 / secs.max(1e-9),
         seconds: secs,
         knn_top1: knn_last,
         resumed_from: resumed,

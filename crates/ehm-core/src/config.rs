@@ -199,7 +199,12 @@ pub struct PretrainConfig {
     /// Use only this many images of the data set (0 = all): a fixed seeded subset.
     pub limit: usize,
     pub epochs: f64,
+    /// Images per forward pass (MAE's per-GPU `batch_size`).
     pub batch_size: usize,
+    /// Gradient accumulation (MAE's `accum_iter`): one optimizer step per this many forward
+    /// passes. The step's images, masks and gradient are those of one batch of
+    /// `batch_size × accum_steps` (`effective_batch`), computed in pieces.
+    pub accum_steps: usize,
     pub blr: f64,
     pub min_lr: f64,
     pub warmup_epochs: f64,
@@ -220,6 +225,7 @@ impl Default for PretrainConfig {
             limit: 0,
             epochs: 1.0,
             batch_size: 256,
+            accum_steps: 1,
             blr: 1.5e-4,
             min_lr: 0.0,
             warmup_epochs: 0.1,
@@ -236,6 +242,13 @@ impl Default for PretrainConfig {
 }
 
 impl PretrainConfig {
+    /// Images per optimizer step: `batch_size × accum_steps` (the lr scales with it).
+    pub fn effective_batch(&self) -> usize {
+        self.batch_size * self.accum_steps
+    }
+}
+
+impl PretrainConfig {
     /// Check every number of the recipe (zoo files and command-line overrides both end here);
     /// the message names the field.
     pub fn validate(&self) -> Result<()> {
@@ -248,6 +261,9 @@ impl PretrainConfig {
         }
         if self.batch_size == 0 {
             return bad("batch_size must be at least 1".into());
+        }
+        if self.accum_steps == 0 {
+            return bad("accum_steps must be at least 1".into());
         }
         for (name, v) in [
             ("epochs", self.epochs),

@@ -56,6 +56,24 @@ impl MaskBatch {
         }
         out
     }
+
+    /// Images `start .. start + len` of the batch (a gradient-accumulation piece).
+    pub fn rows(&self, start: usize, len: usize) -> MaskBatch {
+        assert!(start + len <= self.batch, "rows past the batch");
+        let (n, k) = (self.n, self.keep);
+        MaskBatch {
+            batch: len,
+            n,
+            keep: k,
+            ids_keep: self.ids_keep[start * k..(start + len) * k].to_vec(),
+            ids_restore: self.ids_restore[start * n..(start + len) * n].to_vec(),
+            mask: self.mask[start * n..(start + len) * n].to_vec(),
+            segments: self
+                .segments
+                .as_ref()
+                .map(|s| s[start * n..(start + len) * n].to_vec()),
+        }
+    }
 }
 
 /// Visible patches per image.
@@ -422,6 +440,23 @@ impl MaskParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_cut_a_batch_into_the_pieces_concat_joins() {
+        let p = params(MaskingKind::Random, 4);
+        let whole = p.sample(6, 0.5, 3, None);
+        let pieces = vec![whole.rows(0, 2), whole.rows(2, 3), whole.rows(5, 1)];
+        assert_eq!(pieces[1].batch, 3);
+        assert_eq!(
+            pieces[1].ids_keep,
+            whole.ids_keep[2 * whole.keep..5 * whole.keep]
+        );
+        let back = MaskBatch::concat(pieces);
+        assert_eq!(
+            (back.ids_keep, back.ids_restore, back.mask),
+            (whole.ids_keep, whole.ids_restore, whole.mask)
+        );
+    }
 
     fn params(kind: MaskingKind, side: usize) -> MaskParams {
         MaskParams {
