@@ -511,3 +511,22 @@ fn accumulating_two_half_batches_is_one_full_batch() {
         );
     }
 }
+
+#[test]
+fn a_multi_process_launch_is_refused_before_any_work() {
+    // two torchrun ranks would each train alone into the same folder: refuse, write nothing
+    let d = tempfile::tempdir().unwrap();
+    write_cifar(d.path());
+    let model = write_model(d.path());
+    let out = d.path().join("run");
+    let o = base_cmd(&model, d.path(), &out, &["--epochs", "1"])
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("rank 1 of 2 processes (torchrun)"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!out.join("checkpoint.safetensors").exists());
+}

@@ -1,6 +1,9 @@
 //! Background batch loading: worker threads decode and augment, the trainer receives batches
 //! in step order. A batch is a pure function of (seed, step): the epoch permutation and each
 //! image's augmentation are seeded from them, so a resumed run sees exactly the same data.
+//! Data-parallel ranks each take their `Shard` of every step's global batch (DistributedSampler
+//! semantics: one shuffle per epoch shared by all ranks, each image once per epoch, the last
+//! incomplete batch dropped); an image's augmentation depends on its global slot, not the rank.
 use crate::data::{Augment, Dataset, Preprocess};
 use crossbeam_channel::{bounded, Receiver};
 use rand::seq::SliceRandom;
@@ -25,6 +28,28 @@ pub struct Loader {
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// This process's part of every step's batch: slots `rank·batch/world ..` of the global batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    /// One process: the whole batch.
+    pub const ALL: Shard = Shard { rank: 0, world: 1 };
+
+    /// Images of a global `batch` this rank loads (`batch` must divide by `world`).
+    pub fn local(&self, batch: usize) -> usize {
+        batch / self.world
+    }
+
+    /// Global slot of this rank's first image in every batch.
+    pub fn first(&self, batch: usize) -> usize {
+        self.rank * self.local(batch)
+    }
+}
+
 /// Which data-set item fills slot `j` of the batch for `step` (the workers' mapping, for tests).
 #[cfg(test)]
 fn item_for(len: usize, batch: usize, seed: u64, step: u64, j: usize) -> usize {
@@ -42,6 +67,7 @@ fn epoch_perm(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 impl Loader {
+    /// The whole batch of every step in `steps` (one process).
     pub fn start(
         ds: Arc<dyn Dataset>,
         pre: Preprocess,
@@ -51,6 +77,26 @@ impl Loader {
         steps: std::ops::Range<u64>,
         workers: usize,
     ) -> Self {
+        Self::start_shard(ds, pre, aug, batch, seed, steps, workers, Shard::ALL)
+    }
+
+    /// `shard`'s part of the global `batch` of every step in `steps`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_shard(
+        ds: Arc<dyn Dataset>,
+        pre: Preprocess,
+        aug: Augment,
+        batch: usize,
+        seed: u64,
+        steps: std::ops::Range<u64>,
+        workers: usize,
+        shard: Shard,
+    ) -> Self {
+        assert!(
+            shard.world >= 1 && shard.rank < shard.world && batch.is_multiple_of(shard.world),
+            "a shard of the batch: {shard:?} of {batch}"
+        );
+        let (local, first) = (shard.local(batch), shard.first(batch));
         let (start, end) = (steps.start, steps.end);
         let (tx, rx) = bounded::<Batch>(workers * 2);
         let counter = Arc::new(AtomicU64::new(start));
@@ -84,12 +130,13 @@ impl Loader {
                             perm_cache = Some((epoch, epoch_perm(len, seed, epoch)));
                         }
                         let perm = &perm_cache.as_ref().unwrap().1;
-                        let mut pixels = vec![0u8; batch * per];
-                        let mut labels = vec![-1i64; batch];
-                        for j in 0..batch {
+                        let mut pixels = vec![0u8; local * per];
+                        let mut labels = vec![-1i64; local];
+                        for j in 0..local {
+                            let g = first + j; // the image's slot in the global batch
                             let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5851_f42d_4c95_7f2d);
-                            rng.set_stream(step * batch as u64 + j as u64);
-                            let mut idx = perm[((step % spe) as usize * batch + j) % len];
+                            rng.set_stream(step * batch as u64 + g as u64);
+                            let mut idx = perm[((step % spe) as usize * batch + g) % len];
                             // A corrupt file is reported once and replaced by its neighbour.
                             let img = loop {
                                 match ds.image(idx) {
@@ -150,6 +197,13 @@ impl Loader {
     }
 }
 
+#[cfg(test)]
+impl Loader {
+    fn collect_all(mut self) -> Vec<Batch> {
+        std::iter::from_fn(|| self.next_batch()).collect()
+    }
+}
+
 impl Drop for Loader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -206,5 +260,67 @@ mod tests {
             .collect();
         seen.sort();
         assert_eq!(seen, (0..40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn ranks_split_each_batch_and_together_see_each_image_once_per_epoch() {
+        let ds: Arc<dyn Dataset> = Arc::new(
+            InMemory::new(
+                (0..42u32 * 16).map(|v| (v * 7 % 251) as u8).collect(),
+                4,
+                4,
+                1,
+                Some((0..42).collect()),
+                vec![],
+                "t".into(),
+            )
+            .unwrap(),
+        );
+        let pre = Preprocess {
+            image_size: 4,
+            resize: crate::data::ResizeRule::Stretch,
+            ..Preprocess::imagenet(4)
+        };
+        let aug = Augment::default();
+        // 42 images, global batch 12: 3 steps per epoch, 6 images dropped; two epochs
+        let whole: Vec<Batch> =
+            Loader::start(ds.clone(), pre.clone(), aug.clone(), 12, 9, 0..6, 2).collect_all();
+        let ranks: Vec<Vec<Batch>> = (0..3)
+            .map(|rank| {
+                Loader::start_shard(
+                    ds.clone(),
+                    pre.clone(),
+                    aug.clone(),
+                    12,
+                    9,
+                    0..6,
+                    2,
+                    Shard { rank, world: 3 },
+                )
+                .collect_all()
+            })
+            .collect();
+        for (s, w) in whole.iter().enumerate() {
+            // the ranks' parts, in rank order, are the one-process batch: same images, same crops
+            let joined: Vec<u8> = ranks.iter().flat_map(|r| r[s].pixels.clone()).collect();
+            assert_eq!(joined, w.pixels, "step {s}");
+            let labels: Vec<i64> = ranks.iter().flat_map(|r| r[s].labels.clone()).collect();
+            assert_eq!(labels, w.labels);
+            assert!(ranks.iter().all(|r| r[s].labels.len() == 4));
+        }
+        for epoch in 0..2 {
+            // labels are item indices here: each image at most once per epoch, 36 of 42 seen
+            let mut seen: Vec<i64> = ranks
+                .iter()
+                .flat_map(|r| {
+                    r[epoch * 3..epoch * 3 + 3]
+                        .iter()
+                        .flat_map(|b| b.labels.clone())
+                })
+                .collect();
+            seen.sort();
+            seen.dedup();
+            assert_eq!(seen.len(), 36, "epoch {epoch}");
+        }
     }
 }

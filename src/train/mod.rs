@@ -6,6 +6,7 @@ pub mod features;
 pub mod finetune;
 pub mod hierarchy;
 pub mod inspect;
+pub mod launch;
 pub mod loader;
 pub mod optim;
 pub mod pretrain;

@@ -444,6 +444,15 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     let pre = entry.preprocess.clone();
     let p = entry.pretrain.clone();
     p.validate()?;
+    // Under torchrun/srun with more than one process, every process would train alone and
+    // overwrite the others' checkpoints: refuse until the ranks can share gradients.
+    let launch = super::launch::Launch::from_env()?;
+    if launch.world > 1 {
+        return Err(Error::Config(format!(
+            "launched as rank {} of {} processes ({}): data-parallel pretraining is not built yet; run one process (use --accum-steps for a larger effective batch)",
+            launch.rank, launch.world, launch.source
+        )));
+    }
     let run = RunConfig {
         name: entry.name.clone(),
         model: cfg.clone(),

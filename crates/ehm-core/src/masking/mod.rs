@@ -385,13 +385,27 @@ impl MaskParams {
     /// Masks for a batch at training progress `t`, step `step`. `affinity` (`[B, N, N]`,
     /// row-major) is required for EHM and ignored otherwise.
     pub fn sample(&self, batch: usize, t: f64, step: u64, affinity: Option<&[f32]>) -> MaskBatch {
+        self.sample_from(0, batch, t, step, affinity)
+    }
+
+    /// Masks for images `first .. first + batch` of step `step`'s global batch: image i's
+    /// mask is a function of (seed, step, i) and its own affinity only, so a data-parallel rank
+    /// or an accumulation piece draws exactly its rows of the whole batch's masks.
+    pub fn sample_from(
+        &self,
+        first: usize,
+        batch: usize,
+        t: f64,
+        step: u64,
+        affinity: Option<&[f32]>,
+    ) -> MaskBatch {
         let n = self.grid.n();
         let keep = self.keep_at(t);
         match self.kind {
             MaskingKind::Random => {
                 let noise: Vec<Vec<f64>> = (0..batch)
                     .map(|b| {
-                        let mut r = image_rng(self.seed, step, b);
+                        let mut r = image_rng(self.seed, step, first + b);
                         (0..n).map(|_| r.random()).collect()
                     })
                     .collect();
@@ -400,7 +414,7 @@ impl MaskParams {
             MaskingKind::Grid => {
                 let noise: Vec<Vec<f64>> = (0..batch)
                     .map(|b| {
-                        let r = &mut image_rng(self.seed, step, b);
+                        let r = &mut image_rng(self.seed, step, first + b);
                         let g = grid_noise(self.grid, self.ehm.grid_cell, self.ehm.grid_noise, r);
                         jittered(g, r)
                     })
@@ -409,7 +423,13 @@ impl MaskParams {
             }
             MaskingKind::Block => {
                 let noise: Vec<Vec<f64>> = (0..batch)
-                    .map(|b| block_noise(self.grid, n - keep, &mut image_rng(self.seed, step, b)))
+                    .map(|b| {
+                        block_noise(
+                            self.grid,
+                            n - keep,
+                            &mut image_rng(self.seed, step, first + b),
+                        )
+                    })
                     .collect();
                 from_noise(&noise, keep)
             }
@@ -420,7 +440,7 @@ impl MaskParams {
                 let per_image: Vec<(Vec<f64>, Vec<u32>)> = (0..batch)
                     .into_par_iter()
                     .map(|b| {
-                        let mut r = image_rng(self.seed, step, b);
+                        let mut r = image_rng(self.seed, step, first + b);
                         let labels = self.cut(&aff[b * n * n..(b + 1) * n * n], t, &mut r);
                         (
                             ehm_noise(&labels, self.grid, &self.ehm, alpha, &mut r),
@@ -440,6 +460,28 @@ impl MaskParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rank_draws_its_rows_of_the_whole_batch_masks() {
+        for kind in [
+            MaskingKind::Random,
+            MaskingKind::Grid,
+            MaskingKind::Block,
+            MaskingKind::Ehm,
+        ] {
+            let p = params(kind, 4);
+            let aff = rand_aff(6, 16);
+            let whole = p.sample(6, 0.6, 5, Some(&aff));
+            let part = p.sample_from(2, 3, 0.6, 5, Some(&aff[2 * 256..5 * 256]));
+            let rows = whole.rows(2, 3);
+            assert_eq!(
+                (part.ids_keep, part.mask),
+                (rows.ids_keep, rows.mask),
+                "{kind:?}"
+            );
+            assert_eq!(part.segments, rows.segments);
+        }
+    }
 
     #[test]
     fn rows_cut_a_batch_into_the_pieces_concat_joins() {
