@@ -224,25 +224,29 @@ mod tests {
     use super::*;
     use crate::data::InMemory;
 
-    #[test]
-    fn batches_arrive_in_order_and_are_reproducible() {
-        let ds: Arc<dyn Dataset> = Arc::new(
-            InMemory::new(
-                (0..40u32 * 16).map(|v| (v % 251) as u8).collect(),
-                4,
-                4,
-                1,
-                Some((0..40).collect()),
-                vec![],
-                "t".into(),
-            )
-            .unwrap(),
-        );
+    /// `n` grey 4×4 images labelled with their own index, and a preprocessing that keeps 4×4.
+    fn indexed_set(n: u32, pattern: impl Fn(u32) -> u32) -> (Arc<dyn Dataset>, Preprocess) {
+        let ds = InMemory::new(
+            (0..n * 16).map(|v| (pattern(v) % 251) as u8).collect(),
+            4,
+            4,
+            1,
+            Some((0..n as usize).collect()),
+            vec![],
+            "t".into(),
+        )
+        .unwrap();
         let pre = Preprocess {
             image_size: 4,
             resize: crate::data::ResizeRule::Stretch,
             ..Preprocess::imagenet(4)
         };
+        (Arc::new(ds), pre)
+    }
+
+    #[test]
+    fn batches_arrive_in_order_and_are_reproducible() {
+        let (ds, pre) = indexed_set(40, |v| v);
         let mut a = Loader::start(ds.clone(), pre.clone(), Augment::default(), 8, 5, 3..9, 3);
         let got: Vec<Batch> = std::iter::from_fn(|| a.next_batch()).collect();
         assert_eq!(
@@ -264,23 +268,7 @@ mod tests {
 
     #[test]
     fn ranks_split_each_batch_and_together_see_each_image_once_per_epoch() {
-        let ds: Arc<dyn Dataset> = Arc::new(
-            InMemory::new(
-                (0..42u32 * 16).map(|v| (v * 7 % 251) as u8).collect(),
-                4,
-                4,
-                1,
-                Some((0..42).collect()),
-                vec![],
-                "t".into(),
-            )
-            .unwrap(),
-        );
-        let pre = Preprocess {
-            image_size: 4,
-            resize: crate::data::ResizeRule::Stretch,
-            ..Preprocess::imagenet(4)
-        };
+        let (ds, pre) = indexed_set(42, |v| v * 7);
         let aug = Augment::default();
         // 42 images, global batch 12: 3 steps per epoch, 6 images dropped; two epochs
         let whole: Vec<Batch> =
