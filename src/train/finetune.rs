@@ -128,6 +128,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
         r.seed,
         start..total,
         o.workers.max(1),
+        super::loader::Shard::ALL,
     );
     let bar = super::progress_bar(total, start, o.progress);
     for step in start..total {

@@ -67,22 +67,10 @@ fn epoch_perm(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 impl Loader {
-    /// The whole batch of every step in `steps` (one process).
-    pub fn start(
-        ds: Arc<dyn Dataset>,
-        pre: Preprocess,
-        aug: Augment,
-        batch: usize,
-        seed: u64,
-        steps: std::ops::Range<u64>,
-        workers: usize,
-    ) -> Self {
-        Self::start_shard(ds, pre, aug, batch, seed, steps, workers, Shard::ALL)
-    }
-
-    /// `shard`'s part of the global `batch` of every step in `steps`.
+    /// `shard`'s part of the global `batch` of every step in `steps` (`Shard::ALL`: the whole
+    /// batch, one process).
     #[allow(clippy::too_many_arguments)]
-    pub fn start_shard(
+    pub fn start(
         ds: Arc<dyn Dataset>,
         pre: Preprocess,
         aug: Augment,
@@ -247,14 +235,23 @@ mod tests {
     #[test]
     fn batches_arrive_in_order_and_are_reproducible() {
         let (ds, pre) = indexed_set(40, |v| v);
-        let mut a = Loader::start(ds.clone(), pre.clone(), Augment::default(), 8, 5, 3..9, 3);
+        let mut a = Loader::start(
+            ds.clone(),
+            pre.clone(),
+            Augment::default(),
+            8,
+            5,
+            3..9,
+            3,
+            Shard::ALL,
+        );
         let got: Vec<Batch> = std::iter::from_fn(|| a.next_batch()).collect();
         assert_eq!(
             got.iter().map(|b| b.step).collect::<Vec<_>>(),
             (3..9).collect::<Vec<_>>()
         );
         // resuming at step 6 gives the same batch 6
-        let mut b = Loader::start(ds, pre, Augment::default(), 8, 5, 6..7, 2);
+        let mut b = Loader::start(ds, pre, Augment::default(), 8, 5, 6..7, 2, Shard::ALL);
         let again = b.next_batch().unwrap();
         assert_eq!(again.pixels, got[3].pixels);
         assert_eq!(again.labels, got[3].labels);
@@ -271,11 +268,20 @@ mod tests {
         let (ds, pre) = indexed_set(42, |v| v * 7);
         let aug = Augment::default();
         // 42 images, global batch 12: 3 steps per epoch, 6 images dropped; two epochs
-        let whole: Vec<Batch> =
-            Loader::start(ds.clone(), pre.clone(), aug.clone(), 12, 9, 0..6, 2).collect_all();
+        let whole: Vec<Batch> = Loader::start(
+            ds.clone(),
+            pre.clone(),
+            aug.clone(),
+            12,
+            9,
+            0..6,
+            2,
+            Shard::ALL,
+        )
+        .collect_all();
         let ranks: Vec<Vec<Batch>> = (0..3)
             .map(|rank| {
-                Loader::start_shard(
+                Loader::start(
                     ds.clone(),
                     pre.clone(),
                     aug.clone(),

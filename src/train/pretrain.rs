@@ -613,6 +613,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             p.seed,
             start..total,
             opts.workers.max(1),
+            super::loader::Shard::ALL,
         );
         // a step's batch, uploaded as its accumulation pieces of `batch_size` images
         let piece = p.batch_size * pre.tensor_len();
