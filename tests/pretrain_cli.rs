@@ -1,7 +1,10 @@
 //! ehm-train pretrain end to end on a tiny synthetic CIFAR-format set: it trains, the loss
 //! falls, kill -9 at a random moment resumes to the same final step, bad runs stop cleanly.
 mod common;
-use common::{pretrain_cmd, write_cifar, write_model, write_segset};
+use common::{
+    json_out, losses, pretrain_cmd, relative_diff, tensors, weights, write_cifar, write_model,
+    write_segset,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,16 +17,6 @@ fn base_cmd(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = pretrain_cmd(model, data, out);
     c.args(["--knn-every", "-1", "--workers", "1"]).args(extra);
     c
-}
-
-fn json_out(o: &std::process::Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 #[test]
@@ -113,16 +106,6 @@ fn kill_9_then_rerun_resumes_to_the_same_end() {
     // A third run finds the work done and does not train again.
     let s = json_out(&base_cmd(&model, d.path(), &out, &args).output().unwrap());
     assert_eq!(s["resumed_from"], 120);
-}
-
-/// Every tensor of a safetensors file, as raw bytes by name.
-fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.data().to_vec()))
-        .collect()
 }
 
 #[test]
@@ -433,37 +416,6 @@ fn hierarchy_monitor_and_the_masks_command() {
     assert!(r.get("segments").is_none());
 }
 
-/// All fp32 tensors of a checkpoint, concatenated in name order.
-fn weights(path: &Path) -> Vec<f32> {
-    tensors(path)
-        .values()
-        .flat_map(|b| {
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        })
-        .collect()
-}
-
-/// ‖a − b‖ / ‖a‖ over every weight.
-fn relative_diff(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let d: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let n: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
-    (d / n).sqrt()
-}
-
-fn losses(run: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
-        .collect()
-}
-
 #[test]
 fn accumulating_two_half_batches_is_one_full_batch() {
     // MAE's accum_iter: batch 16 × 2 accumulation steps takes the same images, masks and
@@ -513,8 +465,8 @@ fn accumulating_two_half_batches_is_one_full_batch() {
 }
 
 #[test]
-fn a_multi_process_launch_is_refused_before_any_work() {
-    // two torchrun ranks would each train alone into the same folder: refuse, write nothing
+fn a_rank_without_a_rendezvous_address_is_refused_before_any_work() {
+    // a rank that cannot find the others must not train alone into the shared folder
     let d = tempfile::tempdir().unwrap();
     write_cifar(d.path());
     let model = write_model(d.path());
@@ -522,11 +474,16 @@ fn a_multi_process_launch_is_refused_before_any_work() {
     let o = base_cmd(&model, d.path(), &out, &["--epochs", "1"])
         .env("RANK", "1")
         .env("WORLD_SIZE", "2")
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("rank 1 of 2 processes (torchrun)"), "{err}");
+    assert!(
+        err.contains("rank 1 of 2: MASTER_ADDR and MASTER_PORT are not set"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!out.join("checkpoint.safetensors").exists());
 }

@@ -123,7 +123,7 @@ struct PretrainArgs {
     /// batch of batch-size × K (which the lr scales with)
     #[arg(long, value_parser = args::at_least_one)]
     accum_steps: Option<usize>,
-    /// Base learning rate (lr = blr × batch-size × accum-steps / 256; > 0)
+    /// Base learning rate (lr = blr × batch-size × accum-steps × processes / 256; > 0)
     #[arg(long, value_parser = args::positive, allow_negative_numbers = true)]
     blr: Option<f64>,
     #[arg(long, value_parser = args::non_negative, allow_negative_numbers = true)]
@@ -177,6 +177,15 @@ struct PretrainArgs {
     json: bool,
     #[arg(long)]
     no_progress: bool,
+    /// Data-parallel on this machine: start N processes (ranks) that share every step's
+    /// batch (each loads batch-size × accum-steps images; lr follows the whole batch). Under
+    /// torchrun or srun leave it out: the launcher sets the ranks.
+    #[arg(long, default_value_t = 1, value_parser = args::at_least_one)]
+    nproc: usize,
+    /// Data-parallel: seconds a rank waits for the others (rendezvous, each all-reduce; rank
+    /// 0's kNN and hierarchy monitors must fit in it) before the job stops
+    #[arg(long, default_value_t = 600.0, value_parser = args::positive)]
+    dist_timeout: f64,
 }
 
 #[derive(Args)]
@@ -757,7 +766,10 @@ fn kind(s: &str) -> ehm::Result<tch::Kind> {
 }
 
 fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
+    use ehm::train::launch;
     let mut e = ZooEntry::find(&a.model)?;
+    let dist_timeout = std::time::Duration::from_secs_f64(a.dist_timeout);
+    let rank = launch::Launch::from_env()?.rank;
     let p = &mut e.pretrain;
     if let Some(v) = a.data {
         p.data = v;
@@ -791,6 +803,15 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     }
     let depth = e.vit()?.depth as usize;
     a.ehm.apply(&mut e.pretrain.ehm, depth)?;
+    e.pretrain.validate()?;
+    if a.nproc > 1 && !launch::launched_locally() {
+        if std::env::var_os("WORLD_SIZE").is_some() || std::env::var_os("SLURM_NTASKS").is_some() {
+            return Err(ehm::Error::Config(
+                "--nproc starts its own ranks; under torchrun or srun leave it out (they set the ranks)".into(),
+            ));
+        }
+        return launch::run_local(a.nproc, dist_timeout);
+    }
     let opts = ehm::train::PretrainOptions {
         out: a.out,
         save_every: a.save_every,
@@ -806,8 +827,12 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
         dtype: a.dtype.as_deref().map(kind).transpose()?,
         fresh: a.fresh,
         progress: !a.no_progress,
+        dist_timeout,
     };
     let s = ehm::train::pretrain(&e, &opts)?;
+    if rank != 0 {
+        return Ok(()); // rank 0 reports for the job
+    }
     if a.json {
         say!("{}", serde_json::to_string(&s).unwrap());
     } else {

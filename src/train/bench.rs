@@ -75,7 +75,7 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
         }
         let masks = job.wait()?;
         let next = engine.mask_job(std::slice::from_ref(&pool[(i + 1) % 4]), 0.5, i as u64 + 1);
-        loss = engine.step(std::slice::from_ref(&pool[i % 4]), &masks, 1.5e-4);
+        loss = engine.step(std::slice::from_ref(&pool[i % 4]), &masks, 1.5e-4)?;
         job = next;
     }
     sync();

@@ -44,6 +44,11 @@ pub struct Engine {
     pub masks: MaskParams,
     /// EMA decay per step (from the half-life, a fraction of the run: `set_total_steps`).
     pub ema_decay: f64,
+    /// The data-parallel group (`None`: this process trains alone).
+    pub dist: Option<std::sync::Arc<super::dist::Dist>>,
+    /// Global slot of this process's first image in every step's batch (its masks are those
+    /// rows of the whole batch's).
+    pub first_image: usize,
     mean: Tensor,
     std: Tensor,
 }
@@ -85,12 +90,12 @@ pub fn check_affinity(aff: &[f32], when: &str) -> crate::Result<()> {
 fn ehm_masks(
     params: &MaskParams,
     aff: &[f32],
-    batch: usize,
+    (first, batch): (usize, usize),
     t: f64,
     step: u64,
 ) -> crate::Result<MaskBatch> {
     check_affinity(aff, &format!("at step {step}"))?;
-    Ok(params.sample(batch, t, step, Some(aff)))
+    Ok(params.sample_from(first, batch, t, step, Some(aff)))
 }
 
 impl Engine {
@@ -155,6 +160,8 @@ impl Engine {
             teacher,
             masks,
             ema_decay,
+            dist: None,
+            first_image: 0,
             mean: stat(pre.mean),
             std: stat(pre.std),
         }
@@ -215,15 +222,16 @@ impl Engine {
         let batch: usize = parts.iter().map(|p| p.size()[0] as usize).sum();
         // Every strategy samples on a helper thread, one step ahead, off the launch thread.
         let params = self.masks.clone();
+        let rows = (self.first_image, batch);
         if self.masks.kind != MaskingKind::Ehm {
             return MaskJob::Pending(std::thread::spawn(move || {
-                Ok(params.sample(batch, t, step, None))
+                Ok(params.sample_from(rows.0, batch, t, step, None))
             }));
         }
         if self.device == Device::Cpu {
             let aff: Vec<f32> = parts.iter().flat_map(|p| self.affinity_host(p)).collect();
             return MaskJob::Pending(std::thread::spawn(move || {
-                ehm_masks(&params, &aff, batch, t, step)
+                ehm_masks(&params, &aff, rows, t, step)
             }));
         }
         // On CUDA the affinity goes to pinned host memory asynchronously; the helper thread
@@ -242,7 +250,7 @@ impl Engine {
             tch::Cuda::synchronize(dev);
             let aff =
                 Vec::<f32>::try_from(host.to_kind(Kind::Float).view(-1)).expect("float affinity");
-            ehm_masks(&params, &aff, batch, t, step)
+            ehm_masks(&params, &aff, rows, t, step)
         }))
     }
 
@@ -260,8 +268,10 @@ impl Engine {
     /// one tensor without accumulation) with `masks` for the whole batch. The gradient is the
     /// mean of the pieces' gradients, which is the whole batch's: every image masks the same
     /// number of patches, so the batch loss is the mean of equal-sized pieces' losses.
-    /// Returns the (detached, device) loss; never syncs the host.
-    pub fn step(&mut self, parts: &[Tensor], masks: &MaskBatch, lr: f64) -> Tensor {
+    /// Data-parallel: the gradient is then averaged over the ranks (each holds an equal share
+    /// of the global batch), so every rank takes the same AdamW step.
+    /// Returns this process's (detached, device) loss; syncs the host only to all-reduce.
+    pub fn step(&mut self, parts: &[Tensor], masks: &MaskBatch, lr: f64) -> crate::Result<Tensor> {
         let k = parts.len();
         let (mut grad, mut loss_sum): (Option<Tensor>, Option<Tensor>) = (None, None);
         let mut first = 0;
@@ -295,8 +305,12 @@ impl Engine {
             });
         }
         assert_eq!(first, masks.batch, "masks for every image of the step");
+        let mut grad = grad.expect("at least one piece");
+        if let Some(d) = &self.dist {
+            d.all_reduce_mean(&mut grad)?;
+        }
         let _ = self.flat.adamw_step(
-            grad.expect("at least one piece"),
+            grad,
             lr,
             self.run.weight_decay,
             self.run.clip_grad,
@@ -309,16 +323,35 @@ impl Engine {
             t.refresh();
         }
         let loss = loss_sum.expect("at least one piece");
-        if k == 1 {
-            loss
-        } else {
-            loss / k as f64
-        }
+        Ok(if k == 1 { loss } else { loss / k as f64 })
     }
 
-    /// Learning rate at `step` of `total`: linear warm-up, then half-cycle cosine (MAE).
+    /// Processes training together (1 alone).
+    pub fn world(&self) -> usize {
+        self.dist.as_ref().map_or(1, |d| d.world)
+    }
+
+    /// Make every rank's weights, AdamW moments and EMA rank 0's (DDP's broadcast at start:
+    /// the ranks then stay identical, as they take identical steps).
+    pub fn sync_from_rank0(&mut self) -> crate::Result<()> {
+        let Some(d) = self.dist.clone() else {
+            return Ok(());
+        };
+        for t in [&mut self.flat.master, &mut self.flat.m, &mut self.flat.v] {
+            d.broadcast(t, 0)?;
+        }
+        self.flat.sync_compute();
+        if let Some(te) = &mut self.teacher {
+            d.broadcast(&mut te.ema, 0)?;
+            te.refresh();
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` of `total`: linear warm-up, then half-cycle cosine (MAE), from
+    /// the effective batch: blr × batch × accum-steps × world / 256.
     pub fn lr_at(&self, step: u64, total: u64, warmup: u64) -> f64 {
-        let base = self.run.blr * self.run.effective_batch() as f64 / 256.0;
+        let base = self.run.blr * (self.run.effective_batch() * self.world()) as f64 / 256.0;
         let s = step as f64;
         if s < warmup as f64 {
             return base * (s + 1.0) / warmup as f64;

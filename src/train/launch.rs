@@ -77,6 +77,108 @@ impl Launch {
     }
 }
 
+/// Set in the processes the built-in launcher starts (they are ranks, not launchers).
+pub const LAUNCHED_VAR: &str = "EHM_LAUNCHED";
+
+/// Whether this process was started by `run_local` (its `--nproc` is then its parent's).
+pub fn launched_locally() -> bool {
+    std::env::var_os(LAUNCHED_VAR).is_some()
+}
+
+/// The built-in launcher (`ehm-train pretrain --nproc N …`), for one machine without
+/// torchrun: host the rendezvous store as torchrun's agent does, start this same command
+/// `nproc` times as ranks 0 … N−1 (each with its share of the cores unless OMP_NUM_THREADS
+/// is set), and when one fails stop the others and name it. The store outlives every rank,
+/// so a survivor can always tell which rank died.
+pub fn run_local(nproc: usize, timeout: std::time::Duration) -> Result<()> {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::{Command, Stdio};
+    let store = super::dist::Store::open("127.0.0.1", 0, true, 0, timeout)
+        .map_err(|e| Error::Training(format!("could not start the rendezvous store: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| Error::Other(format!("own path: {e}")))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads =
+        std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / nproc).max(1).to_string());
+    let mut children = Vec::with_capacity(nproc);
+    for rank in 0..nproc {
+        let mut cmd = Command::new(&exe);
+        cmd.args(std::env::args_os().skip(1))
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", nproc.to_string())
+            .env("LOCAL_WORLD_SIZE", nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", store.port().to_string())
+            .env("TORCHELASTIC_USE_AGENT_STORE", "True")
+            .env("OMP_NUM_THREADS", &threads)
+            .env(LAUNCHED_VAR, "1")
+            // rank 0 speaks for the job on stdout; every rank's errors reach stderr
+            .stdout(if rank == 0 {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        // a launcher that is killed takes its ranks with it
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        match cmd.spawn() {
+            Ok(c) => children.push(Some(c)),
+            Err(e) => {
+                stop_all(&mut children);
+                return Err(Error::Other(format!("could not start rank {rank}: {e}")));
+            }
+        }
+    }
+    loop {
+        let mut running = 0;
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            match child.try_wait() {
+                Ok(None) => running += 1,
+                Ok(Some(status)) => {
+                    *slot = None;
+                    if !status.success() {
+                        stop_all(&mut children);
+                        let how = match (status.code(), status.signal()) {
+                            (Some(c), _) => format!("failed (exit code {c}; its message is above)"),
+                            (None, Some(9)) => "was killed (signal 9, SIGKILL)".to_string(),
+                            (None, Some(s)) => format!("was killed by signal {s}"),
+                            _ => "stopped".to_string(),
+                        };
+                        return Err(Error::Training(format!(
+                            "rank {rank} of {nproc} {how}; the other ranks were stopped. Re-run the same command to resume from the last checkpoint"
+                        )));
+                    }
+                }
+                Err(e) => return Err(Error::Other(format!("waiting for rank {rank}: {e}"))),
+            }
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM every rank still running, SIGKILL those still there after 10 s.
+fn stop_all(children: &mut [Option<std::process::Child>]) {
+    for c in children.iter().flatten() {
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for c in children.iter_mut().flatten() {
+        while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

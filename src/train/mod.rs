@@ -1,6 +1,7 @@
 //! Training (libtorch): the pretraining engine, its data loader, checkpoints and benchmarks.
 pub mod bench;
 pub mod checkpoint;
+pub mod dist;
 pub mod engine;
 pub mod features;
 pub mod finetune;

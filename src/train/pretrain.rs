@@ -1,6 +1,7 @@
 //! `ehm-train pretrain`: MAE pretraining with random / block / grid / EHM masking.
 //! Checkpoints atomically every N steps; re-running the same command resumes.
 use super::checkpoint::{load_tensors, save_tensors};
+use super::dist::Dist;
 use super::engine::{Engine, MaskJob};
 use super::features::{self, Labelled, Pool};
 use super::loader::Loader;
@@ -38,6 +39,9 @@ pub struct PretrainOptions {
     pub dtype: Option<Kind>,
     pub fresh: bool,
     pub progress: bool,
+    /// Data-parallel: how long a collective (or the rendezvous) waits for a rank before the
+    /// job stops.
+    pub dist_timeout: std::time::Duration,
 }
 
 /// What a run writes into `config.json` and checks on resume.
@@ -265,6 +269,7 @@ fn save_all(
     let cfg_json = serde_json::to_string(run).expect("serialisable");
     let mut meta = HashMap::from([
         ("step".to_string(), step.to_string()),
+        ("world".to_string(), engine.world().to_string()),
         ("adam_step".to_string(), engine.flat.adam_step.to_string()),
         ("total_steps".to_string(), total.to_string()),
         ("run_config".to_string(), cfg_json.clone()),
@@ -334,6 +339,15 @@ fn try_resume(
         return Err(Error::Config(format!(
             "{} holds a different run (model, data or recipe differ); pass --fresh to start over or choose another --out",
             out.display()
+        )));
+    }
+    // the global batch, hence the data order, masks and lr, depend on the number of processes
+    let saved_world: usize = meta.get("world").and_then(|w| w.parse().ok()).unwrap_or(1);
+    if saved_world != engine.world() {
+        return Err(Error::Config(format!(
+            "{} was trained by {saved_world} process(es), this launch has {}: resume it with {saved_world} (or pass --fresh)",
+            out.display(),
+            engine.world()
         )));
     }
     let step = restore(engine, &t, &meta, &path)?;
@@ -439,20 +453,48 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     write_atomic(path, kept.as_bytes())
 }
 
+/// Rank 0's masks of every rank joined: the whole global batch's, as one process builds them.
+fn gather_masks(d: &Dist, m: &MaskBatch) -> Result<MaskBatch> {
+    let ints = |v: &[i64]| -> Result<Vec<i64>> {
+        Ok(Vec::<i64>::try_from(d.all_gather(&Tensor::from_slice(v))?).expect("i64"))
+    };
+    let segments = match &m.segments {
+        Some(s) => {
+            let v: Vec<i64> = s.iter().map(|&x| x as i64).collect();
+            Some(ints(&v)?.into_iter().map(|x| x as u32).collect())
+        }
+        None => None,
+    };
+    Ok(MaskBatch {
+        batch: m.batch * d.world,
+        n: m.n,
+        keep: m.keep,
+        ids_keep: ints(&m.ids_keep)?,
+        ids_restore: ints(&m.ids_restore)?,
+        mask: Vec::<f32>::try_from(d.all_gather(&Tensor::from_slice(&m.mask))?).expect("f32"),
+        segments,
+    })
+}
+
 pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     let cfg = entry.vit()?;
     let pre = entry.preprocess.clone();
     let p = entry.pretrain.clone();
     p.validate()?;
-    // Under torchrun/srun with more than one process, every process would train alone and
-    // overwrite the others' checkpoints: refuse until the ranks can share gradients.
+    // Under torchrun/srun (or --nproc) each process is a rank of a data-parallel job: it
+    // loads its share of every batch, the gradients are averaged over the ranks, and rank 0
+    // alone writes the run folder.
     let launch = super::launch::Launch::from_env()?;
-    if launch.world > 1 {
-        return Err(Error::Config(format!(
-            "launched as rank {} of {} processes ({}): data-parallel pretraining is not built yet; run one process (use --accum-steps for a larger effective batch)",
-            launch.rank, launch.world, launch.source
-        )));
-    }
+    let dist = if launch.world > 1 {
+        Some(Arc::new(Dist::connect(&launch, opts.dist_timeout)?))
+    } else {
+        None
+    };
+    let main = launch.rank == 0;
+    let shard = super::loader::Shard {
+        rank: launch.rank,
+        world: launch.world,
+    };
     let run = RunConfig {
         name: entry.name.clone(),
         model: cfg.clone(),
@@ -475,16 +517,25 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         // Keep decoded photos in memory at a little above the training size (up to 4 GiB).
         ds = data::DecodedCache::wrap_if_fits(ds, pre.image_size * 5 / 4, 4 << 30);
     }
-    // one optimizer step takes `batch` images, in `accum_steps` forward passes
-    let batch = p.effective_batch();
+    // one optimizer step takes `batch` images over all ranks, each rank `local` of them in
+    // `accum_steps` forward passes
+    let local = p.effective_batch();
+    let batch = local * launch.world;
     if ds.len() < batch {
+        let mut parts = vec![p.batch_size.to_string()];
+        if p.accum_steps > 1 {
+            parts.push(format!("{} accumulation steps", p.accum_steps));
+        }
+        if launch.world > 1 {
+            parts.push(format!("{} processes", launch.world));
+        }
         return Err(Error::Config(format!(
             "{} has {} images, fewer than one batch of {}{}",
             spec,
             ds.len(),
             batch,
-            if p.accum_steps > 1 {
-                format!(" ({} × {} accumulation steps)", p.batch_size, p.accum_steps)
+            if parts.len() > 1 {
+                format!(" ({})", parts.join(" × "))
             } else {
                 String::new()
             }
@@ -497,7 +548,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     let t_of = |step: u64| step as f64 / total as f64;
 
     let out = &opts.out;
-    if opts.fresh && out.exists() {
+    if main && opts.fresh && out.exists() {
         for f in [
             "resume.safetensors",
             "checkpoint.safetensors",
@@ -512,7 +563,13 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     let mut engine = Engine::new(&cfg, &pre, &p, device, kind);
     engine.masks.validate().map_err(Error::Config)?;
     engine.set_total_steps(total);
-    if p.masking == MaskingKind::Ehm && !engine.masks.schedule().evolves() {
+    engine.dist = dist.clone();
+    engine.first_image = shard.first(batch);
+    if let Some(d) = &dist {
+        // rank 0 has cleared a --fresh folder before anyone looks for a checkpoint in it
+        d.barrier()?;
+    }
+    if main && p.masking == MaskingKind::Ehm && !engine.masks.schedule().evolves() {
         eprintln!(
             "warning: the EHM cut stays at {} segments for the whole run (N = {} patches): the masks cannot evolve; set ehm.start_segments / end_segments or use a finer grid",
             engine.masks.schedule().start_segments,
@@ -525,15 +582,34 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         None => (None, None),
     };
     let start = resumed.unwrap_or(0);
+    // every rank resumes from the same checkpoint and starts from rank 0's weights
+    if let Some(d) = &dist {
+        let first = d.agree(start)?;
+        if first != start {
+            return Err(Error::Config(format!(
+                "rank {} found {} in {} but rank 0 found step {first}: --out must be one folder every rank shares",
+                launch.rank,
+                resumed.map_or("no checkpoint".into(), |s| format!("step {s}")),
+                out.display()
+            )));
+        }
+        engine.sync_from_rank0()?;
+    }
+    // a saved step's pending masks are the whole batch's: this rank takes its rows
+    let resumed_masks = resumed_masks
+        .filter(|m| m.batch == batch)
+        .map(|m| m.rows(shard.first(batch), local));
     let metrics_path = out.join("metrics.jsonl");
-    if let Some(s) = resumed {
-        truncate_metrics(&metrics_path, s)?;
-    } else {
-        let _ = std::fs::remove_file(&metrics_path);
+    if main {
+        if let Some(s) = resumed {
+            truncate_metrics(&metrics_path, s)?;
+        } else {
+            let _ = std::fs::remove_file(&metrics_path);
+        }
     }
 
     // kNN monitor data: the labelled train/test splits that go with the data set.
-    let knn_sets = if opts.knn_every < 0.0 {
+    let knn_sets = if opts.knn_every < 0.0 || !main {
         None
     } else {
         let (tr, te) = match (&opts.knn_train, &opts.knn_test, &spec) {
@@ -562,16 +638,32 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         u64::MAX
     };
 
-    // Fixed sample images for the mask picture.
-    let (pics, pic_bytes) = super::inspect::model_inputs(&pre, &sample_images(ds.as_ref(), 6));
+    // Fixed sample images for the mask picture (rank 0 draws it).
+    let (pics, pic_bytes) = if main {
+        super::inspect::model_inputs(&pre, &sample_images(ds.as_ref(), 6))
+    } else {
+        (Vec::new(), Vec::new())
+    };
 
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .at(&metrics_path)?;
+    // metrics.jsonl: rank 0's (other ranks log nothing)
+    let mut metrics = match main {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .at(&metrics_path)?,
+        ),
+        false => None,
+    };
+    let mut log = |line: &MetricLine| -> Result<()> {
+        match &mut metrics {
+            Some(f) => writeln!(f, "{}", serde_json::to_string(line).unwrap()).at(&metrics_path),
+            None => Ok(()),
+        }
+    };
     let t0 = Instant::now();
-    let bar = super::progress_bar(total, start, opts.progress);
+    let bar = super::progress_bar(total, start, opts.progress && main);
     let mut last_loss = None;
     let mut knn_last = None;
     let mut window = (Instant::now(), 0u64);
@@ -580,12 +672,12 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     // hierarchy-quality monitor: at the start (an untrained teacher, on a fresh run), every
     // `hierarchy_every` epochs and at the end
     let hier_set = match &opts.hierarchy_data {
-        Some(dir) => Some(super::hierarchy::HierarchySet::open(
+        Some(dir) if main => Some(super::hierarchy::HierarchySet::open(
             dir,
             &pre,
             opts.hierarchy_limit,
         )?),
-        None => None,
+        _ => None,
     };
     let hier_every = if opts.hierarchy_every > 0.0 {
         ((opts.hierarchy_every * spe as f64).round() as u64).max(1)
@@ -600,7 +692,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     };
     if resumed.is_none() {
         if let Some(line) = hierarchy_line(&engine, 0) {
-            writeln!(metrics, "{}", serde_json::to_string(&line).unwrap()).at(&metrics_path)?;
+            log(&line)?;
         }
     }
 
@@ -613,7 +705,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             p.seed,
             start..total,
             opts.workers.max(1),
-            super::loader::Shard::ALL,
+            shard,
         );
         // a step's batch, uploaded as its accumulation pieces of `batch_size` images
         let piece = p.batch_size * pre.tensor_len();
@@ -643,10 +735,17 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                 .as_ref()
                 .map(|n| engine.mask_job(n, t_of(step + 1), step + 1));
             let lr = engine.lr_at(step, total, warmup);
-            let loss = engine.step(&cur, &masks, lr);
+            if let Some(d) = &dist {
+                d.step.store(step + 1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let loss = engine.step(&cur, &masks, lr)?;
             loss_acc += &loss;
             let done = step + 1;
-            if device == Device::Cpu || done % opts.log_every == 0 || done == total {
+            // (data-parallel ranks check the loss they agree on, at the log steps below)
+            if dist.is_none() && device == Device::Cpu
+                || done % opts.log_every == 0
+                || done == total
+            {
                 let l = loss.double_value(&[]);
                 if !l.is_finite() {
                     return Err(Error::Training(format!(
@@ -657,6 +756,9 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             }
             if done % opts.log_every == 0 || done == total {
                 let n = (done - window.1.max(start)).max(1) as f64;
+                if let Some(d) = &dist {
+                    d.all_reduce_mean(&mut loss_acc)?;
+                }
                 let mean = loss_acc.double_value(&[]) / n;
                 if !mean.is_finite() {
                     return Err(Error::Training(format!(
@@ -677,9 +779,9 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                     cut: CutStats::of(&masks, engine.masks.schedule().alpha(t_of(step))),
                     ..MetricLine::at(done, spe, t0)
                 };
-                writeln!(metrics, "{}", serde_json::to_string(&line).unwrap()).at(&metrics_path)?;
+                log(&line)?;
                 bar.set_message(format!("loss {mean:.4} lr {lr:.2e} {ips:.0} img/s"));
-                if bar.is_hidden() && opts.progress {
+                if bar.is_hidden() && opts.progress && main {
                     eprintln!("step {done}/{total} loss {mean:.4} lr {lr:.2e} {ips:.0} img/s");
                 }
             }
@@ -691,14 +793,12 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                         knn_top1: Some(acc),
                         ..MetricLine::at(done, spe, t0)
                     };
-                    writeln!(metrics, "{}", serde_json::to_string(&line).unwrap())
-                        .at(&metrics_path)?;
+                    log(&line)?;
                 }
             }
             if done % hier_every == 0 || done == total {
                 if let Some(line) = hierarchy_line(&engine, done) {
-                    writeln!(metrics, "{}", serde_json::to_string(&line).unwrap())
-                        .at(&metrics_path)?;
+                    log(&line)?;
                     write_hierarchy_chart(&metrics_path, out)?;
                 }
             }
@@ -711,15 +811,23 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                         None
                     }
                 };
-                save_all(
-                    &engine,
-                    &run,
-                    out,
-                    (done, total),
-                    pending
-                        .as_ref()
-                        .map(|masks| PendingMasks { step: done, masks }),
-                )?;
+                // the whole batch's masks (every rank's rows), for rank 0's resume file
+                let whole = match (&dist, &pending) {
+                    (Some(d), Some(m)) => Some(gather_masks(d, m)?),
+                    _ => None,
+                };
+                if main {
+                    save_all(
+                        &engine,
+                        &run,
+                        out,
+                        (done, total),
+                        whole
+                            .as_ref()
+                            .or(pending.as_ref())
+                            .map(|masks| PendingMasks { step: done, masks }),
+                    )?;
+                }
                 if let Some(m) = pending {
                     next_job = Some(MaskJob::Ready(m));
                 }
@@ -743,6 +851,10 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         }
     }
     bar.finish_and_clear();
+    if let Some(d) = &dist {
+        // nobody leaves (closing its connections) while another rank still talks to it
+        d.barrier()?;
+    }
     if let Some((tr, te)) = &knn_sets {
         let acc = knn_eval(&engine, &pre, tr, te)?;
         knn_last = Some(acc);
@@ -750,7 +862,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             knn_top1: Some(acc),
             ..MetricLine::at(total, spe, t0)
         };
-        writeln!(metrics, "{}", serde_json::to_string(&line).unwrap()).at(&metrics_path)?;
+        log(&line)?;
     }
     let secs = t0.elapsed().as_secs_f64();
     let summary = Summary {
@@ -768,10 +880,12 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         checkpoint: out.join("checkpoint.safetensors"),
         mask_picture: Some(out.join("masks.png")),
     };
-    write_atomic(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary).unwrap().as_bytes(),
-    )?;
+    if main {
+        write_atomic(
+            &out.join("summary.json"),
+            serde_json::to_string_pretty(&summary).unwrap().as_bytes(),
+        )?;
+    }
     Ok(summary)
 }
 

@@ -157,3 +157,56 @@ pub fn write_segset(root: &Path, n_train: usize, n_val: usize) {
     )
     .unwrap();
 }
+
+// ---- reading a pretraining run ----
+
+pub fn json_out(o: &std::process::Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// Every tensor of a safetensors file, as raw bytes by name.
+pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect()
+}
+
+/// All fp32 tensors of a checkpoint, concatenated in name order.
+pub fn weights(path: &Path) -> Vec<f32> {
+    tensors(path)
+        .values()
+        .flat_map(|b| {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        })
+        .collect()
+}
+
+/// ‖a − b‖ / ‖a‖ over every weight.
+pub fn relative_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let n: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    (d / n).sqrt()
+}
+
+pub fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+        .collect()
+}

@@ -1,0 +1,534 @@
+//! Data parallelism on PyTorch's own distributed engine, c10d: the TCPStore for rendezvous and
+//! the Gloo process group for all-reduce and broadcast (the objects DDP uses, from the
+//! libtorch_cpu.so tch loads; bound through the small C++ shim `c10d.cpp`, see build.rs).
+//!
+//! Faults: every collective is bounded by the timeout. When one fails, this rank finds out
+//! which rank is to blame from the store before it stops: each rank bumps a heartbeat counter
+//! twice a second (a dead process stops bumping it) and a counter per collective entered (a
+//! live but hung rank falls behind).
+use super::launch::Launch;
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tch::{Device, Tensor};
+
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+#[cfg(ehm_c10d)]
+mod ffi {
+    use std::os::raw::{c_char, c_int};
+    #[repr(C)]
+    pub struct RawStore {
+        _p: [u8; 0],
+    }
+    #[repr(C)]
+    pub struct RawPg {
+        _p: [u8; 0],
+    }
+    extern "C" {
+        pub fn ehm_store_open(
+            host: *const c_char,
+            port: u16,
+            is_server: c_int,
+            workers: c_int,
+            timeout_ms: i64,
+            err: *mut c_char,
+            n: usize,
+        ) -> *mut RawStore;
+        pub fn ehm_store_port(s: *const RawStore) -> c_int;
+        pub fn ehm_store_add(
+            s: *mut RawStore,
+            key: *const c_char,
+            delta: i64,
+            value: *mut i64,
+            err: *mut c_char,
+            n: usize,
+        ) -> c_int;
+        pub fn ehm_store_free(s: *mut RawStore);
+        pub fn ehm_pg_new(
+            s: *mut RawStore,
+            rank: c_int,
+            world: c_int,
+            timeout_ms: i64,
+            err: *mut c_char,
+            n: usize,
+        ) -> *mut RawPg;
+        pub fn ehm_pg_all_reduce_sum(
+            p: *mut RawPg,
+            t: *mut torch_sys::C_tensor,
+            err: *mut c_char,
+            n: usize,
+        ) -> c_int;
+        pub fn ehm_pg_broadcast(
+            p: *mut RawPg,
+            t: *mut torch_sys::C_tensor,
+            root: c_int,
+            err: *mut c_char,
+            n: usize,
+        ) -> c_int;
+        pub fn ehm_pg_free(p: *mut RawPg);
+    }
+}
+
+/// Call a shim function with an error buffer; its message on failure.
+#[cfg(ehm_c10d)]
+fn call<T>(
+    f: impl FnOnce(*mut std::os::raw::c_char, usize) -> T,
+    failed: impl Fn(&T) -> bool,
+) -> std::result::Result<T, String> {
+    let mut buf = vec![0u8; 1024];
+    let r = f(buf.as_mut_ptr() as *mut _, buf.len());
+    if failed(&r) {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Err(String::from_utf8_lossy(&buf[..end]).into_owned())
+    } else {
+        Ok(r)
+    }
+}
+
+#[cfg(not(ehm_c10d))]
+fn unbuilt<T>() -> std::result::Result<T, String> {
+    Err("this ehm-train was built without the c10d shim (run tools/setup.sh gloo, then rebuild), so it cannot train on more than one process".into())
+}
+
+/// A c10d TCPStore: a server (the launcher's, or rank 0's) or a client of one.
+pub struct Store {
+    #[cfg(ehm_c10d)]
+    raw: *mut ffi::RawStore,
+}
+
+// TCPStore serialises its operations behind its own mutex.
+unsafe impl Send for Store {}
+unsafe impl Sync for Store {}
+
+impl Store {
+    /// Host (`server`, port 0 = any free port) or join the store at `host:port`. A server
+    /// given `workers` > 0 waits for that many processes to join (torch's rank-0 store).
+    pub fn open(
+        host: &str,
+        port: u16,
+        server: bool,
+        workers: usize,
+        timeout: Duration,
+    ) -> std::result::Result<Store, String> {
+        #[cfg(ehm_c10d)]
+        {
+            let h = std::ffi::CString::new(host).map_err(|_| "a NUL in the host name")?;
+            let raw = call(
+                |e, n| unsafe {
+                    ffi::ehm_store_open(
+                        h.as_ptr(),
+                        port,
+                        server as i32,
+                        workers as i32,
+                        timeout.as_millis() as i64,
+                        e,
+                        n,
+                    )
+                },
+                |p| p.is_null(),
+            )?;
+            Ok(Store { raw })
+        }
+        #[cfg(not(ehm_c10d))]
+        {
+            let _ = (host, port, server, workers, timeout);
+            unbuilt()
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        #[cfg(ehm_c10d)]
+        {
+            unsafe { ffi::ehm_store_port(self.raw) as u16 }
+        }
+        #[cfg(not(ehm_c10d))]
+        0
+    }
+
+    /// Add `delta` to the counter `key` (0 reads it); its new value.
+    pub fn add(&self, key: &str, delta: i64) -> std::result::Result<i64, String> {
+        #[cfg(ehm_c10d)]
+        {
+            let k = std::ffi::CString::new(key).map_err(|_| "a NUL in a store key")?;
+            let mut v = 0i64;
+            call(
+                |e, n| unsafe { ffi::ehm_store_add(self.raw, k.as_ptr(), delta, &mut v, e, n) },
+                |&r| r != 0,
+            )?;
+            Ok(v)
+        }
+        #[cfg(not(ehm_c10d))]
+        {
+            let _ = (key, delta);
+            unbuilt()
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        #[cfg(ehm_c10d)]
+        unsafe {
+            ffi::ehm_store_free(self.raw)
+        }
+    }
+}
+
+/// This process's seat in a data-parallel job: the Gloo process group of all ranks.
+pub struct Dist {
+    pub rank: usize,
+    pub world: usize,
+    timeout: Duration,
+    store: Arc<Store>,
+    /// Where the store lives, for messages ("rank 0" or the agent's address).
+    store_owner: String,
+    prefix: String,
+    #[cfg(ehm_c10d)]
+    pg: *mut ffi::RawPg,
+    /// Collectives this rank has entered (mirrored in the store for fault reports).
+    calls: AtomicU64,
+    /// The optimizer step being synchronised, for messages.
+    pub step: AtomicU64,
+    stop_beat: Arc<AtomicBool>,
+    beat: Option<std::thread::JoinHandle<()>>,
+}
+
+// ProcessGroupGloo is thread-safe; the trainer uses it from one thread anyway.
+unsafe impl Send for Dist {}
+unsafe impl Sync for Dist {}
+
+/// Whether torchrun's agent hosts the store (`TORCHELASTIC_USE_AGENT_STORE=True`).
+fn agent_store(var: &dyn Fn(&str) -> Option<String>) -> bool {
+    var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+impl Dist {
+    /// Join the job `launch` describes: connect to the store (rank 0 hosts it unless
+    /// torchrun's agent does) and form the Gloo group. Fails with a one-line message.
+    pub fn connect(launch: &Launch, timeout: Duration) -> Result<Dist> {
+        Self::connect_with(launch, timeout, &|k| std::env::var(k).ok())
+    }
+
+    pub fn connect_with(
+        launch: &Launch,
+        timeout: Duration,
+        var: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Dist> {
+        let (host, port) = launch.master.clone().ok_or_else(|| {
+            Error::Config(format!(
+                "rank {} of {}: MASTER_ADDR and MASTER_PORT are not set (torchrun sets them; under srun export them, e.g. MASTER_ADDR=$(scontrol show hostnames | head -n1) MASTER_PORT=29500)",
+                launch.rank, launch.world
+            ))
+        })?;
+        let agent = agent_store(var);
+        let server = !agent && launch.rank == 0;
+        let store_owner = if agent {
+            format!("the launcher at {host}:{port}")
+        } else {
+            "rank 0".to_string()
+        };
+        let fail = |what: &str, e: String| {
+            Error::Training(format!(
+                "rank {} of {}: {what} ({}:{}): {e}",
+                launch.rank, launch.world, host, port
+            ))
+        };
+        let store = Store::open(&host, port, server, launch.world, timeout)
+            .map_err(|e| fail("could not reach the rendezvous store", e))?;
+        // A torchrun restart reuses the agent's store: keep each attempt's keys apart.
+        let attempt = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
+        let prefix = format!("ehm/attempt_{attempt}");
+        #[cfg(ehm_c10d)]
+        let pg = call(
+            |e, n| unsafe {
+                ffi::ehm_pg_new(
+                    store.raw,
+                    launch.rank as i32,
+                    launch.world as i32,
+                    timeout.as_millis() as i64,
+                    e,
+                    n,
+                )
+            },
+            |p| p.is_null(),
+        )
+        .map_err(|e| fail("could not form the Gloo process group", e))?;
+        let store = Arc::new(store);
+        let stop_beat = Arc::new(AtomicBool::new(false));
+        let beat = {
+            let (store, stop, key) = (
+                store.clone(),
+                stop_beat.clone(),
+                format!("{prefix}/alive/{}", launch.rank),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // a store that went away is reported by the collectives, not here
+                    let _ = store.add(&key, 1);
+                    std::thread::sleep(HEARTBEAT);
+                }
+            })
+        };
+        Ok(Dist {
+            rank: launch.rank,
+            world: launch.world,
+            timeout,
+            store,
+            store_owner,
+            prefix,
+            #[cfg(ehm_c10d)]
+            pg,
+            calls: AtomicU64::new(0),
+            step: AtomicU64::new(0),
+            stop_beat,
+            beat: Some(beat),
+        })
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Run one collective on `t` (staged through the host when it lives on a GPU: Gloo is
+    /// the CPU engine); a failure becomes a report naming the rank to blame.
+    fn collective(
+        &self,
+        t: &mut Tensor,
+        what: &str,
+        #[allow(unused_variables)] op: impl Fn(
+            *mut torch_sys::C_tensor,
+            *mut std::os::raw::c_char,
+            usize,
+        ) -> i32,
+    ) -> Result<()> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self
+            .store
+            .add(&format!("{}/calls/{}", self.prefix, self.rank), 1);
+        let on_host = t.device() == Device::Cpu && t.is_contiguous();
+        let mut host = if on_host {
+            t.shallow_clone()
+        } else {
+            t.to_device(Device::Cpu).contiguous()
+        };
+        #[cfg(ehm_c10d)]
+        let r = call(|e, len| op(host.as_mut_ptr(), e, len), |&r| r != 0);
+        #[cfg(not(ehm_c10d))]
+        let r: std::result::Result<i32, String> = unbuilt();
+        if let Err(e) = r {
+            return Err(self.blame(what, n, &e));
+        }
+        if !on_host {
+            tch::no_grad(|| t.copy_(&host));
+        }
+        Ok(())
+    }
+
+    /// In place: the mean of `t` over the ranks.
+    pub fn all_reduce_mean(&self, t: &mut Tensor) -> Result<()> {
+        self.collective(t, "all-reduce", |p, e, n| {
+            #[cfg(ehm_c10d)]
+            unsafe {
+                ffi::ehm_pg_all_reduce_sum(self.pg, p, e, n)
+            }
+            #[cfg(not(ehm_c10d))]
+            {
+                let _ = (p, e, n);
+                -1
+            }
+        })?;
+        tch::no_grad(|| *t /= self.world as f64);
+        Ok(())
+    }
+
+    /// In place: every rank's `t` becomes rank `root`'s.
+    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        self.collective(t, "broadcast", |p, e, n| {
+            #[cfg(ehm_c10d)]
+            unsafe {
+                ffi::ehm_pg_broadcast(self.pg, p, root as i32, e, n)
+            }
+            #[cfg(not(ehm_c10d))]
+            {
+                let _ = (p, e, n, root);
+                -1
+            }
+        })
+    }
+
+    /// Wait for every rank.
+    pub fn barrier(&self) -> Result<()> {
+        let mut t = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
+        self.all_reduce_mean(&mut t)
+    }
+
+    /// Every rank's `t` (the same shape on each) joined along dim 0 in rank order, on every
+    /// rank (one broadcast per rank: cheap for the small tensors it is used for).
+    pub fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(self.world);
+        for root in 0..self.world {
+            let mut part = if root == self.rank {
+                t.to_device(Device::Cpu).contiguous().copy()
+            } else {
+                Tensor::zeros(t.size(), (t.kind(), Device::Cpu))
+            };
+            self.broadcast(&mut part, root)?;
+            parts.push(part);
+        }
+        Ok(Tensor::cat(&parts, 0))
+    }
+
+    /// Rank 0's `value` on every rank (a u64 through a broadcast).
+    pub fn agree(&self, value: u64) -> Result<u64> {
+        let mut t = Tensor::from_slice(&[value as i64]);
+        self.broadcast(&mut t, 0)?;
+        Ok(t.int64_value(&[0]) as u64)
+    }
+
+    /// A failed collective (the `n`-th) as a one-line report: which rank stopped responding
+    /// (its heartbeat stands still), or which is alive but behind (hung), or the store gone.
+    fn blame(&self, what: &str, n: u64, err: &str) -> Error {
+        let step = self.step.load(Ordering::Relaxed);
+        let read = |kind: &str| -> std::result::Result<Vec<i64>, String> {
+            (0..self.world)
+                .map(|r| self.store.add(&format!("{}/{kind}/{r}", self.prefix), 0))
+                .collect()
+        };
+        let who = (|| -> std::result::Result<String, String> {
+            let before = read("alive")?;
+            std::thread::sleep(HEARTBEAT * 3);
+            let after = read("alive")?;
+            let dead: Vec<String> = (0..self.world)
+                .filter(|&r| r != self.rank && after[r] == before[r])
+                .map(|r| r.to_string())
+                .collect();
+            if !dead.is_empty() {
+                return Ok(format!(
+                    "rank {} stopped (its process died or lost the network)",
+                    dead.join(", rank ")
+                ));
+            }
+            let calls = read("calls")?;
+            let behind: Vec<String> = (0..self.world)
+                .filter(|&r| r != self.rank && (calls[r] as u64) < n)
+                .map(|r| format!("rank {r} (at collective {} of {n})", calls[r]))
+                .collect();
+            if !behind.is_empty() {
+                return Ok(format!(
+                    "{} is alive but did not arrive within the {} s timeout (hung?)",
+                    behind.join(", "),
+                    self.timeout.as_secs()
+                ));
+            }
+            Err(String::new())
+        })();
+        let who = match who {
+            Ok(w) => w,
+            Err(e) if !e.is_empty() => format!(
+                "the rendezvous store on {} is gone (that process died?)",
+                self.store_owner
+            ),
+            Err(_) => "no rank is to blame by heartbeat".to_string(),
+        };
+        Error::Training(format!(
+            "rank {} of {}: the {what} of step {step} failed: {who}; the job stops (re-run the same command to resume from the last checkpoint) [c10d: {err}]",
+            self.rank, self.world
+        ))
+    }
+}
+
+impl Drop for Dist {
+    fn drop(&mut self) {
+        self.stop_beat.store(true, Ordering::Relaxed);
+        if let Some(h) = self.beat.take() {
+            let _ = h.join();
+        }
+        #[cfg(ehm_c10d)]
+        unsafe {
+            ffi::ehm_pg_free(self.pg)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `world` ranks as threads of this process, joined through a launcher-style store.
+    fn ranks<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(Dist) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let server = Store::open("127.0.0.1", 0, true, 0, Duration::from_secs(20)).unwrap();
+        let port = server.port();
+        let f = Arc::new(f);
+        let hs: Vec<_> = (0..world)
+            .map(|rank| {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    let launch = Launch {
+                        rank,
+                        world,
+                        local_rank: rank,
+                        master: Some(("127.0.0.1".into(), port)),
+                        source: "test",
+                    };
+                    let agent =
+                        |k: &str| (k == "TORCHELASTIC_USE_AGENT_STORE").then(|| "True".to_string());
+                    f(Dist::connect_with(&launch, Duration::from_secs(5), &agent).unwrap())
+                })
+            })
+            .collect();
+        let out = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        drop(server);
+        out
+    }
+
+    #[test]
+    fn ranks_average_broadcast_and_agree() {
+        let got = ranks(3, |d| {
+            let mut t = Tensor::from_slice(&[d.rank as f32 + 1.0, 10.0 * d.rank as f32]);
+            d.all_reduce_mean(&mut t).unwrap();
+            let mut b = Tensor::from_slice(&[d.rank as f32; 4]);
+            d.broadcast(&mut b, 2).unwrap();
+            let agreed = d.agree(7 + d.rank as u64).unwrap();
+            (
+                Vec::<f32>::try_from(&t).unwrap(),
+                Vec::<f32>::try_from(&b).unwrap(),
+                agreed,
+            )
+        });
+        for (mean, bcast, agreed) in got {
+            assert_eq!(mean, vec![2.0, 10.0]);
+            assert_eq!(bcast, vec![2.0; 4]);
+            assert_eq!(agreed, 7);
+        }
+    }
+
+    #[test]
+    fn a_rank_that_leaves_is_named_by_the_one_left_waiting() {
+        let got = ranks(2, |d| {
+            let mut t = Tensor::ones([8], (tch::Kind::Float, Device::Cpu));
+            d.all_reduce_mean(&mut t).unwrap();
+            if d.rank == 1 {
+                drop(d); // closes its connections and stops its heartbeat
+                return None;
+            }
+            d.step.store(41, Ordering::Relaxed);
+            let t0 = std::time::Instant::now();
+            let err = d.all_reduce_mean(&mut t).unwrap_err().to_string();
+            Some((err, t0.elapsed()))
+        });
+        let (err, took) = got[0].clone().unwrap();
+        assert!(
+            err.contains("rank 0 of 2")
+                && err.contains("step 41")
+                && err.contains("rank 1 stopped"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+        assert!(took < Duration::from_secs(15), "{took:?}");
+    }
+}
