@@ -299,10 +299,56 @@ fn under_torchrun_the_survivor_of_a_kill_names_the_dead_rank() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
         err.contains("rank 0 of 2: the all-reduce of step")
-            && err.contains("rank 1 stopped (its process died or lost the network)")
+            && err.contains("rank 1 stopped responding (no heartbeat")
             && err.contains("re-run the same command to resume"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
+#[test]
+fn a_hung_rank_ends_the_job_within_the_timeout() {
+    // rank 1 frozen (SIGSTOP) mid-run: its sockets stay open, so only the timeout can end the
+    // wait; rank 0 must give up after --dist-timeout and say which rank it waited for
+    let d = tempfile::tempdir().unwrap();
+    write_cifar(d.path());
+    let model = write_model(d.path());
+    let out = d.path().join("run");
+    let args = [
+        "--epochs",
+        "40",
+        "--batch-size",
+        "16",
+        "--save-every",
+        "5",
+        "--dist-timeout",
+        "5",
+    ];
+    let port = free_port();
+    let spawn = |r: usize| {
+        as_rank(cmd(&model, d.path(), &out, &args), r, 2, port)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (zero, mut one) = (spawn(0), spawn(1));
+    wait_for(&out.join("resume.safetensors"), Duration::from_secs(300));
+    unsafe { libc::kill(one.id() as i32, libc::SIGSTOP) };
+    let (o, took) = wait_output(zero, Duration::from_secs(60));
+    one.kill().unwrap();
+    one.wait().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("rank 0 of 2") && err.contains("rank 1 stopped responding"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // the 5 s timeout, plus the look at the heartbeats
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
 }

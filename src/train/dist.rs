@@ -406,7 +406,7 @@ impl Dist {
                 .collect();
             if !dead.is_empty() {
                 return Ok(format!(
-                    "rank {} stopped (its process died or lost the network)",
+                    "rank {} stopped responding (no heartbeat: its process died, froze or lost the network)",
                     dead.join(", rank ")
                 ));
             }
@@ -525,7 +525,7 @@ mod tests {
         assert!(
             err.contains("rank 0 of 2")
                 && err.contains("step 41")
-                && err.contains("rank 1 stopped"),
+                && err.contains("rank 1 stopped responding"),
             "{err}"
         );
         assert!(!err.contains('\n'), "{err}");
