@@ -416,6 +416,29 @@ mod tests {
     }
 
     #[test]
+    fn the_in1k_entry_is_maes_recipe() {
+        let z = ZooEntry::load(
+            &crate::fsutil::project_dir("models").join("vit_base_p16_224_in1k.toml"),
+        )
+        .unwrap();
+        let p = &z.pretrain;
+        p.validate().unwrap();
+        // 8 processes make MAE's effective batch of 4096, lr = 1.5e-4 × 4096 / 256
+        assert_eq!(p.effective_batch() * 8, 4096);
+        assert!((p.blr * 4096.0 / 256.0 - 2.4e-3).abs() < 1e-12);
+        assert_eq!((p.epochs, p.warmup_epochs), (800.0, 40.0));
+        assert_eq!(
+            (p.weight_decay, p.clip_grad, p.mask_ratio),
+            (0.05, 0.0, 0.75)
+        );
+        assert!(p.norm_pix_loss);
+        assert_eq!(
+            (z.vit().unwrap().image_size, z.vit().unwrap().patch_size),
+            (224, 16)
+        );
+    }
+
+    #[test]
     fn rejects_bad_geometry() {
         assert!(VitConfig::preset("vit_tiny", 30, 4).is_err());
         assert!(VitConfig::preset("vit_huge", 32, 4).is_err());
