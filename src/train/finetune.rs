@@ -1,6 +1,7 @@
 //! `ehm-train finetune`: the whole network trained end to end as a classifier — MAE's
 //! fine-tuning recipe: layer-wise lr decay, stochastic depth, label smoothing, warm-up + cosine,
-//! AdamW, RandomResizedCrop + flip. Resumable like pretraining (re-run the same command). The
+//! AdamW, RandomResizedCrop + flip, and (`--recipe mae`, or each flag) RandAugment, random
+//! erasing and Mixup / CutMix (`mix.rs`). Resumable like pretraining (re-run the same command). The
 //! output is a checkpoint with timm's `head.{weight,bias}`, class names and the pooling rule,
 //! the same contract `ehm-train probe` writes, so `ehm-export onnx --task classify` reads it.
 use super::features::{pooled_features, Labelled, Pool};
@@ -27,6 +28,10 @@ pub struct FinetuneOptions {
     /// Smallest RandomResizedCrop area fraction (timm: 0.08).
     pub min_crop: f32,
     pub recipe: Recipe,
+    /// RandomErasing and Mixup / CutMix on the batch.
+    pub regularise: super::mix::Regularise,
+    /// RandAugment on each cropped image (timm's rand-m9-mstd0.5-inc1 in MAE's recipe).
+    pub rand_augment: Option<crate::data::randaugment::RandAugment>,
     pub out: PathBuf,
     pub workers: usize,
     pub fresh: bool,
@@ -65,6 +70,12 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
         return Err(Error::Config(format!(
             "{} and {} have different classes",
             o.train, o.test
+        )));
+    }
+    if o.regularise.mixes() && r.batch_size % 2 == 1 {
+        return Err(Error::Config(format!(
+            "Mixup / CutMix pair each image with another of its batch: --batch-size {} must be even",
+            r.batch_size
         )));
     }
     if train.ds.len() < r.batch_size {
@@ -110,6 +121,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
     let run = serde_json::json!({
         "task": "finetune", "backbone": o.checkpoint, "train": o.train, "train_limit": o.train_limit,
         "pool": o.pool, "image_size": bb.vit.image_size, "min_crop": o.min_crop, "recipe": r,
+        "regularise": o.regularise, "rand_augment": o.rand_augment,
     });
     let start = supervised::load_state(&o.out, &mut flat, &run)?.unwrap_or(0);
     let mut log =
@@ -118,8 +130,10 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
     let pre = bb.preprocess.clone();
     let aug = Augment {
         scale: (o.min_crop.clamp(0.01, 1.0), 1.0),
+        rand_augment: o.rand_augment,
         ..Augment::default()
     };
+    let n_classes = classes.len() as i64;
     let mut loader = super::loader::Loader::start(
         train.ds.clone(),
         pre.clone(),
@@ -135,19 +149,37 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
         let b = loader
             .next_batch()
             .ok_or_else(|| Error::Other("data loader stopped early".into()))?;
-        let imgs = supervised::normalise(&b.pixels, r.batch_size, &pre, device);
+        let mut imgs = supervised::normalise(&b.pixels, r.batch_size, &pre, device);
         let labels = Tensor::from_slice(&b.labels).to_device(device);
+        let reg = &o.regularise;
+        super::mix::random_erase(&imgs, reg.reprob, r.seed, step);
+        let targets = reg.mixes().then(|| {
+            let (t, _) = super::mix::mix_batch(
+                &mut imgs,
+                &labels,
+                n_classes,
+                r.label_smoothing,
+                reg,
+                r.seed,
+                step,
+            );
+            t
+        });
         let tokens = encoder.forward_features_train(&imgs, r.drop_path);
         let logits = head
             .forward(&super::features::pool_tokens(&tokens, o.pool))
             .to_kind(Kind::Float);
-        let loss = logits.cross_entropy_loss::<Tensor>(
-            &labels,
-            None,
-            tch::Reduction::Mean,
-            -100,
-            r.label_smoothing,
-        );
+        let loss = match &targets {
+            // mixed images have mixed (already smoothed) targets
+            Some(t) => super::mix::soft_cross_entropy(&logits, t),
+            None => logits.cross_entropy_loss::<Tensor>(
+                &labels,
+                None,
+                tch::Reduction::Mean,
+                -100,
+                r.label_smoothing,
+            ),
+        };
         let lv = log.step(&mut flat, &loss, step)?;
         bar.set_position(step + 1);
         bar.set_message(format!("loss {lv:.4}"));

@@ -9,6 +9,7 @@ pub mod hierarchy;
 pub mod inspect;
 pub mod launch;
 pub mod loader;
+pub mod mix;
 pub mod optim;
 pub mod pretrain;
 pub mod probe;

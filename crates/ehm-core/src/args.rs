@@ -46,6 +46,16 @@ pub fn open_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A probability: a number from 0 to 1.
+pub fn fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = number(s)?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be between 0 and 1, got {v}"))
+    }
+}
+
 /// A fraction from 0 to 1 (an opacity).
 pub fn unit(s: &str) -> Result<f32, String> {
     let v: f32 = number(s)?;

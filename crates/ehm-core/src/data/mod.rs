@@ -5,6 +5,7 @@ pub mod idx;
 pub mod image_io;
 pub mod photos;
 pub mod preprocess;
+pub mod randaugment;
 pub mod rcc;
 pub mod segdata;
 

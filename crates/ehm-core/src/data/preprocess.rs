@@ -62,12 +62,15 @@ fn default_std() -> [f32; 3] {
     IMAGENET_STD
 }
 
-/// MAE's pretraining augmentation: RandomResizedCrop(scale, ratio) + horizontal flip.
+/// MAE's pretraining augmentation: RandomResizedCrop(scale, ratio) + horizontal flip; its
+/// fine-tuning adds RandAugment on the cropped image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Augment {
     pub scale: (f32, f32),
     pub ratio: (f32, f32),
     pub hflip: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rand_augment: Option<super::randaugment::RandAugment>,
 }
 
 impl Default for Augment {
@@ -76,6 +79,7 @@ impl Default for Augment {
             scale: (0.2, 1.0),
             ratio: (3.0 / 4.0, 4.0 / 3.0),
             hflip: true,
+            rand_augment: None,
         }
     }
 }
@@ -177,7 +181,10 @@ impl Preprocess {
     pub fn train_into(&self, img: &RgbImage, aug: &Augment, rng: &mut impl Rng, out: &mut [f32]) {
         let crop = random_resized_crop(img.width(), img.height(), aug, rng);
         let flip = aug.hflip && rng.random_bool(0.5);
-        let resized = resize_crop(img, crop, self.image_size, self.interpolation);
+        let mut resized = resize_crop(img, crop, self.image_size, self.interpolation);
+        if let Some(ra) = &aug.rand_augment {
+            ra.apply(&mut resized, rng);
+        }
         self.normalize_into(&resized, flip, out);
     }
 
@@ -186,7 +193,10 @@ impl Preprocess {
     pub fn train_u8_into(&self, img: &RgbImage, aug: &Augment, rng: &mut impl Rng, out: &mut [u8]) {
         let crop = random_resized_crop(img.width(), img.height(), aug, rng);
         let flip = aug.hflip && rng.random_bool(0.5);
-        let resized = resize_crop(img, crop, self.image_size, self.interpolation);
+        let mut resized = resize_crop(img, crop, self.image_size, self.interpolation);
+        if let Some(ra) = &aug.rand_augment {
+            ra.apply(&mut resized, rng);
+        }
         chw_u8_into(&resized, flip, out);
     }
 

@@ -177,6 +177,7 @@ fn compose(
         scale: (0.3, 1.0),
         ratio: (0.75, 1.333),
         hflip: false,
+        rand_augment: None,
     };
     let crop = random_resized_crop(bg.width(), bg.height(), &aug, rng);
     let mut img = resize_crop(&bg, crop, cfg.size, Interpolation::Bilinear);
