@@ -71,8 +71,80 @@ mod ffi {
     }
 }
 
+/// Stand-ins when build.rs could not compile the shim (no Gloo headers): every call fails
+/// with the reason, so one process trains as usual and a multi-process launch is refused.
+#[cfg(not(ehm_c10d))]
+mod ffi {
+    use std::os::raw::{c_char, c_int};
+    pub struct RawStore;
+    pub struct RawPg;
+    const WHY: &[u8] = b"this ehm-train was built without the c10d shim (run tools/setup.sh gloo, then rebuild), so it cannot train on more than one process\0";
+    unsafe fn fail(err: *mut c_char, n: usize) {
+        let len = WHY.len().min(n);
+        std::ptr::copy_nonoverlapping(WHY.as_ptr() as *const c_char, err, len);
+        *err.add(len.saturating_sub(1)) = 0;
+    }
+    pub unsafe fn ehm_store_open(
+        _: *const c_char,
+        _: u16,
+        _: c_int,
+        _: c_int,
+        _: i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> *mut RawStore {
+        fail(err, n);
+        std::ptr::null_mut()
+    }
+    pub unsafe fn ehm_store_port(_: *const RawStore) -> c_int {
+        0
+    }
+    pub unsafe fn ehm_store_add(
+        _: *mut RawStore,
+        _: *const c_char,
+        _: i64,
+        _: *mut i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> c_int {
+        fail(err, n);
+        -1
+    }
+    pub unsafe fn ehm_store_free(_: *mut RawStore) {}
+    pub unsafe fn ehm_pg_new(
+        _: *mut RawStore,
+        _: c_int,
+        _: c_int,
+        _: i64,
+        err: *mut c_char,
+        n: usize,
+    ) -> *mut RawPg {
+        fail(err, n);
+        std::ptr::null_mut()
+    }
+    pub unsafe fn ehm_pg_all_reduce_sum(
+        _: *mut RawPg,
+        _: *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        n: usize,
+    ) -> c_int {
+        fail(err, n);
+        -1
+    }
+    pub unsafe fn ehm_pg_broadcast(
+        _: *mut RawPg,
+        _: *mut torch_sys::C_tensor,
+        _: c_int,
+        err: *mut c_char,
+        n: usize,
+    ) -> c_int {
+        fail(err, n);
+        -1
+    }
+    pub unsafe fn ehm_pg_free(_: *mut RawPg) {}
+}
+
 /// Call a shim function with an error buffer; its message on failure.
-#[cfg(ehm_c10d)]
 fn call<T>(
     f: impl FnOnce(*mut std::os::raw::c_char, usize) -> T,
     failed: impl Fn(&T) -> bool,
@@ -87,14 +159,8 @@ fn call<T>(
     }
 }
 
-#[cfg(not(ehm_c10d))]
-fn unbuilt<T>() -> std::result::Result<T, String> {
-    Err("this ehm-train was built without the c10d shim (run tools/setup.sh gloo, then rebuild), so it cannot train on more than one process".into())
-}
-
 /// A c10d TCPStore: a server (the launcher's, or rank 0's) or a client of one.
 pub struct Store {
-    #[cfg(ehm_c10d)]
     raw: *mut ffi::RawStore,
 }
 
@@ -112,67 +178,43 @@ impl Store {
         workers: usize,
         timeout: Duration,
     ) -> std::result::Result<Store, String> {
-        #[cfg(ehm_c10d)]
-        {
-            let h = std::ffi::CString::new(host).map_err(|_| "a NUL in the host name")?;
-            let raw = call(
-                |e, n| unsafe {
-                    ffi::ehm_store_open(
-                        h.as_ptr(),
-                        port,
-                        server as i32,
-                        workers as i32,
-                        timeout.as_millis() as i64,
-                        e,
-                        n,
-                    )
-                },
-                |p| p.is_null(),
-            )?;
-            Ok(Store { raw })
-        }
-        #[cfg(not(ehm_c10d))]
-        {
-            let _ = (host, port, server, workers, timeout);
-            unbuilt()
-        }
+        let h = std::ffi::CString::new(host).map_err(|_| "a NUL in the host name")?;
+        let raw = call(
+            |e, n| unsafe {
+                ffi::ehm_store_open(
+                    h.as_ptr(),
+                    port,
+                    server as i32,
+                    workers as i32,
+                    timeout.as_millis() as i64,
+                    e,
+                    n,
+                )
+            },
+            |p| p.is_null(),
+        )?;
+        Ok(Store { raw })
     }
 
     pub fn port(&self) -> u16 {
-        #[cfg(ehm_c10d)]
-        {
-            unsafe { ffi::ehm_store_port(self.raw) as u16 }
-        }
-        #[cfg(not(ehm_c10d))]
-        0
+        unsafe { ffi::ehm_store_port(self.raw) as u16 }
     }
 
     /// Add `delta` to the counter `key` (0 reads it); its new value.
     pub fn add(&self, key: &str, delta: i64) -> std::result::Result<i64, String> {
-        #[cfg(ehm_c10d)]
-        {
-            let k = std::ffi::CString::new(key).map_err(|_| "a NUL in a store key")?;
-            let mut v = 0i64;
-            call(
-                |e, n| unsafe { ffi::ehm_store_add(self.raw, k.as_ptr(), delta, &mut v, e, n) },
-                |&r| r != 0,
-            )?;
-            Ok(v)
-        }
-        #[cfg(not(ehm_c10d))]
-        {
-            let _ = (key, delta);
-            unbuilt()
-        }
+        let k = std::ffi::CString::new(key).map_err(|_| "a NUL in a store key")?;
+        let mut v = 0i64;
+        call(
+            |e, n| unsafe { ffi::ehm_store_add(self.raw, k.as_ptr(), delta, &mut v, e, n) },
+            |&r| r != 0,
+        )?;
+        Ok(v)
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
-        #[cfg(ehm_c10d)]
-        unsafe {
-            ffi::ehm_store_free(self.raw)
-        }
+        unsafe { ffi::ehm_store_free(self.raw) }
     }
 }
 
@@ -185,7 +227,6 @@ pub struct Dist {
     /// Where the store lives, for messages ("rank 0" or the agent's address).
     store_owner: String,
     prefix: String,
-    #[cfg(ehm_c10d)]
     pg: *mut ffi::RawPg,
     /// Collectives this rank has entered (mirrored in the store for fault reports).
     calls: AtomicU64,
@@ -240,7 +281,6 @@ impl Dist {
         // A torchrun restart reuses the agent's store: keep each attempt's keys apart.
         let attempt = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
         let prefix = format!("ehm/attempt_{attempt}");
-        #[cfg(ehm_c10d)]
         let pg = call(
             |e, n| unsafe {
                 ffi::ehm_pg_new(
@@ -278,7 +318,6 @@ impl Dist {
             store,
             store_owner,
             prefix,
-            #[cfg(ehm_c10d)]
             pg,
             calls: AtomicU64::new(0),
             step: AtomicU64::new(0),
@@ -297,11 +336,7 @@ impl Dist {
         &self,
         t: &mut Tensor,
         what: &str,
-        #[allow(unused_variables)] op: impl Fn(
-            *mut torch_sys::C_tensor,
-            *mut std::os::raw::c_char,
-            usize,
-        ) -> i32,
+        op: impl Fn(*mut torch_sys::C_tensor, *mut std::os::raw::c_char, usize) -> i32,
     ) -> Result<()> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = self
@@ -313,11 +348,7 @@ impl Dist {
         } else {
             t.to_device(Device::Cpu).contiguous()
         };
-        #[cfg(ehm_c10d)]
-        let r = call(|e, len| op(host.as_mut_ptr(), e, len), |&r| r != 0);
-        #[cfg(not(ehm_c10d))]
-        let r: std::result::Result<i32, String> = unbuilt();
-        if let Err(e) = r {
+        if let Err(e) = call(|e, len| op(host.as_mut_ptr(), e, len), |&r| r != 0) {
             return Err(self.blame(what, n, &e));
         }
         if !on_host {
@@ -328,16 +359,8 @@ impl Dist {
 
     /// In place: the mean of `t` over the ranks.
     pub fn all_reduce_mean(&self, t: &mut Tensor) -> Result<()> {
-        self.collective(t, "all-reduce", |p, e, n| {
-            #[cfg(ehm_c10d)]
-            unsafe {
-                ffi::ehm_pg_all_reduce_sum(self.pg, p, e, n)
-            }
-            #[cfg(not(ehm_c10d))]
-            {
-                let _ = (p, e, n);
-                -1
-            }
+        self.collective(t, "all-reduce", |p, e, n| unsafe {
+            ffi::ehm_pg_all_reduce_sum(self.pg, p, e, n)
         })?;
         tch::no_grad(|| *t /= self.world as f64);
         Ok(())
@@ -345,16 +368,8 @@ impl Dist {
 
     /// In place: every rank's `t` becomes rank `root`'s.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        self.collective(t, "broadcast", |p, e, n| {
-            #[cfg(ehm_c10d)]
-            unsafe {
-                ffi::ehm_pg_broadcast(self.pg, p, root as i32, e, n)
-            }
-            #[cfg(not(ehm_c10d))]
-            {
-                let _ = (p, e, n, root);
-                -1
-            }
+        self.collective(t, "broadcast", |p, e, n| unsafe {
+            ffi::ehm_pg_broadcast(self.pg, p, root as i32, e, n)
         })
     }
 
@@ -445,10 +460,7 @@ impl Drop for Dist {
         if let Some(h) = self.beat.take() {
             let _ = h.join();
         }
-        #[cfg(ehm_c10d)]
-        unsafe {
-            ffi::ehm_pg_free(self.pg)
-        }
+        unsafe { ffi::ehm_pg_free(self.pg) }
     }
 }
 
