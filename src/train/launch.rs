@@ -58,13 +58,27 @@ impl Launch {
                 "rank {rank} of a world of {world} processes ({source} variables)"
             )));
         }
+        let port = |p: String| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| Error::Config(format!("MASTER_PORT={p:?} is not a port number")))
+        };
         let master = match (var("MASTER_ADDR"), var("MASTER_PORT")) {
-            (Some(a), Some(p)) => Some((
-                a,
-                p.trim().parse::<u16>().map_err(|_| {
-                    Error::Config(format!("MASTER_PORT={p:?} is not a port number"))
-                })?,
-            )),
+            (Some(a), Some(p)) => Some((a, port(p)?)),
+            // under srun without them: the step's first node, a port from the job id (as
+            // Lightning does), so `srun ehm-train pretrain …` needs nothing exported
+            (addr, p) if source == "slurm" => {
+                let host = addr.or_else(|| {
+                    var("SLURM_STEP_NODELIST")
+                        .or_else(|| var("SLURM_JOB_NODELIST"))
+                        .and_then(|l| first_host(&l))
+                });
+                let p = match p {
+                    Some(p) => Some(port(p)?),
+                    None => num("SLURM_JOB_ID")?.map(|id| 29500 + (id % 1000) as u16),
+                };
+                host.zip(p)
+            }
             _ => None,
         };
         Ok(Launch {
@@ -75,6 +89,32 @@ impl Launch {
             source,
         })
     }
+}
+
+/// The first host of a Slurm node list: `gpu[003-008,012],cpu1` → `gpu003`.
+pub fn first_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    let end = list
+        .char_indices()
+        .scan(0i32, |depth, (i, c)| {
+            *depth += match c {
+                '[' => 1,
+                ']' => -1,
+                _ => 0,
+            };
+            Some((i, c, *depth))
+        })
+        .find(|&(_, c, d)| c == ',' && d == 0)
+        .map_or(list.len(), |(i, _, _)| i);
+    let entry = &list[..end];
+    let host = match (entry.find('['), entry.find(']')) {
+        (Some(a), Some(b)) if a < b => {
+            let first = entry[a + 1..b].split([',', '-']).next()?;
+            format!("{}{}{}", &entry[..a], first, &entry[b + 1..])
+        }
+        _ => entry.to_string(),
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 /// Set in the processes the built-in launcher starts (they are ranks, not launchers).
@@ -220,6 +260,38 @@ mod tests {
             (s.rank, s.world, s.local_rank, s.source, s.master),
             (5, 8, 1, "slurm", None)
         );
+        // srun with nothing exported: the step's first node, a port from the job id
+        let s = launch(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_JOB_ID", "123456"),
+            ("SLURM_STEP_NODELIST", "gpu[007-010,012],login1"),
+        ])
+        .unwrap();
+        assert_eq!(s.master, Some(("gpu007".into(), 29956)));
+        // exported values win
+        let s = launch(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_JOB_ID", "7"),
+            ("SLURM_JOB_NODELIST", "a1,a2"),
+            ("MASTER_PORT", "4000"),
+        ])
+        .unwrap();
+        assert_eq!(s.master, Some(("a1".into(), 4000)));
+    }
+
+    #[test]
+    fn slurm_node_lists() {
+        for (list, first) in [
+            ("node1", "node1"),
+            ("node[01-04]", "node01"),
+            ("gpu-a[3,5-9]-ib,gpu-b1", "gpu-a3-ib"),
+            ("x1,x[2-3]", "x1"),
+        ] {
+            assert_eq!(first_host(list).as_deref(), Some(first), "{list}");
+        }
+        assert_eq!(first_host(""), None);
     }
 
     #[test]
