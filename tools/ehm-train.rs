@@ -200,9 +200,9 @@ struct PretrainArgs {
     /// torchrun or srun leave it out: the launcher sets the ranks.
     #[arg(long, default_value_t = 1, value_parser = args::at_least_one)]
     nproc: usize,
-    /// Data-parallel: seconds a rank waits for the others (rendezvous, each all-reduce; rank
-    /// 0's kNN and hierarchy monitors must fit in it) before the job stops
-    #[arg(long, default_value_t = 600.0, value_parser = args::positive)]
+    /// Data-parallel: seconds a rank waits for the others (rendezvous, each all-reduce) before
+    /// the job stops; rank 0's own work (monitors, checkpoints) gets 6 × this
+    #[arg(long, default_value_t = 600.0, value_parser = dist_timeout)]
     dist_timeout: f64,
 }
 
@@ -869,6 +869,15 @@ fn kind(s: &str) -> ehm::Result<tch::Kind> {
     }
 }
 
+/// `--dist-timeout`: seconds above 0, at most 30 days.
+fn dist_timeout(s: &str) -> Result<f64, String> {
+    let v = args::positive(s)?;
+    if v > 30.0 * 86400.0 {
+        return Err(format!("at most 30 days (2592000 s), got {v}"));
+    }
+    Ok(v)
+}
+
 fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     use ehm::train::launch;
     let mut e = ZooEntry::find(&a.model)?;
@@ -909,7 +918,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     a.ehm.apply(&mut e.pretrain.ehm, depth)?;
     e.pretrain.validate()?;
     if a.nproc > 1 && !launch::launched_locally() {
-        if std::env::var_os("WORLD_SIZE").is_some() || std::env::var_os("SLURM_NTASKS").is_some() {
+        if launch::Launch::from_env()?.world > 1 {
             return Err(ehm::Error::Config(
                 "--nproc starts its own ranks; under torchrun or srun leave it out (they set the ranks)".into(),
             ));

@@ -97,12 +97,14 @@ ehm_pg* ehm_pg_new(ehm_store* s, int rank, int world, int64_t timeout_ms, char* 
   return out;
 }
 
-// In-place sum over the ranks (the caller divides for a mean: Gloo has no AVG).
-int ehm_pg_all_reduce_sum(ehm_pg* p, at::Tensor* t, char* err, size_t n) {
+// In-place sum over the ranks (the caller divides for a mean: Gloo has no AVG); timeout_ms > 0
+// replaces the group's timeout for this call.
+int ehm_pg_all_reduce_sum(ehm_pg* p, at::Tensor* t, int64_t timeout_ms, char* err, size_t n) {
   return guard(err, n, [&] {
     std::vector<at::Tensor> ts{*t};
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
+    if (timeout_ms > 0) o.timeout = std::chrono::milliseconds(timeout_ms);
     p->pg->allreduce(ts, o)->wait();
   });
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 use tch::{Device, Tensor};
 
 const HEARTBEAT: Duration = Duration::from_millis(500);
+/// Rank 0's own work (monitors, checkpoints) may take this many `--dist-timeout`s.
+const RANK0_WORK_FACTOR: u32 = 6;
 
 #[cfg(ehm_c10d)]
 mod ffi {
@@ -57,6 +59,7 @@ mod ffi {
         pub fn ehm_pg_all_reduce_sum(
             p: *mut RawPg,
             t: *mut torch_sys::C_tensor,
+            timeout_ms: i64,
             err: *mut c_char,
             n: usize,
         ) -> c_int;
@@ -125,6 +128,7 @@ mod ffi {
     pub unsafe fn ehm_pg_all_reduce_sum(
         _: *mut RawPg,
         _: *mut torch_sys::C_tensor,
+        _: i64,
         err: *mut c_char,
         n: usize,
     ) -> c_int {
@@ -359,8 +363,14 @@ impl Dist {
 
     /// In place: the mean of `t` over the ranks.
     pub fn all_reduce_mean(&self, t: &mut Tensor) -> Result<()> {
+        self.all_reduce_mean_within(t, None)
+    }
+
+    /// `all_reduce_mean` waiting up to `timeout` (instead of the group's) for the others.
+    fn all_reduce_mean_within(&self, t: &mut Tensor, timeout: Option<Duration>) -> Result<()> {
+        let ms = timeout.map_or(0, |d| d.as_millis() as i64);
         self.collective(t, "all-reduce", |p, e, n| unsafe {
-            ffi::ehm_pg_all_reduce_sum(self.pg, p, e, n)
+            ffi::ehm_pg_all_reduce_sum(self.pg, p, ms, e, n)
         })?;
         tch::no_grad(|| *t /= self.world as f64);
         Ok(())
@@ -377,6 +387,21 @@ impl Dist {
     pub fn barrier(&self) -> Result<()> {
         let mut t = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
         self.all_reduce_mean(&mut t)
+    }
+
+    /// How long the others wait for rank 0's own work (monitors, checkpoint writes).
+    pub fn rank0_work_timeout(&self) -> Duration {
+        self.timeout * RANK0_WORK_FACTOR
+    }
+
+    /// Wait for every rank after work only rank 0 does (kNN and hierarchy monitors, the
+    /// checkpoint, the mask picture): the others wait here up to `rank0_work_timeout`, not
+    /// in the next step's all-reduce with the per-step timeout.
+    /// Rank 0 itself arrives after its work and waits for the others as usual.
+    pub fn wait_for_rank0(&self) -> Result<()> {
+        let mut t = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
+        let long = (self.rank != 0).then(|| self.rank0_work_timeout());
+        self.all_reduce_mean_within(&mut t, long)
     }
 
     /// Every rank's `t` (the same shape on each) joined along dim 0 in rank order, on every
@@ -456,10 +481,10 @@ impl Dist {
 
 impl Drop for Dist {
     fn drop(&mut self) {
+        // the heartbeat thread stops at its next beat; not joined, so a store that no longer
+        // answers cannot hold up the exit
         self.stop_beat.store(true, Ordering::Relaxed);
-        if let Some(h) = self.beat.take() {
-            let _ = h.join();
-        }
+        drop(self.beat.take());
         unsafe { ffi::ehm_pg_free(self.pg) }
     }
 }
@@ -471,6 +496,14 @@ mod tests {
     /// `world` ranks as threads of this process, joined through a launcher-style store.
     fn ranks<T: Send + 'static>(
         world: usize,
+        f: impl Fn(Dist) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        ranks_within(world, Duration::from_secs(5), f)
+    }
+
+    fn ranks_within<T: Send + 'static>(
+        world: usize,
+        timeout: Duration,
         f: impl Fn(Dist) -> T + Send + Sync + 'static,
     ) -> Vec<T> {
         let server = Store::open("127.0.0.1", 0, true, 0, Duration::from_secs(20)).unwrap();
@@ -489,7 +522,7 @@ mod tests {
                     };
                     let agent =
                         |k: &str| (k == "TORCHELASTIC_USE_AGENT_STORE").then(|| "True".to_string());
-                    f(Dist::connect_with(&launch, Duration::from_secs(5), &agent).unwrap())
+                    f(Dist::connect_with(&launch, timeout, &agent).unwrap())
                 })
             })
             .collect();
@@ -517,6 +550,26 @@ mod tests {
             assert_eq!(bcast, vec![2.0; 4]);
             assert_eq!(agreed, 7);
         }
+    }
+
+    #[test]
+    fn rank_0s_own_work_gets_the_longer_wait() {
+        // the group's timeout is 1 s; rank 0 works 2 s before joining: the plain barrier
+        // gives up, the wait for rank 0 (6 × 1 s) does not
+        let got = ranks_within(2, Duration::from_secs(1), |d| {
+            let slow = || {
+                if d.rank == 0 {
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+            };
+            slow();
+            let long = d.wait_for_rank0().is_ok();
+            slow();
+            let short = d.barrier().is_ok();
+            (long, short)
+        });
+        assert!(got[0].0 && got[1].0, "{got:?}");
+        assert!(!got[1].1, "rank 1 should have given up: {got:?}");
     }
 
     #[test]

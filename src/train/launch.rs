@@ -1,6 +1,6 @@
 //! Where this process sits in a multi-process launch: the variables torchrun sets (`RANK`,
 //! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) or, under `srun`, Slurm's
-//! (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`). Read once, checked, before any work.
+//! (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`). Read once, checked, before any work.
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,9 +45,11 @@ impl Launch {
                 Error::Config("WORLD_SIZE is set but RANK is not (launch with torchrun)".into())
             })?;
             (rank, world, num("LOCAL_RANK")?, "torchrun")
-        } else if let Some(world) = num("SLURM_NTASKS")? {
+        } else if let Some(world) = num("SLURM_STEP_NUM_TASKS")? {
+            // srun sets the step's variables; an sbatch / salloc shell has SLURM_NTASKS too
+            // but is one process, not a rank
             let rank = num("SLURM_PROCID")?.ok_or_else(|| {
-                Error::Config("SLURM_NTASKS is set but SLURM_PROCID is not".into())
+                Error::Config("SLURM_STEP_NUM_TASKS is set but SLURM_PROCID is not".into())
             })?;
             (rank, world, num("SLURM_LOCALID")?, "slurm")
         } else {
@@ -151,6 +153,10 @@ pub fn run_local(nproc: usize, timeout: std::time::Duration) -> Result<()> {
             .env("MASTER_PORT", store.port().to_string())
             .env("TORCHELASTIC_USE_AGENT_STORE", "True")
             .env("OMP_NUM_THREADS", &threads)
+            .env(
+                "RAYON_NUM_THREADS",
+                std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| threads.clone()),
+            )
             .env(LAUNCHED_VAR, "1")
             // rank 0 speaks for the job on stdout; every rank's errors reach stderr
             .stdout(if rank == 0 {
@@ -158,10 +164,15 @@ pub fn run_local(nproc: usize, timeout: std::time::Duration) -> Result<()> {
             } else {
                 Stdio::null()
             });
-        // a launcher that is killed takes its ranks with it
+        // a launcher that is killed takes its ranks with it (also one killed between the
+        // fork and the prctl: the parent is then no longer this process)
+        let launcher = std::process::id() as libc::pid_t;
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::getppid() != launcher {
+                    libc::_exit(1);
+                }
                 Ok(())
             });
         }
@@ -242,7 +253,7 @@ mod tests {
             ("MASTER_ADDR", "node7"),
             ("MASTER_PORT", "29500"),
             ("SLURM_PROCID", "0"),
-            ("SLURM_NTASKS", "2"),
+            ("SLURM_STEP_NUM_TASKS", "2"),
         ])
         .unwrap();
         assert_eq!(
@@ -252,7 +263,7 @@ mod tests {
         assert_eq!(t.master, Some(("node7".into(), 29500)));
         let s = launch(&[
             ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "8"),
+            ("SLURM_STEP_NUM_TASKS", "8"),
             ("SLURM_LOCALID", "1"),
         ])
         .unwrap();
@@ -263,7 +274,7 @@ mod tests {
         // srun with nothing exported: the step's first node, a port from the job id
         let s = launch(&[
             ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "8"),
+            ("SLURM_STEP_NUM_TASKS", "8"),
             ("SLURM_JOB_ID", "123456"),
             ("SLURM_STEP_NODELIST", "gpu[007-010,012],login1"),
         ])
@@ -272,7 +283,7 @@ mod tests {
         // exported values win
         let s = launch(&[
             ("SLURM_PROCID", "0"),
-            ("SLURM_NTASKS", "2"),
+            ("SLURM_STEP_NUM_TASKS", "2"),
             ("SLURM_JOB_ID", "7"),
             ("SLURM_JOB_NODELIST", "a1,a2"),
             ("MASTER_PORT", "4000"),

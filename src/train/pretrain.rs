@@ -501,7 +501,13 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         preprocess: pre.clone(),
         pretrain: p.clone(),
     };
-    let device = crate::model::default_device();
+    // one GPU per rank on a node (torchrun / srun start one process per GPU)
+    let device = match crate::model::default_device() {
+        Device::Cuda(_) if launch.world > 1 => {
+            Device::Cuda(launch.local_rank % tch::Cuda::device_count().max(1) as usize)
+        }
+        d => d,
+    };
     let kind = opts.dtype.unwrap_or(if device == Device::Cpu {
         Kind::Float
     } else {
@@ -515,7 +521,17 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     }
     if matches!(spec, DataSpec::Folder { .. } | DataSpec::Photos) {
         // Keep decoded photos in memory at a little above the training size (up to 4 GiB).
-        ds = data::DecodedCache::wrap_if_fits(ds, pre.image_size * 5 / 4, 4 << 30);
+        // every rank keeps its own copy: share the 4 GiB between the ranks of a machine
+        let ranks_here = std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(launch.world)
+            .max(1);
+        ds = data::DecodedCache::wrap_if_fits(
+            ds,
+            pre.image_size * 5 / 4,
+            (4 << 30) / ranks_here as u64,
+        );
     }
     // one optimizer step takes `batch` images over all ranks, each rank `local` of them in
     // `accum_steps` forward passes
@@ -695,6 +711,9 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             log(&line)?;
         }
     }
+    if let Some(d) = &dist {
+        d.wait_for_rank0()?;
+    }
 
     if start < total {
         let mut loader = Loader::start(
@@ -723,8 +742,11 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             Some(m) => MaskJob::Ready(m),
             None => engine.mask_job(&cur, t_of(start), start),
         };
+        // a loader that stops early is an error: one rank leaving the loop would desert the
+        // others in the next all-reduce
+        let ended = || Error::Other("data loader ended early".into());
         let mut next = if start + 1 < total {
-            upload(&engine, &mut loader)
+            Some(upload(&engine, &mut loader).ok_or_else(ended)?)
         } else {
             None
         };
@@ -741,10 +763,10 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             let loss = engine.step(&cur, &masks, lr)?;
             loss_acc += &loss;
             let done = step + 1;
-            // (data-parallel ranks check the loss they agree on, at the log steps below)
-            if dist.is_none() && device == Device::Cpu
-                || done % opts.log_every == 0
-                || done == total
+            // (data-parallel ranks check only the loss they agree on, at the log steps below,
+            // so that all of them stop together)
+            if dist.is_none()
+                && (device == Device::Cpu || done % opts.log_every == 0 || done == total)
             {
                 let l = loss.double_value(&[]);
                 if !l.is_finite() {
@@ -837,6 +859,14 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                     write_atomic(&out.join("masks").join(format!("step_{done:07}.png")), &png)?;
                 }
             }
+            // rank 0 may have run monitors or written a checkpoint: wait for it here, with the
+            // longer timeout its own work gets
+            let rank0_worked = done % knn_every_steps == 0
+                || done % hier_every == 0
+                || done % opts.save_every == 0;
+            if let (Some(d), true) = (&dist, rank0_worked && done != total) {
+                d.wait_for_rank0()?;
+            }
             bar.inc(1);
             cur = match next.take() {
                 Some(n) => n,
@@ -844,7 +874,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             };
             job = next_job.expect("a job for every next batch");
             next = if step + 2 < total {
-                upload(&engine, &mut loader)
+                Some(upload(&engine, &mut loader).ok_or_else(ended)?)
             } else {
                 None
             };
@@ -853,7 +883,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     bar.finish_and_clear();
     if let Some(d) = &dist {
         // nobody leaves (closing its connections) while another rank still talks to it
-        d.barrier()?;
+        d.wait_for_rank0()?;
     }
     if let Some((tr, te)) = &knn_sets {
         let acc = knn_eval(&engine, &pre, tr, te)?;
