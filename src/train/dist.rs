@@ -263,7 +263,7 @@ impl Dist {
     ) -> Result<Dist> {
         let (host, port) = launch.master.clone().ok_or_else(|| {
             Error::Config(format!(
-                "rank {} of {}: MASTER_ADDR and MASTER_PORT are not set (torchrun sets them; under srun export them, e.g. MASTER_ADDR=$(scontrol show hostnames | head -n1) MASTER_PORT=29500)",
+                "rank {} of {}: MASTER_ADDR and MASTER_PORT are not set (torchrun sets them; under srun they come from SLURM_STEP_NODELIST and SLURM_JOB_ID, or export them)",
                 launch.rank, launch.world
             ))
         })?;
