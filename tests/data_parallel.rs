@@ -120,6 +120,10 @@ fn two_ranks_of_b_are_one_process_of_2b() {
         let s = json_out(&cmd(&model, d.path(), &two, &args).output().unwrap());
         assert_eq!(s["steps"], 20, "{masking}: optimizer steps of the job");
         assert_eq!(s["images"], 320);
+        assert_eq!(
+            (s["processes"].as_u64(), s["batch"].as_u64()),
+            (Some(2), Some(32))
+        );
         assert_same_run(&whole, &two, &format!("{masking}: 2 ranks × 16 vs 32"));
         // rank 0 alone writes: one metrics line per step, no second writer
         assert_eq!(loss_steps(&two), (1..=20).collect::<Vec<_>>());

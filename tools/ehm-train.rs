@@ -975,6 +975,14 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
                 s.knn_top1
                     .map_or("-".into(), |v| format!("{:.2} %", 100.0 * v)),
             ),
+            (
+                "batch",
+                if s.processes > 1 {
+                    format!("{} per step over {} processes", s.batch, s.processes)
+                } else {
+                    format!("{} per step", s.batch)
+                },
+            ),
             ("throughput", format!("{:.1} images/s", s.images_per_s)),
             ("time", format!("{:.1} s", s.seconds)),
             ("checkpoint", s.checkpoint.display().to_string()),

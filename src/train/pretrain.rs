@@ -64,7 +64,11 @@ pub struct Summary {
     pub epochs: f64,
     pub images: usize,
     pub final_loss: Option<f64>,
+    /// Images per second of the whole job (all ranks).
     pub images_per_s: f64,
+    /// Processes that trained together, and the images of one optimizer step over all of them.
+    pub processes: usize,
+    pub batch: usize,
     pub seconds: f64,
     pub knn_top1: Option<f64>,
     pub resumed_from: Option<u64>,
@@ -904,6 +908,8 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         images: ds.len(),
         final_loss: last_loss,
         images_per_s: (total - start) as f64 * batch as f64 / secs.max(1e-9),
+        processes: launch.world,
+        batch,
         seconds: secs,
         knn_top1: knn_last,
         resumed_from: resumed,
