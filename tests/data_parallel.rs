@@ -269,9 +269,9 @@ fn kill_9_of_a_rank_stops_the_job_and_the_rerun_resumes() {
     }
 }
 
-#[test]
-fn under_torchrun_the_survivor_of_a_kill_names_the_dead_rank() {
-    // no launcher to watch the ranks: rank 0 itself must notice, say who, and exit
+/// Two torchrun-style ranks (rank 0 hosts the store, no launcher watching) of a long run with
+/// `--dist-timeout TIMEOUT`, once its first checkpoint exists: (folder, rank 0, rank 1).
+fn two_ranks_past_a_checkpoint(timeout: &str) -> (tempfile::TempDir, Child, Child) {
     let d = tempfile::tempdir().unwrap();
     write_cifar(d.path());
     let model = write_model(d.path());
@@ -284,7 +284,7 @@ fn under_torchrun_the_survivor_of_a_kill_names_the_dead_rank() {
         "--save-every",
         "5",
         "--dist-timeout",
-        "60",
+        timeout,
     ];
     let port = free_port();
     let spawn = |r: usize| {
@@ -294,8 +294,15 @@ fn under_torchrun_the_survivor_of_a_kill_names_the_dead_rank() {
             .spawn()
             .unwrap()
     };
-    let (zero, mut one) = (spawn(0), spawn(1));
+    let (zero, one) = (spawn(0), spawn(1));
     wait_for(&out.join("resume.safetensors"), Duration::from_secs(300));
+    (d, zero, one)
+}
+
+#[test]
+fn under_torchrun_the_survivor_of_a_kill_names_the_dead_rank() {
+    // no launcher to watch the ranks: rank 0 itself must notice, say who, and exit
+    let (_d, zero, mut one) = two_ranks_past_a_checkpoint("60");
     one.kill().unwrap();
     one.wait().unwrap();
     let (o, took) = wait_output(zero, Duration::from_secs(40));
@@ -315,30 +322,7 @@ fn under_torchrun_the_survivor_of_a_kill_names_the_dead_rank() {
 fn a_hung_rank_ends_the_job_within_the_timeout() {
     // rank 1 frozen (SIGSTOP) mid-run: its sockets stay open, so only the timeout can end the
     // wait; rank 0 must give up after --dist-timeout and say which rank it waited for
-    let d = tempfile::tempdir().unwrap();
-    write_cifar(d.path());
-    let model = write_model(d.path());
-    let out = d.path().join("run");
-    let args = [
-        "--epochs",
-        "40",
-        "--batch-size",
-        "16",
-        "--save-every",
-        "5",
-        "--dist-timeout",
-        "5",
-    ];
-    let port = free_port();
-    let spawn = |r: usize| {
-        as_rank(cmd(&model, d.path(), &out, &args), r, 2, port)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let (zero, mut one) = (spawn(0), spawn(1));
-    wait_for(&out.join("resume.safetensors"), Duration::from_secs(300));
+    let (_d, zero, mut one) = two_ranks_past_a_checkpoint("5");
     unsafe { libc::kill(one.id() as i32, libc::SIGSTOP) };
     let (o, took) = wait_output(zero, Duration::from_secs(60));
     one.kill().unwrap();

@@ -614,42 +614,25 @@ fn apply_finetune_preset(a: &mut FinetuneArgs) {
         return;
     };
     let unset = |id: &str| fm.value_source(id) != Some(ValueSource::CommandLine);
-    let r = &mut a.recipe;
-    if unset("epochs") {
-        r.epochs = 100;
-    }
-    if unset("warmup_epochs") {
-        r.warmup_epochs = 5.0;
-    }
-    if unset("blr") {
-        r.blr = Some(5e-4);
-    }
-    if unset("layer_decay") {
-        r.layer_decay = 0.65;
-    }
-    if unset("drop_path") {
-        r.drop_path = 0.1;
-    }
-    if unset("weight_decay") {
-        r.weight_decay = 0.05;
-    }
-    if unset("label_smoothing") {
-        a.label_smoothing = 0.1;
-    }
-    if unset("mixup") {
-        a.mixup = 0.8;
-    }
-    if unset("cutmix") {
-        a.cutmix = 1.0;
-    }
-    if unset("reprob") {
-        a.reprob = 0.25;
-    }
-    if unset("aa") {
-        a.aa = "rand-m9-mstd0.5-inc1".into();
-    }
-    if unset("pool") {
-        a.data.pool = ehm::train::probe::Pool::Mean;
+    // MAE's ViT fine-tuning values, by flag (the flag's clap id)
+    let mae: [(&str, fn(&mut FinetuneArgs)); 12] = [
+        ("epochs", |a| a.recipe.epochs = 100),
+        ("warmup_epochs", |a| a.recipe.warmup_epochs = 5.0),
+        ("blr", |a| a.recipe.blr = Some(5e-4)),
+        ("layer_decay", |a| a.recipe.layer_decay = 0.65),
+        ("drop_path", |a| a.recipe.drop_path = 0.1),
+        ("weight_decay", |a| a.recipe.weight_decay = 0.05),
+        ("label_smoothing", |a| a.label_smoothing = 0.1),
+        ("mixup", |a| a.mixup = 0.8),
+        ("cutmix", |a| a.cutmix = 1.0),
+        ("reprob", |a| a.reprob = 0.25),
+        ("aa", |a| a.aa = "rand-m9-mstd0.5-inc1".into()),
+        ("pool", |a| a.data.pool = ehm::train::probe::Pool::Mean),
+    ];
+    for (id, set) in mae {
+        if unset(id) {
+            set(a);
+        }
     }
 }
 
