@@ -615,7 +615,8 @@ fn apply_finetune_preset(a: &mut FinetuneArgs) {
     };
     let unset = |id: &str| fm.value_source(id) != Some(ValueSource::CommandLine);
     // MAE's ViT fine-tuning values, by flag (the flag's clap id)
-    let mae: [(&str, fn(&mut FinetuneArgs)); 12] = [
+    type Set = fn(&mut FinetuneArgs);
+    let mae: [(&str, Set); 12] = [
         ("epochs", |a| a.recipe.epochs = 100),
         ("warmup_epochs", |a| a.recipe.warmup_epochs = 5.0),
         ("blr", |a| a.recipe.blr = Some(5e-4)),
