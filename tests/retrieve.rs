@@ -361,3 +361,91 @@ fn phash_index_and_dedup_report() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn query_windows_find_photos_pasted_into_collages() {
+    // the partial duplicate the whole-query descriptor misses: a registry photo pasted at
+    // 12–30 % of the area into an unrelated photo (not in the index). With the shipped
+    // embedder and the index's standard regions, the query's own windows must put clearly
+    // more originals at rank 1 than the whole query does.
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    let cache = ehm::fsutil::cache_dir();
+    let photos = ehm::data::photos::collect(&cache).unwrap();
+    let mut all: Vec<PathBuf> = ehm::data::folder::list_images(&photos)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "webp"))
+        .collect();
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    all.shuffle(&mut r);
+    let (db, backgrounds) = (&all[..60], &all[60..80]);
+    let d = tempfile::tempdir().unwrap();
+    let dbdir = d.path().join("db");
+    std::fs::create_dir_all(&dbdir).unwrap();
+    for p in db {
+        std::os::unix::fs::symlink(p, dbdir.join(p.file_name().unwrap())).unwrap();
+    }
+    let index = d.path().join("idx");
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/photos64_tiny_embed.onnx");
+    ok(retrieve()
+        .args(["index", "-i"])
+        .arg(&index)
+        .arg("-m")
+        .arg(&model)
+        .arg(&dbdir)
+        .output()
+        .unwrap());
+    let qdir = d.path().join("collages");
+    std::fs::create_dir_all(&qdir).unwrap();
+    for (i, orig) in db.iter().take(30).enumerate() {
+        let o = ehm::data::image_io::load_rgb(orig).unwrap();
+        let bg = ehm::data::image_io::load_rgb(&backgrounds[i % backgrounds.len()]).unwrap();
+        let mut canvas =
+            image::imageops::resize(&bg, 640, 480, image::imageops::FilterType::Triangle);
+        let area: f64 = r.random_range(0.12..0.30);
+        let s = (area * 640.0 * 480.0 / (o.width() * o.height()) as f64).sqrt();
+        let (w, h) = (
+            (o.width() as f64 * s) as u32,
+            (o.height() as f64 * s) as u32,
+        );
+        let inset = image::imageops::resize(&o, w, h, image::imageops::FilterType::Triangle);
+        let (x, y) = (
+            r.random_range(0..=640 - w.min(640)),
+            r.random_range(0..=480 - h.min(480)),
+        );
+        image::imageops::overlay(&mut canvas, &inset, x as i64, y as i64);
+        canvas.save(qdir.join(format!("{i:02}.png"))).unwrap();
+    }
+    // rank-1 hits over the 30 collages, all queried in one call
+    let hits = |extra: &[&str]| {
+        let o = ok(retrieve()
+            .arg("query")
+            .arg("-i")
+            .arg(&index)
+            .args(["-k", "1", "--format", "jsonl"])
+            .args(extra)
+            .arg(&qdir)
+            .output()
+            .unwrap());
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let i: usize = Path::new(v["query"].as_str().unwrap())
+                    .file_stem()
+                    .unwrap()
+                    .to_string_lossy()
+                    .parse()
+                    .unwrap();
+                v["matches"][0]["path"]
+                    .as_str()
+                    .is_some_and(|p| Path::new(p).file_name() == db[i].file_name())
+            })
+            .count()
+    };
+    let (whole, windows) = (hits(&[]), hits(&["--query-regions", "dense"]));
+    eprintln!("rank 1 of 30 collages: whole query {whole}, with query windows {windows}");
+    assert!(windows >= whole + 3, "whole {whole}, windows {windows}");
+}

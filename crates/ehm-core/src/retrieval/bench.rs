@@ -478,6 +478,7 @@ pub fn evaluate(
     model: Option<&Path>,
     threads: usize,
     ef: usize,
+    query_regions: super::descriptor::Regions,
 ) -> Result<EvalReport> {
     let truth = read_truth(bench)?;
     let ix = super::index::Index::open(root)?;
@@ -489,7 +490,8 @@ pub fn evaluate(
     )?;
     let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
     let mut vecs: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
-    d.describe(&paths, &[crate::pipeline::FULL], 32, threads, true, |r| {
+    let windows = super::descriptor::views(query_regions);
+    d.describe(&paths, &windows, 32, threads, true, |r| {
         vecs.push(r.ok().map(|x| {
             let mut v = x.vectors;
             ix.prepare(&mut v);
@@ -508,10 +510,14 @@ pub fn evaluate(
                 continue;
             };
             let t0 = std::time::Instant::now();
-            let m = s.search(v, 100, ef, -1.0);
+            let m = s.search_windows(v, 100, ef, -1.0);
             times.push(t0.elapsed().as_secs_f64() * 1e3);
-            let exact = s.exact(v, 10, -1.0);
-            let top: std::collections::HashSet<u64> = m.iter().take(10).map(|x| x.id).collect();
+            // HNSW recall of the whole-image search (the first window)
+            let whole = &v[..ix.meta.dim];
+            let exact = s.exact(whole, 10, -1.0);
+            let m_whole = s.search(whole, 10, ef, -1.0);
+            let top: std::collections::HashSet<u64> =
+                m_whole.iter().take(10).map(|x| x.id).collect();
             overlap += exact.iter().filter(|x| top.contains(&x.id)).count() as f64
                 / exact.len().max(1) as f64;
             results.push(m);

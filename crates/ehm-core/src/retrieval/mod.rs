@@ -429,6 +429,28 @@ impl<'a> Searcher<'a> {
         self.aggregate(hits.into_iter().map(|(r, d)| (r, 1.0 - d)), k, threshold)
     }
 
+    /// Search with each of a query's windows (`views × dim` values, the whole image first),
+    /// merged per image by its best score: a copy that is only part of the query is found by
+    /// the window that frames it.
+    pub fn search_windows(&self, q: &[f32], k: usize, ef: usize, threshold: f32) -> Vec<Match> {
+        let dim = self.ix.meta.dim;
+        if q.len() <= dim {
+            return self.search(q, k, ef, threshold);
+        }
+        let nv = self.ix.meta.views.len().max(1);
+        let want = (k * nv * 2 + 8).min(self.ix.rows());
+        let keep = |r: usize| self.alive[r];
+        let mut hits = Vec::new();
+        for w in q.chunks(dim) {
+            let h = self
+                .ix
+                .graph_search(w, want, ef.max(want), &keep, &mut self.scratch.borrow_mut())
+                .unwrap_or_default();
+            hits.extend(h.into_iter().map(|(r, d)| (r, 1.0 - d)));
+        }
+        self.aggregate(hits.into_iter(), k, threshold)
+    }
+
     /// Exact search (every vector): the yardstick for HNSW recall.
     pub fn exact(&self, q: &[f32], k: usize, threshold: f32) -> Vec<Match> {
         let hits = (0..self.ix.rows())
