@@ -3,7 +3,7 @@
 //! a rank killed with -9 stops the job with its name, and the re-run resumes.
 mod common;
 use common::{json_out, losses, pretrain_cmd, relative_diff, weights, write_cifar, write_model};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,15 @@ fn cmd<S: AsRef<std::ffi::OsStr>>(model: &Path, data: &Path, out: &Path, extra: 
     let mut c = pretrain_cmd(model, data, out);
     c.args(["--knn-every", "-1", "--workers", "1"]).args(extra);
     c
+}
+
+/// A folder with the synthetic CIFAR set and the micro model; the run folder in it.
+fn micro_run() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    write_cifar(d.path());
+    let model = write_model(d.path());
+    let out = d.path().join("run");
+    (d, model, out)
 }
 
 fn free_port() -> u16 {
@@ -202,10 +211,7 @@ fn wait_output(c: Child, limit: Duration) -> (std::process::Output, Duration) {
 
 #[test]
 fn kill_9_of_a_rank_stops_the_job_and_the_rerun_resumes() {
-    let d = tempfile::tempdir().unwrap();
-    write_cifar(d.path());
-    let model = write_model(d.path());
-    let out = d.path().join("run");
+    let (d, model, out) = micro_run();
     let args = [
         "--epochs",
         "16",
@@ -272,10 +278,7 @@ fn kill_9_of_a_rank_stops_the_job_and_the_rerun_resumes() {
 /// Two torchrun-style ranks (rank 0 hosts the store, no launcher watching) of a long run with
 /// `--dist-timeout TIMEOUT`, once its first checkpoint exists: (folder, rank 0, rank 1).
 fn two_ranks_past_a_checkpoint(timeout: &str) -> (tempfile::TempDir, Child, Child) {
-    let d = tempfile::tempdir().unwrap();
-    write_cifar(d.path());
-    let model = write_model(d.path());
-    let out = d.path().join("run");
+    let (d, model, out) = micro_run();
     let args = [
         "--epochs",
         "40",
@@ -343,10 +346,7 @@ fn a_hung_rank_ends_the_job_within_the_timeout() {
 
 #[test]
 fn nccl_on_the_cpu_is_refused_by_every_rank_in_one_line() {
-    let d = tempfile::tempdir().unwrap();
-    write_cifar(d.path());
-    let model = write_model(d.path());
-    let out = d.path().join("run");
+    let (d, model, out) = micro_run();
     let args = [
         "--epochs",
         "1",

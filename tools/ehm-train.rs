@@ -47,22 +47,7 @@ enum Cmd {
     Bench(BenchArgs),
     /// Time the training data path (decode + RandomResizedCrop + flip) on a folder: images/s
     /// (compare with benches/py/loader_torchvision.py)
-    BenchLoader {
-        /// Data set (folder:DIR, photos, …)
-        #[arg(long, default_value = "photos")]
-        data: String,
-        #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(16..))]
-        image_size: u32,
-        #[arg(long, default_value_t = 1, value_parser = args::at_least_one)]
-        workers: usize,
-        #[arg(long, default_value_t = 32, value_parser = args::at_least_one)]
-        batch: usize,
-        /// Batches timed (after one untimed batch)
-        #[arg(long, default_value_t = 8, value_parser = args::at_least_one)]
-        batches: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    BenchLoader(ehm::train::bench::LoaderBenchOptions),
     /// Linear probe of a frozen backbone (BatchNorm without affine + linear, on cached features)
     Probe(ProbeArgs),
     /// Weighted kNN top-1 (k = 20, T = 0.07, as DINO) of a frozen backbone
@@ -1123,22 +1108,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Pretrain(a) => pretrain(*a),
         Cmd::Bench(a) => bench(a),
-        Cmd::BenchLoader {
-            data,
-            image_size,
-            workers,
-            batch,
-            batches,
-            seed,
-        } => ehm::train::bench::loader_speed(&ehm::train::bench::LoaderBenchOptions {
-            data,
-            image_size,
-            workers,
-            batch,
-            batches,
-            seed,
-        })
-        .and_then(|r| {
+        Cmd::BenchLoader(o) => ehm::train::bench::loader_speed(&o).and_then(|r| {
             say!("{}", serde_json::to_string(&r).unwrap());
             Ok(())
         }),

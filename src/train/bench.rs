@@ -128,14 +128,21 @@ pub fn bench(o: &BenchOptions) -> crate::Result<BenchResult> {
 /// into CHW bytes, `workers` threads making whole batches, as the trainer's loader does (no
 /// decoded-image cache) — the same work as torchvision's ImageFolder + DataLoader
 /// (`benches/py/loader_torchvision.py`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct LoaderBenchOptions {
+    /// Data set (folder:DIR, photos, …)
+    #[arg(long, default_value = "photos")]
     pub data: String,
+    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(16..))]
     pub image_size: u32,
+    #[arg(long, default_value_t = 1, value_parser = crate::args::at_least_one)]
     pub workers: usize,
+    #[arg(long, default_value_t = 32, value_parser = crate::args::at_least_one)]
     pub batch: usize,
-    /// Batches timed (after one untimed batch: the workers' start).
+    /// Batches timed (after one untimed batch: the workers' start)
+    #[arg(long, default_value_t = 8, value_parser = crate::args::at_least_one)]
     pub batches: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
