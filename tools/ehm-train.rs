@@ -208,7 +208,7 @@ struct MasksArgs {
     #[arg(long, value_enum)]
     masking: Option<MaskingKind>,
     /// Training progress values, 0 … 1
-    #[arg(long = "t", value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1", value_parser = args::progress)]
+    #[arg(long = "t", value_delimiter = ',', default_value = "0,0.25,0.5,0.75,1", value_parser = args::fraction)]
     ts: Vec<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -855,7 +855,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     use ehm::train::launch;
     let mut e = ZooEntry::find(&a.model)?;
     let dist_timeout = std::time::Duration::from_secs_f64(a.dist_timeout);
-    let rank = launch::Launch::from_env()?.rank;
+    let this = launch::Launch::from_env()?;
     let p = &mut e.pretrain;
     if let Some(v) = a.data {
         p.data = v;
@@ -891,7 +891,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     a.ehm.apply(&mut e.pretrain.ehm, depth)?;
     e.pretrain.validate()?;
     if a.nproc > 1 && !launch::launched_locally() {
-        if launch::Launch::from_env()?.world > 1 {
+        if this.world > 1 {
             return Err(ehm::Error::Config(
                 "--nproc starts its own ranks; under torchrun or srun leave it out (they set the ranks)".into(),
             ));
@@ -917,7 +917,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
         dist_backend: a.dist_backend,
     };
     let s = ehm::train::pretrain(&e, &opts)?;
-    if rank != 0 {
+    if this.rank != 0 {
         return Ok(()); // rank 0 reports for the job
     }
     if a.json {

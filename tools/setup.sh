@@ -144,27 +144,22 @@ setup_data() {
 
 # Python packages used only by the tests that cross-check our ONNX files with independent tools.
 PYDEPS="onnx==1.19.1 onnxruntime==1.31.1 numpy==2.2.6 pillow==12.0.0"
-setup_pydeps() {
-  local venv="$CACHE/venv"
-  if stamped "$venv" "$PYDEPS"; then say "python test deps: up to date ($venv)"; return; fi
-  say "installing python test deps into $venv ($PYDEPS)"
-  rm -rf "$venv"
-  python3 -m venv "$venv" || die "python3 -m venv failed: install python3-venv"
-  "$venv/bin/python" -m pip install -q $PYDEPS >&2 || { rm -rf "$venv"; die "pip install of $PYDEPS failed; check PyPI access"; }
-  echo "$PYDEPS" > "$venv/.ehm-stamp"
-}
+setup_pydeps() { setup_venv "$CACHE/venv" "python test deps" "$PYDEPS"; }
 
 # The PyTorch data-loading yardstick of benches/loader_speed.sh (torchvision ImageFolder +
 # DataLoader + PIL); ≈ 4.7 GB with torch's CUDA dependencies; only that benchmark uses it.
 TORCHREF="torch==2.11.0 torchvision==0.26.0 pillow==12.0.0"
-setup_torchref() {
-  local venv="$CACHE/torchref"
-  if stamped "$venv" "$TORCHREF"; then say "torchvision reference: up to date ($venv)"; return; fi
-  say "installing the torchvision reference into $venv ($TORCHREF)"
+setup_torchref() { setup_venv "$CACHE/torchref" "torchvision reference" "$TORCHREF"; }
+
+# setup_venv DIR WHAT "PKG==V …": a venv with exactly those pinned packages (stamped).
+setup_venv() {
+  local venv=$1 what=$2 pkgs=$3
+  if stamped "$venv" "$pkgs"; then say "$what: up to date ($venv)"; return; fi
+  say "installing $what into $venv ($pkgs)"
   rm -rf "$venv"
   python3 -m venv "$venv" || die "python3 -m venv failed: install python3-venv"
-  "$venv/bin/python" -m pip install -q $TORCHREF >&2 || { rm -rf "$venv"; die "pip install of $TORCHREF failed; check PyPI access"; }
-  echo "$TORCHREF" > "$venv/.ehm-stamp"
+  "$venv/bin/python" -m pip install -q $pkgs >&2 || { rm -rf "$venv"; die "pip install of $pkgs failed; check PyPI access"; }
+  echo "$pkgs" > "$venv/.ehm-stamp"
 }
 
 # Headers the NCCL plugin (tools/build_nccl_plugin.sh, GPU machines only) needs on top of the

@@ -486,8 +486,13 @@ impl Dist {
 
     /// Wait for every rank.
     pub fn barrier(&self) -> Result<()> {
+        self.barrier_within(None)
+    }
+
+    /// A barrier (an all-reduce of one value) waiting up to `timeout`, or the group's.
+    fn barrier_within(&self, timeout: Option<Duration>) -> Result<()> {
         let mut t = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
-        self.all_reduce_mean(&mut t)
+        self.all_reduce_mean_within(&mut t, timeout)
     }
 
     /// How long the others wait for rank 0's own work (monitors, checkpoint writes).
@@ -500,9 +505,7 @@ impl Dist {
     /// in the next step's all-reduce with the per-step timeout.
     /// Rank 0 itself arrives after its work and waits for the others as usual.
     pub fn wait_for_rank0(&self) -> Result<()> {
-        let mut t = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
-        let long = (self.rank != 0).then(|| self.rank0_work_timeout());
-        self.all_reduce_mean_within(&mut t, long)
+        self.barrier_within((self.rank != 0).then(|| self.rank0_work_timeout()))
     }
 
     /// Every rank's `t` (the same shape on each) joined along dim 0 in rank order, on every

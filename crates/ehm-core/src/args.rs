@@ -46,34 +46,19 @@ pub fn open_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
-/// A probability: a number from 0 to 1.
+/// A number from 0 to 1: a probability, training progress t.
 pub fn fraction(s: &str) -> Result<f64, String> {
     let v: f64 = number(s)?;
     if (0.0..=1.0).contains(&v) {
         Ok(v)
     } else {
-        Err(format!("must be between 0 and 1, got {v}"))
+        Err(format!("must be from 0 to 1, got {v}"))
     }
 }
 
-/// A fraction from 0 to 1 (an opacity).
+/// A fraction from 0 to 1 as f32 (an opacity).
 pub fn unit(s: &str) -> Result<f32, String> {
-    let v: f32 = number(s)?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("must be from 0 to 1, got {v}"))
-    }
-}
-
-/// Training progress t, 0 to 1.
-pub fn progress(s: &str) -> Result<f64, String> {
-    let v: f64 = number(s)?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("must be from 0 to 1, got {v}"))
-    }
+    fraction(s).map(|v| v as f32)
 }
 
 /// A cosine similarity threshold, −1 to 1.
@@ -104,7 +89,7 @@ mod tests {
             assert!(open_fraction(bad).is_err(), "{bad}");
         }
         assert!(unit("5").is_err() && unit("nan").is_err() && unit("0.55").is_ok());
-        assert!(progress("1.5").is_err() && progress("nan").is_err() && progress("0.1") == Ok(0.1));
+        assert!(fraction("1.5").is_err() && fraction("nan").is_err() && fraction("0.1") == Ok(0.1));
         assert!(cosine("1.5").is_err() && cosine("nan").is_err() && cosine("-1").is_ok());
     }
 }
