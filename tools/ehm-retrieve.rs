@@ -328,13 +328,14 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             let s = retrieval::bench::make_bench(&photos, &stamps, &dir, originals, seed)?;
             writeln!(
                 out,
-                "wrote {} queries ({} originals × {} attack families) to {}; database: {} of {} photos (near-duplicates dropped) listed in {}",
+                "wrote {} queries ({} originals × {} attack families) to {}; database: {} of {} photos (near-duplicates and {} collage backgrounds dropped) listed in {}",
                 s.queries,
                 s.originals,
                 retrieval::bench::FAMILIES.len(),
                 dir.join("queries").display(),
                 s.database,
                 s.photos,
+                retrieval::bench::BACKGROUNDS,
                 dir.join("database.txt").display()
             )
             .map_err(out_err)?;

@@ -1,8 +1,10 @@
 //! A Copydays-style partial-duplicate benchmark built from the registry photos: some photos are
-//! originals, every other photo is a distractor, and each original gets one attacked copy per
-//! attack family (crops, rotations, flips, JPEG, blur, colour jitter, grayscale, text and object
-//! overlays, borders, and 'strong' combinations). The database is the whole photo collection;
-//! the queries are the copies. Evaluation: AP per query (one relevant image: 1/rank), mAP per
+//! originals, a few are held out as collage backgrounds, every other photo is a distractor, and
+//! each original gets one attacked copy per attack family (crops, rotations, flips, JPEG, blur,
+//! colour jitter, grayscale, text and object overlays, borders, 'strong' combinations, the
+//! original pasted small into an unrelated photo or a collage, tiny thumbnails). The database is
+//! the photo collection less the backgrounds (so a collage has one right answer); the queries are
+//! the copies. Evaluation: AP per query (one relevant image: 1/rank), mAP per
 //! family and overall, recall@1/@10, and µAP over all (query, match) pairs as DISC21 scores it.
 use super::{Match, Searcher};
 use crate::data::image_io::load_rgb;
@@ -30,7 +32,22 @@ pub const FAMILIES: &[&str] = &[
     "object",
     "border",
     "strong",
+    "inset",
+    "inset_edit",
+    "collage",
+    "thumbnail",
 ];
+
+/// Photos held out of the database as collage/inset backgrounds.
+pub const BACKGROUNDS: usize = 40;
+
+/// What the attacks paste onto or around the original.
+pub struct Material {
+    /// Tux Paint stamps (object overlays).
+    pub objects: Vec<RgbaImage>,
+    /// Unrelated photos that are not in the database (inset and collage backgrounds).
+    pub backgrounds: Vec<RgbImage>,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GroundTruth {
@@ -187,13 +204,91 @@ fn border(img: &RgbImage, r: &mut ChaCha8Rng) -> RgbImage {
     out
 }
 
+/// `img` scaled to cover `w × h` and centre-cropped to it (a collage cell).
+fn cover(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    let s = (w as f32 / img.width() as f32).max(h as f32 / img.height() as f32);
+    let (sw, sh) = (
+        ((img.width() as f32 * s).ceil() as u32).max(w),
+        ((img.height() as f32 * s).ceil() as u32).max(h),
+    );
+    let big = image::imageops::resize(img, sw, sh, image::imageops::FilterType::Triangle);
+    image::imageops::crop_imm(&big, (sw - w) / 2, (sh - h) / 2, w, h).to_image()
+}
+
+/// The original pasted at 10–30 % of the area of an unrelated photo (a picture in a picture,
+/// a screenshot of a page, a meme template), sometimes with a thin white frame.
+fn inset(img: &RgbImage, bg: &RgbImage, r: &mut ChaCha8Rng) -> (RgbImage, String) {
+    let mut out = fit(bg.clone(), 512);
+    let (bw, bh) = (out.width() as f32, out.height() as f32);
+    let share = r.random_range(0.10..0.30);
+    let aspect = img.width() as f32 / img.height() as f32;
+    let w = ((share * bw * bh * aspect).sqrt()).min(bw * 0.9);
+    let h = (w / aspect).min(bh * 0.9);
+    let w = (h * aspect).min(w);
+    let small = image::imageops::resize(
+        img,
+        (w as u32).max(8),
+        (h as u32).max(8),
+        image::imageops::FilterType::Triangle,
+    );
+    let frame = if r.random_bool(0.5) {
+        r.random_range(2..6)
+    } else {
+        0
+    };
+    let x = r.random_range(frame..=(out.width() - small.width() - frame).max(frame)) as i64;
+    let y = r.random_range(frame..=(out.height() - small.height() - frame).max(frame)) as i64;
+    if frame > 0 {
+        let f = frame as i64;
+        for yy in (y - f).max(0)..(y + small.height() as i64 + f).min(out.height() as i64) {
+            for xx in (x - f).max(0)..(x + small.width() as i64 + f).min(out.width() as i64) {
+                out.put_pixel(xx as u32, yy as u32, Rgb([255, 255, 255]));
+            }
+        }
+    }
+    image::imageops::overlay(&mut out, &small, x, y);
+    let area = small.width() * small.height();
+    let pct = 100.0 * area as f32 / (out.width() * out.height()) as f32;
+    (out, format!("inset at {pct:.0}% of the frame"))
+}
+
+/// A grid collage (2×2, 2×3 or 3×3) of unrelated photos with the original in one cell.
+fn collage(img: &RgbImage, bgs: &[RgbImage], r: &mut ChaCha8Rng) -> (RgbImage, String) {
+    let (cols, rows) = *[(2u32, 2u32), (3, 2), (2, 3), (3, 3)].choose(r).unwrap();
+    let gap = r.random_range(0..8u32);
+    let (cw, ch) = (r.random_range(150..260u32), r.random_range(150..260u32));
+    let (w, h) = (cols * cw + (cols + 1) * gap, rows * ch + (rows + 1) * gap);
+    let mut out = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    let at = r.random_range(0..cols * rows);
+    for cell in 0..cols * rows {
+        let pic = if cell == at {
+            img
+        } else {
+            bgs.choose(r).unwrap()
+        };
+        let (cx, cy) = (cell % cols, cell / cols);
+        let x = gap + cx * (cw + gap);
+        let y = gap + cy * (ch + gap);
+        image::imageops::overlay(&mut out, &cover(pic, cw, ch), x as i64, y as i64);
+    }
+    let pct = 100.0 * (cw * ch) as f32 / (w * h) as f32;
+    (
+        out,
+        format!(
+            "collage {cols}×{rows}, cell {} at {pct:.0}% of the frame",
+            at + 1
+        ),
+    )
+}
+
 /// One attacked copy of `img` for `family`, with a description.
 pub fn attack(
     img: &RgbImage,
     family: &str,
-    objects: &[RgbaImage],
+    material: &Material,
     r: &mut ChaCha8Rng,
 ) -> (RgbImage, String) {
+    let objects = &material.objects;
     match family {
         "crop" => {
             let a = r.random_range(0.1..0.8);
@@ -241,6 +336,27 @@ pub fn attack(
             (c, "object overlay".into())
         }
         "border" => (border(img, r), "border / screenshot frame".into()),
+        "inset" => {
+            let bg = material.backgrounds.choose(r).expect("backgrounds");
+            inset(img, bg, r)
+        }
+        "inset_edit" => {
+            let bg = material.backgrounds.choose(r).expect("backgrounds");
+            let (mut c, what) = inset(img, bg, r);
+            overlay_text(&mut c, r);
+            let c = jitter(&c, r);
+            let q = r.random_range(30..70);
+            (jpeg(&c, q), format!("{what} + text + jitter + JPEG {q}"))
+        }
+        "collage" => collage(img, &material.backgrounds, r),
+        "thumbnail" => {
+            let side = r.random_range(48..=96);
+            let q = r.random_range(40..=75);
+            (
+                jpeg(&fit(img.clone(), side), q),
+                format!("thumbnail {side} px, JPEG {q}"),
+            )
+        }
         _ => {
             // strong: crop + one geometric + overlay + photometric + heavy JPEG
             let a = r.random_range(0.3..0.7);
@@ -317,17 +433,25 @@ pub fn make_bench(
 ) -> Result<BenchSummary> {
     let all = crate::data::folder::list_images(photos)?;
     let db = unique_photos(&all);
-    if db.len() < originals + 10 {
+    if db.len() < originals + BACKGROUNDS + 10 {
         return Err(Error::MissingData(format!(
-            "{}: {} photos, need more than {originals}",
+            "{}: {} distinct photos, need more than {} ({originals} originals, {BACKGROUNDS} collage backgrounds, 10 distractors)",
             photos.display(),
-            db.len()
+            db.len(),
+            originals + BACKGROUNDS + 10
         )));
     }
     let mut r = ChaCha8Rng::seed_from_u64(seed);
     let mut order = db.clone();
     order.shuffle(&mut r);
     let orig: Vec<PathBuf> = order[..originals].to_vec();
+    // held out of the database: a collage must have exactly one right answer
+    let bg_paths: Vec<PathBuf> = order[originals..originals + BACKGROUNDS].to_vec();
+    let backgrounds: Vec<RgbImage> = bg_paths
+        .par_iter()
+        .map(|p| load_rgb(p).map(|i| fit(i, 640)))
+        .collect::<Result<_>>()?;
+    let database: Vec<&PathBuf> = db.iter().filter(|p| !bg_paths.contains(p)).collect();
     let mut stamp_paths: Vec<PathBuf> = crate::data::folder::list_images(stamps)?
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
@@ -344,6 +468,10 @@ pub fn make_bench(
             stamps.display()
         )));
     }
+    let material = Material {
+        objects,
+        backgrounds,
+    };
     std::fs::create_dir_all(out).at(out)?;
     let truth: Vec<GroundTruth> = orig
         .par_iter()
@@ -354,13 +482,13 @@ pub fn make_bench(
             for (f, fam) in FAMILIES.iter().enumerate() {
                 let mut rr = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9);
                 rr.set_stream((i * 64 + f) as u64);
-                let (a, what) = attack(&img, fam, &objects, &mut rr);
+                let (a, what) = attack(&img, fam, &material, &mut rr);
                 let a = fit(a, 512);
                 let q = out.join("queries").join(fam).join(format!("{i:04}.jpg"));
                 let mut b = Vec::new();
                 image::codecs::jpeg::JpegEncoder::new_with_quality(
                     &mut b,
-                    if *fam == "jpeg" || *fam == "strong" {
+                    if ["jpeg", "strong", "inset_edit", "thumbnail"].contains(fam) {
                         100
                     } else {
                         90
@@ -387,13 +515,16 @@ pub fn make_bench(
         .map(|t| serde_json::to_string(t).unwrap() + "\n")
         .collect();
     write_atomic(&out.join("ground_truth.jsonl"), gt.as_bytes())?;
-    let dbl: String = db.iter().map(|p| format!("{}\n", p.display())).collect();
+    let dbl: String = database
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
     write_atomic(&out.join("database.txt"), dbl.as_bytes())?;
     write_atomic(&out.join(".complete"), b"ok")?;
     Ok(BenchSummary {
         out: out.to_path_buf(),
         photos: all.len(),
-        database: db.len(),
+        database: database.len(),
         originals,
         queries: truth.len(),
     })
@@ -593,14 +724,63 @@ mod tests {
             Rgb([x as u8 / 2 + c, y as u8 + c, 100 + c])
         });
         let obj = RgbaImage::from_pixel(30, 30, image::Rgba([255, 0, 0, 200]));
+        let bg = RgbImage::from_fn(300, 220, |x, y| Rgb([(x % 256) as u8, 30, (y % 256) as u8]));
+        let material = Material {
+            objects: vec![obj],
+            backgrounds: vec![bg],
+        };
         let mut r = ChaCha8Rng::seed_from_u64(1);
         for f in FAMILIES {
-            let (a, what) = attack(&img, f, std::slice::from_ref(&obj), &mut r);
+            let (a, what) = attack(&img, f, &material, &mut r);
             assert!(a.width() >= 8 && a.height() >= 8 && !what.is_empty(), "{f}");
-            if !["crop", "rotate90", "border", "strong"].contains(f) {
+            let resized = [
+                "crop",
+                "rotate90",
+                "border",
+                "strong",
+                "inset",
+                "inset_edit",
+                "collage",
+                "thumbnail",
+            ];
+            if !resized.contains(f) {
                 assert_eq!(a.dimensions(), img.dimensions(), "{f}");
                 assert!(a != img, "{f} changed nothing");
             }
+        }
+    }
+
+    #[test]
+    fn insets_and_collages_hold_the_original_small() {
+        // a flat original on a flat background: its pixels show where it was pasted
+        let img = RgbImage::from_pixel(400, 300, Rgb([250, 10, 10]));
+        let bg = RgbImage::from_pixel(600, 400, Rgb([10, 10, 250]));
+        let material = Material {
+            objects: vec![],
+            backgrounds: vec![bg],
+        };
+        for seed in 0..20 {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            for f in ["inset", "collage"] {
+                let (a, what) = attack(&img, f, &material, &mut r);
+                let red = a.pixels().filter(|p| p.0[0] > 200 && p.0[2] < 60).count();
+                let share = red as f32 / (a.width() * a.height()) as f32;
+                let (lo, hi) = if f == "inset" {
+                    (0.08, 0.31)
+                } else {
+                    (0.09, 0.34)
+                };
+                assert!(
+                    (lo..hi).contains(&share),
+                    "{f} {what}: original covers {share}"
+                );
+            }
+            let (t, what) = attack(&img, "thumbnail", &material, &mut r);
+            assert!(
+                t.width().max(t.height()) <= 96 && t.width() >= 36,
+                "{what}: {:?}",
+                t.dimensions()
+            );
         }
     }
 }
