@@ -5,7 +5,7 @@ use ehm_core::args;
 use ehm_core::infer::Parallelism;
 use ehm_core::output::csv_row;
 use ehm_core::pipeline::{expand_inputs, Format};
-use ehm_core::retrieval::descriptor::{Describer, DescriptorKind, Regions};
+use ehm_core::retrieval::descriptor::{DescribeOptions, Describer, DescriptorKind, Regions};
 use ehm_core::retrieval::index::{HnswParams, Index};
 use ehm_core::retrieval::{self, AskedSettings, BuildOptions, Searcher};
 use std::io::Write;
@@ -52,6 +52,23 @@ struct Reading {
     /// Largest image file read, in MB (larger files are failed inputs)
     #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
     max_file_mb: u64,
+}
+
+/// Exact-copy evidence besides the embedding.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExactCopies {
+    /// An image whose pHash is within 8 of 64 bits of the query's (or a query window's) is
+    /// matched with at least that similarity (1 − 2·bits/64), whatever the embedding says:
+    /// tiny thumbnails and re-encodings are never lost (embed indexes built since 2026-12)
+    Phash,
+    /// The embedding alone
+    Off,
+}
+
+#[derive(Args)]
+struct Exact {
+    #[arg(long, value_enum, default_value_t = ExactCopies::Phash)]
+    exact_copies: ExactCopies,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +134,8 @@ enum Cmd {
         /// more); each window is one more search, results merged per image (best score)
         #[arg(long, value_enum, default_value_t = Regions::None)]
         query_regions: Regions,
+        #[command(flatten)]
+        x: Exact,
         #[arg(required = true)]
         inputs: Vec<std::ffi::OsString>,
     },
@@ -172,6 +191,8 @@ enum Cmd {
         /// Query windows, as `query --query-regions`
         #[arg(long, value_enum, default_value_t = Regions::None)]
         query_regions: Regions,
+        #[command(flatten)]
+        x: Exact,
         #[arg(long)]
         json: bool,
     },
@@ -230,7 +251,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             }
             Ok(s.failed + problems.len())
         }
-        Cmd::Query { c, r, model, k, threshold, ef, format, query_regions, inputs } => {
+        Cmd::Query { c, r, model, k, threshold, ef, format, query_regions, x: Exact { exact_copies }, inputs } => {
             ehm_core::fsutil::set_max_input_mb(r.max_file_mb);
             let ix = Index::open(&c.index)?;
             let mut d = retrieval::describer_for(&ix, &c.index, model.as_deref(), Parallelism::split(c.threads, c.sessions))?;
@@ -241,8 +262,15 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
             let s = Searcher::new(&ix);
             let mut described = Vec::new();
-            let windows = retrieval::descriptor::views(query_regions);
-            let failed = d.describe(&paths, &windows, 32, c.threads, true, |r| {
+            let how = DescribeOptions {
+                views: retrieval::descriptor::views(query_regions),
+                extra_views: retrieval::descriptor::extra_views(query_regions),
+                hashes: exact_copies == ExactCopies::Phash && ix.meta.descriptor == DescriptorKind::Embed,
+                batch: 32,
+                threads: c.threads,
+                progress: true,
+            };
+            let failed = d.describe(&paths, &how, |r| {
                 described.push(r);
                 Ok(())
             })?;
@@ -251,7 +279,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             }
             for mut r in described.into_iter().flatten() {
                 ix.prepare(&mut r.vectors);
-                let matches = s.search_windows(&r.vectors, k, ef, threshold);
+                let matches = s.search_windows(&r.vectors, &r.views, &r.hashes, k, ef, threshold);
                 match format {
                     Format::Jsonl => writeln!(out, "{}", serde_json::json!({"query": r.path.to_string_lossy(), "matches": matches})).map_err(out_err)?,
                     Format::Csv => {
@@ -341,10 +369,11 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             .map_err(out_err)?;
             Ok(0)
         }
-        Cmd::Eval { c, bench, model, ef, query_regions, json } => {
+        Cmd::Eval { c, bench, model, ef, query_regions, x, json } => {
             let ix = Index::open(&c.index)?;
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
-            let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), c.threads, ef, query_regions)?;
+            let exact = x.exact_copies == ExactCopies::Phash;
+            let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), c.threads, ef, query_regions, exact)?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&r).unwrap()).map_err(out_err)?;
             } else {
@@ -354,8 +383,8 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
                 }
                 writeln!(
                     out,
-                    "µAP {:.3}; HNSW recall@10 vs exact {:.4}; query latency p50 {:.2} ms, p99 {:.2} ms",
-                    r.micro_ap, r.hnsw_recall_at_10, r.query_ms_p50, r.query_ms_p99
+                    "µAP {:.3}; HNSW recall@10 vs exact {:.4}; query latency p50 {:.2} ms, p99 {:.2} ms; part-of-query copies framed by a window {:.3}, located by the matching window {:.3}",
+                    r.micro_ap, r.hnsw_recall_at_10, r.query_ms_p50, r.query_ms_p99, r.region_framed, r.region_located
                 )
                 .map_err(out_err)?;
             }

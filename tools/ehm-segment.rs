@@ -84,6 +84,8 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         keep_images: true,
         views: vec![pipeline::FULL],
         progress: true,
+        extra_views: None,
+        view_hash: None,
     };
     let failed = pipeline::run(&mut model, &paths, &opts, |item| {
         let Item::Done {

@@ -93,8 +93,12 @@ pub const FULL: View = [0.0, 0.0, 1.0, 1.0];
 /// One decoded, preprocessed image.
 pub struct Prepared {
     pub path: PathBuf,
-    /// CHW fp32, `views × 3 × S × S` (one tensor per view, in `RunOptions::views` order).
+    /// CHW fp32, `views × 3 × S × S` (one tensor per view, in `views` order).
     pub pixels: Vec<f32>,
+    /// The views this image was run as: `RunOptions::views`, then its own extra windows.
+    pub views: Vec<View>,
+    /// `RunOptions::view_hash` of each view (empty when not asked for).
+    pub hashes: Vec<u64>,
     /// The oriented image (kept only when the tool asked for it, e.g. for overlays).
     pub image: Option<RgbImage>,
     pub width: u32,
@@ -125,6 +129,12 @@ pub struct RunOptions {
     pub keep_images: bool,
     /// The views each image is run as (usually just `FULL`).
     pub views: Vec<View>,
+    /// More views chosen per image from its pixels (e.g. the rectangles a collage is made
+    /// of), after `views`; the model runs them in the same batch.
+    pub extra_views: Option<fn(&RgbImage) -> Vec<View>>,
+    /// A 64-bit fingerprint of each view's pixels (e.g. pHash), computed while the decoded
+    /// image is at hand.
+    pub view_hash: Option<fn(&RgbImage) -> u64>,
     /// Progress bar on stderr (shown when there are more inputs than a screenful).
     pub progress: bool,
 }
@@ -155,7 +165,7 @@ where
     } else {
         &o.views
     };
-    let nv = views.len();
+    let (extra, hash) = (o.extra_views, o.view_hash);
     let mut failed = 0;
     std::thread::scope(|scope| -> Result<()> {
         let pre = &pre;
@@ -165,7 +175,8 @@ where
                     chunk
                         .par_iter()
                         .map(|p| {
-                            prepare(p, pre, keep, views).map_err(|e| (p.clone(), e.to_string()))
+                            prepare(p, pre, keep, views, extra, hash)
+                                .map_err(|e| (p.clone(), e.to_string()))
                         })
                         .collect()
                 });
@@ -177,23 +188,25 @@ where
         let len = pre.tensor_len();
         for items in rx.iter() {
             let ok: Vec<&Prepared> = items.iter().filter_map(|r| r.as_ref().ok()).collect();
+            let rows: usize = ok.iter().map(|p| p.views.len()).sum();
             let (shape, values) = if ok.is_empty() {
                 (vec![0], vec![])
             } else {
-                let mut px = Vec::with_capacity(ok.len() * len);
+                let mut px = Vec::with_capacity(rows * len);
                 for p in &ok {
                     px.extend_from_slice(&p.pixels);
                 }
-                model.run(&px, ok.len() * nv, output)?
+                model.run(&px, rows, output)?
             };
-            let per: usize = shape.iter().skip(1).product::<usize>() * nv;
+            let row: usize = shape.iter().skip(1).product::<usize>();
             let mut k = 0;
             for r in items {
                 bar.inc(1);
                 match r {
                     Ok(prepared) => {
-                        let out = &values[k * per..(k + 1) * per];
-                        k += 1;
+                        let n = prepared.views.len() * row;
+                        let out = &values[k..k + n];
+                        k += n;
                         each(Item::Done {
                             prepared,
                             output: out,
@@ -219,20 +232,33 @@ fn prepare(
     pre: &Preprocess,
     keep: bool,
     views: &[View],
+    extra: Option<fn(&RgbImage) -> Vec<View>>,
+    hash: Option<fn(&RgbImage) -> u64>,
 ) -> Result<Prepared> {
     let img = load_rgb(path)?;
+    let mut views = views.to_vec();
+    if let Some(f) = extra {
+        views.extend(f(&img));
+    }
     let len = pre.tensor_len();
     let mut pixels = vec![0f32; len * views.len()];
+    let mut hashes = Vec::new();
     for (v, out) in views.iter().zip(pixels.chunks_mut(len)) {
-        if *v == FULL {
-            pre.eval_into(&img, out);
+        let crop;
+        let part = if *v == FULL {
+            &img
         } else {
-            pre.eval_into(&crop_view(&img, v), out);
-        }
+            crop = crop_view(&img, v);
+            &crop
+        };
+        pre.eval_into(part, out);
+        hashes.extend(hash.map(|f| f(part)));
     }
     Ok(Prepared {
         path: path.to_path_buf(),
         pixels,
+        views,
+        hashes,
         width: img.width(),
         height: img.height(),
         image: keep.then_some(img),

@@ -10,6 +10,7 @@ use super::{Match, Searcher};
 use crate::data::image_io::load_rgb;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::write_atomic;
+use crate::pipeline::View;
 use image::{Rgb, RgbImage, RgbaImage};
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -56,6 +57,10 @@ pub struct GroundTruth {
     pub family: String,
     /// What was done, e.g. "crop 23% area".
     pub attack: String,
+    /// Where the original sits in the query when it fills only part of it (x, y, w, h as
+    /// fractions of the query).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<crate::pipeline::View>,
     #[serde(with = "crate::fsutil::lossless_path")]
     pub original: PathBuf,
 }
@@ -217,7 +222,7 @@ fn cover(img: &RgbImage, w: u32, h: u32) -> RgbImage {
 
 /// The original pasted at 10–30 % of the area of an unrelated photo (a picture in a picture,
 /// a screenshot of a page, a meme template), sometimes with a thin white frame.
-fn inset(img: &RgbImage, bg: &RgbImage, r: &mut ChaCha8Rng) -> (RgbImage, String) {
+fn inset(img: &RgbImage, bg: &RgbImage, r: &mut ChaCha8Rng) -> Attacked {
     let mut out = fit(bg.clone(), 512);
     let (bw, bh) = (out.width() as f32, out.height() as f32);
     let share = r.random_range(0.10..0.30);
@@ -249,11 +254,22 @@ fn inset(img: &RgbImage, bg: &RgbImage, r: &mut ChaCha8Rng) -> (RgbImage, String
     image::imageops::overlay(&mut out, &small, x, y);
     let area = small.width() * small.height();
     let pct = 100.0 * area as f32 / (out.width() * out.height()) as f32;
-    (out, format!("inset at {pct:.0}% of the frame"))
+    let (ow, oh) = (out.width() as f32, out.height() as f32);
+    let region = [
+        x as f32 / ow,
+        y as f32 / oh,
+        small.width() as f32 / ow,
+        small.height() as f32 / oh,
+    ];
+    Attacked {
+        image: out,
+        what: format!("inset at {pct:.0}% of the frame"),
+        region: Some(region),
+    }
 }
 
 /// A grid collage (2×2, 2×3 or 3×3) of unrelated photos with the original in one cell.
-fn collage(img: &RgbImage, bgs: &[RgbImage], r: &mut ChaCha8Rng) -> (RgbImage, String) {
+fn collage(img: &RgbImage, bgs: &[RgbImage], r: &mut ChaCha8Rng) -> Attacked {
     let (cols, rows) = *[(2u32, 2u32), (3, 2), (2, 3), (3, 3)].choose(r).unwrap();
     let gap = r.random_range(0..8u32);
     let (cw, ch) = (r.random_range(150..260u32), r.random_range(150..260u32));
@@ -272,24 +288,33 @@ fn collage(img: &RgbImage, bgs: &[RgbImage], r: &mut ChaCha8Rng) -> (RgbImage, S
         image::imageops::overlay(&mut out, &cover(pic, cw, ch), x as i64, y as i64);
     }
     let pct = 100.0 * (cw * ch) as f32 / (w * h) as f32;
-    (
-        out,
-        format!(
+    let (x, y) = (
+        gap + (at % cols) * (cw + gap),
+        gap + (at / cols) * (ch + gap),
+    );
+    let (fw, fh) = (w as f32, h as f32);
+    Attacked {
+        image: out,
+        what: format!(
             "collage {cols}×{rows}, cell {} at {pct:.0}% of the frame",
             at + 1
         ),
-    )
+        region: Some([x as f32 / fw, y as f32 / fh, cw as f32 / fw, ch as f32 / fh]),
+    }
+}
+
+/// An attacked copy: the picture, what was done, and where the original sits in it when it
+/// fills only part of it (inset, collage).
+pub struct Attacked {
+    pub image: RgbImage,
+    pub what: String,
+    pub region: Option<crate::pipeline::View>,
 }
 
 /// One attacked copy of `img` for `family`, with a description.
-pub fn attack(
-    img: &RgbImage,
-    family: &str,
-    material: &Material,
-    r: &mut ChaCha8Rng,
-) -> (RgbImage, String) {
+pub fn attack(img: &RgbImage, family: &str, material: &Material, r: &mut ChaCha8Rng) -> Attacked {
     let objects = &material.objects;
-    match family {
+    let (image, what) = match family {
         "crop" => {
             let a = r.random_range(0.1..0.8);
             (crop_area(img, a, r), format!("crop {:.0}% area", a * 100.0))
@@ -338,17 +363,18 @@ pub fn attack(
         "border" => (border(img, r), "border / screenshot frame".into()),
         "inset" => {
             let bg = material.backgrounds.choose(r).expect("backgrounds");
-            inset(img, bg, r)
+            return inset(img, bg, r);
         }
         "inset_edit" => {
             let bg = material.backgrounds.choose(r).expect("backgrounds");
-            let (mut c, what) = inset(img, bg, r);
-            overlay_text(&mut c, r);
-            let c = jitter(&c, r);
+            let mut a = inset(img, bg, r);
+            overlay_text(&mut a.image, r);
             let q = r.random_range(30..70);
-            (jpeg(&c, q), format!("{what} + text + jitter + JPEG {q}"))
+            a.image = jpeg(&jitter(&a.image, r), q);
+            a.what = format!("{} + text + jitter + JPEG {q}", a.what);
+            return a;
         }
-        "collage" => collage(img, &material.backgrounds, r),
+        "collage" => return collage(img, &material.backgrounds, r),
         "thumbnail" => {
             let side = r.random_range(48..=96);
             let q = r.random_range(40..=75);
@@ -372,6 +398,11 @@ pub fn attack(
                 format!("crop {:.0}% + flip? + text + jitter + JPEG {q}", a * 100.0),
             )
         }
+    };
+    Attacked {
+        image,
+        what,
+        region: None,
     }
 }
 
@@ -482,7 +513,11 @@ pub fn make_bench(
             for (f, fam) in FAMILIES.iter().enumerate() {
                 let mut rr = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9);
                 rr.set_stream((i * 64 + f) as u64);
-                let (a, what) = attack(&img, fam, &material, &mut rr);
+                let Attacked {
+                    image: a,
+                    what,
+                    region,
+                } = attack(&img, fam, &material, &mut rr);
                 let a = fit(a, 512);
                 let q = out.join("queries").join(fam).join(format!("{i:04}.jpg"));
                 let mut b = Vec::new();
@@ -501,6 +536,7 @@ pub fn make_bench(
                     query: q,
                     family: fam.to_string(),
                     attack: what,
+                    region,
                     original: p.clone(),
                 });
             }
@@ -554,8 +590,67 @@ pub struct EvalReport {
     pub per_family: BTreeMap<String, Scores>,
     /// HNSW vs exact search: mean overlap of the top-10 image lists.
     pub hnsw_recall_at_10: f64,
+    /// Of the queries whose copy fills only part of them (inset, collage): the share where
+    /// one of the searched windows frames it (IoU ≥ 0.7), and where the window that matched
+    /// the right image (when found) does.
+    pub region_framed: f64,
+    pub region_located: f64,
+    /// µAP with normalised scores (`Searcher::normalised`; the ranking per query is the same,
+    /// the order of pairs across queries is not).
+    pub micro_ap_normalised: f64,
+    /// The lowest threshold at which the (query, top-10 match) pairs scoring at least it
+    /// reach each precision, and the recall there, for raw and normalised scores.
+    pub operating_points: Vec<OperatingPoint>,
+    /// Precision–recall curves (threshold, precision, recall) for raw and normalised scores.
+    #[serde(skip)]
+    pub curves: Vec<(String, Vec<(f32, f64, f64)>)>,
     pub query_ms_p50: f64,
     pub query_ms_p99: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OperatingPoint {
+    pub scores: String,
+    pub precision: f64,
+    /// `None` when no threshold reaches the precision.
+    pub threshold: Option<f32>,
+    pub recall: f64,
+}
+
+/// The precision–recall curve of the (query, top-10 match) pairs as the threshold falls:
+/// (threshold, precision, recall), recall over all queries (one right image each).
+pub fn pr_curve(truth: &[GroundTruth], results: &[Vec<Match>]) -> Vec<(f32, f64, f64)> {
+    let mut pairs: Vec<(f32, bool)> = Vec::new();
+    for (t, res) in truth.iter().zip(results) {
+        let orig = super::canonical(&t.original);
+        pairs.extend(res.iter().take(10).map(|m| (m.score, m.path == orig)));
+    }
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut tp = 0usize;
+    let n = truth.len().max(1) as f64;
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, &(s, hit))| {
+            tp += hit as usize;
+            (s, tp as f64 / (i + 1) as f64, tp as f64 / n)
+        })
+        .collect()
+}
+
+/// The lowest threshold on `curve` from which precision stays at least `p`, and its recall.
+pub fn operating_point(curve: &[(f32, f64, f64)], p: f64) -> (Option<f32>, f64) {
+    // precision from each point on up must hold: walk down while it does
+    let mut best = (None, 0.0);
+    let mut min_prec = f64::INFINITY;
+    for &(t, prec, rec) in curve {
+        min_prec = min_prec.min(prec);
+        if min_prec < p {
+            break;
+        }
+        best = (Some(t), rec);
+    }
+    best
 }
 
 /// Score ranked results against the ground truth. `results[i]` are the matches for `truth[i]`.
@@ -602,6 +697,14 @@ pub fn score(
     )
 }
 
+/// Intersection over union of two windows.
+pub fn view_iou(a: &View, b: &View) -> f32 {
+    let ix = ((a[0] + a[2]).min(b[0] + b[2]) - a[0].max(b[0])).max(0.0);
+    let iy = ((a[1] + a[3]).min(b[1] + b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = ix * iy;
+    inter / (a[2] * a[3] + b[2] * b[3] - inter).max(1e-9)
+}
+
 /// Run every query of the benchmark against the index at `root` and score it.
 pub fn evaluate(
     root: &Path,
@@ -610,6 +713,7 @@ pub fn evaluate(
     threads: usize,
     ef: usize,
     query_regions: super::descriptor::Regions,
+    exact_copies: bool,
 ) -> Result<EvalReport> {
     let truth = read_truth(bench)?;
     let ix = super::index::Index::open(root)?;
@@ -620,13 +724,20 @@ pub fn evaluate(
         crate::infer::Parallelism::split(threads, None),
     )?;
     let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
-    let mut vecs: Vec<Option<Vec<f32>>> = Vec::with_capacity(paths.len());
-    let windows = super::descriptor::views(query_regions);
-    d.describe(&paths, &windows, 32, threads, true, |r| {
+    let mut vecs: Vec<Option<(Vec<f32>, Vec<View>, Vec<u64>)>> = Vec::with_capacity(paths.len());
+    let how = super::descriptor::DescribeOptions {
+        views: super::descriptor::views(query_regions),
+        extra_views: super::descriptor::extra_views(query_regions),
+        hashes: exact_copies && ix.meta.descriptor == super::descriptor::DescriptorKind::Embed,
+        batch: 32,
+        threads,
+        progress: true,
+    };
+    d.describe(&paths, &how, |r| {
         vecs.push(r.ok().map(|x| {
             let mut v = x.vectors;
             ix.prepare(&mut v);
-            v
+            (v, x.views, x.hashes)
         }));
         Ok(())
     })?;
@@ -636,12 +747,12 @@ pub fn evaluate(
         let mut times = Vec::with_capacity(vecs.len());
         let mut overlap = 0f64;
         for v in &vecs {
-            let Some(v) = v else {
+            let Some((v, views, hashes)) = v else {
                 results.push(vec![]);
                 continue;
             };
             let t0 = std::time::Instant::now();
-            let m = s.search_windows(v, 100, ef, -1.0);
+            let m = s.search_windows(v, views, hashes, 100, ef, -1.0);
             times.push(t0.elapsed().as_secs_f64() * 1e3);
             // HNSW recall of the whole-image search (the first window)
             let whole = &v[..ix.meta.dim];
@@ -660,6 +771,53 @@ pub fn evaluate(
         )
     };
     let (overall, micro_ap, per_family) = score(&truth, &results);
+    let normalised: Vec<Vec<Match>> = results
+        .iter()
+        .map(|res| {
+            let raw: Vec<f32> = res.iter().map(|m| m.raw).collect();
+            let level = super::background_level(&raw);
+            res.iter()
+                .map(|m| Match {
+                    score: m.raw - level,
+                    ..m.clone()
+                })
+                .collect()
+        })
+        .collect();
+    let micro_ap_normalised = score(&truth, &normalised).1;
+    let curves = vec![
+        ("raw".to_string(), pr_curve(&truth, &results)),
+        ("normalised".to_string(), pr_curve(&truth, &normalised)),
+    ];
+    let operating_points = curves
+        .iter()
+        .flat_map(|(name, c)| {
+            [0.9, 0.95, 0.99].map(|p| {
+                let (threshold, recall) = operating_point(c, p);
+                OperatingPoint {
+                    scores: name.clone(),
+                    precision: p,
+                    threshold,
+                    recall,
+                }
+            })
+        })
+        .collect();
+    let (mut with_region, mut framed, mut located) = (0usize, 0usize, 0usize);
+    for ((t, v), res) in truth.iter().zip(&vecs).zip(&results) {
+        let (Some(region), Some((_, views, _))) = (t.region, v) else {
+            continue;
+        };
+        with_region += 1;
+        framed += views.iter().any(|w| view_iou(w, &region) >= 0.7) as usize;
+        let orig = super::canonical(&t.original);
+        located += res
+            .iter()
+            .find(|m| m.path == orig)
+            .and_then(|m| m.window)
+            .is_some_and(|w| view_iou(&w, &region) >= 0.7) as usize;
+    }
+    let share = |n: usize| n as f64 / with_region.max(1) as f64;
     let mut t = times;
     t.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| {
@@ -672,6 +830,11 @@ pub fn evaluate(
         micro_ap,
         per_family,
         hnsw_recall_at_10: recall,
+        region_framed: share(framed),
+        region_located: share(located),
+        micro_ap_normalised,
+        operating_points,
+        curves,
         query_ms_p50: pct(0.5),
         query_ms_p99: pct(0.99),
     })
@@ -685,7 +848,9 @@ mod tests {
         Match {
             path: PathBuf::from(p),
             score: s,
+            raw: s,
             id: 0,
+            window: None,
         }
     }
 
@@ -695,6 +860,7 @@ mod tests {
             query: q.into(),
             family: f.into(),
             attack: String::new(),
+            region: None,
             original: o.into(),
         };
         let truth = vec![
@@ -731,7 +897,7 @@ mod tests {
         };
         let mut r = ChaCha8Rng::seed_from_u64(1);
         for f in FAMILIES {
-            let (a, what) = attack(&img, f, &material, &mut r);
+            let Attacked { image: a, what, .. } = attack(&img, f, &material, &mut r);
             assert!(a.width() >= 8 && a.height() >= 8 && !what.is_empty(), "{f}");
             let resized = [
                 "crop",
@@ -762,9 +928,11 @@ mod tests {
         for seed in 0..20 {
             let mut r = ChaCha8Rng::seed_from_u64(seed);
             for f in ["inset", "collage"] {
-                let (a, what) = attack(&img, f, &material, &mut r);
-                let red = a.pixels().filter(|p| p.0[0] > 200 && p.0[2] < 60).count();
-                let share = red as f32 / (a.width() * a.height()) as f32;
+                let a = attack(&img, f, &material, &mut r);
+                let (im, what) = (&a.image, &a.what);
+                let is_red = |p: &Rgb<u8>| p.0[0] > 200 && p.0[2] < 60;
+                let red = im.pixels().filter(|p| is_red(p)).count();
+                let share = red as f32 / (im.width() * im.height()) as f32;
                 let (lo, hi) = if f == "inset" {
                     (0.08, 0.31)
                 } else {
@@ -774,13 +942,26 @@ mod tests {
                     (lo..hi).contains(&share),
                     "{f} {what}: original covers {share}"
                 );
+                // the recorded region is where the red pixels are
+                let v = a.region.expect("region");
+                let (w, h) = (im.width() as f32, im.height() as f32);
+                let inside = |x: u32, y: u32| {
+                    let (x, y) = (x as f32 + 0.5, y as f32 + 0.5);
+                    x >= v[0] * w && x < (v[0] + v[2]) * w && y >= v[1] * h && y < (v[1] + v[3]) * h
+                };
+                let red_inside = im
+                    .enumerate_pixels()
+                    .filter(|(x, y, p)| is_red(p) && inside(*x, *y))
+                    .count();
+                assert_eq!(red_inside, red, "{f} {what}: region {v:?}");
+                assert!(
+                    (v[2] * v[3] - share).abs() < 0.01,
+                    "{f}: region {v:?} vs {share}"
+                );
             }
-            let (t, what) = attack(&img, "thumbnail", &material, &mut r);
-            assert!(
-                t.width().max(t.height()) <= 96 && t.width() >= 36,
-                "{what}: {:?}",
-                t.dimensions()
-            );
+            let t = attack(&img, "thumbnail", &material, &mut r);
+            let d = t.image.dimensions();
+            assert!(d.0.max(d.1) <= 96 && d.0 >= 36, "{}: {d:?}", t.what);
         }
     }
 }

@@ -33,6 +33,17 @@ pub enum Regions {
     Standard,
     /// Standard + a 3×3 grid of 40 % crops: 15 vectors per image
     Dense,
+    /// Standard + up to 10 rectangles found in the picture (a photo pasted into it, the cells of
+    /// a collage: `proposals::rectangles`): 6 … 16 vectors per image
+    Auto,
+}
+
+/// Windows found per image for `r` (after the fixed `views(r)`).
+pub fn extra_views(r: Regions) -> Option<fn(&RgbImage) -> Vec<View>> {
+    fn six(img: &RgbImage) -> Vec<View> {
+        super::proposals::rectangles(img, 10)
+    }
+    (r == Regions::Auto).then_some(six as fn(&RgbImage) -> Vec<View>)
 }
 
 /// The views an indexed image is described by.
@@ -89,6 +100,39 @@ pub fn phash(img: &RgbImage) -> Vec<f32> {
         .collect()
 }
 
+/// pHash as 64 bits (bit i set where value i is above the median).
+pub fn phash_bits(img: &RgbImage) -> u64 {
+    bits_of(&phash(img))
+}
+
+fn bits_of(h: &[f32]) -> u64 {
+    h.iter()
+        .enumerate()
+        .fold(0u64, |acc, (i, &v)| acc | (((v > 0.0) as u64) << i))
+}
+
+/// Similarity of two pHashes on the descriptor's scale: 1 − 2 · (differing bits) / 64.
+pub fn phash_similarity(a: u64, b: u64) -> f32 {
+    1.0 - (a ^ b).count_ones() as f32 / 32.0
+}
+
+/// pHash similarity from which two pictures are taken for the same picture (≤ 8 of 64 bits
+/// differ; two unrelated photos get there with a chance of about 1e-8).
+pub const EXACT_COPY: f32 = 0.75;
+
+/// How `Describer::describe` runs.
+pub struct DescribeOptions {
+    /// Fixed windows of every image (the whole image first).
+    pub views: Vec<View>,
+    /// Windows chosen per image after those (`extra_views`).
+    pub extra_views: Option<fn(&RgbImage) -> Vec<View>>,
+    /// Also the pHash bits of every window (exact-copy evidence besides the embedding).
+    pub hashes: bool,
+    pub batch: usize,
+    pub threads: usize,
+    pub progress: bool,
+}
+
 /// What turns images into vectors.
 pub struct Describer {
     pub kind: DescriptorKind,
@@ -105,6 +149,10 @@ pub struct Described {
     pub path: PathBuf,
     /// `views × dim` values.
     pub vectors: Vec<f32>,
+    /// The windows described (fractions of the image; the whole image first).
+    pub views: Vec<View>,
+    /// pHash bits of each window, when asked for (`DescribeOptions::hashes`).
+    pub hashes: Vec<u64>,
     pub width: u32,
     pub height: u32,
 }
@@ -139,20 +187,20 @@ impl Describer {
         }
     }
 
-    /// Describe `paths` with `views` each, calling `each` in input order with the result or
-    /// the one-line reason the file was skipped. Returns the number of failed files.
+    /// Describe `paths` as `o` says, calling `each` in input order with the result or the
+    /// one-line reason the file was skipped. Returns the number of failed files.
     pub fn describe<F>(
         &mut self,
         paths: &[PathBuf],
-        views: &[View],
-        batch: usize,
-        threads: usize,
-        progress: bool,
+        o: &DescribeOptions,
         mut each: F,
     ) -> Result<usize>
     where
         F: FnMut(std::result::Result<Described, (PathBuf, String)>) -> Result<()>,
     {
+        let (views, extra_views, batch, threads, progress) =
+            (&o.views[..], o.extra_views, o.batch, o.threads, o.progress);
+        let view_hash = o.hashes.then_some(phash_bits as fn(&RgbImage) -> u64);
         match &mut self.model {
             Some(model) => {
                 let opts = RunOptions {
@@ -161,6 +209,8 @@ impl Describer {
                     keep_images: false,
                     views: views.to_vec(),
                     progress,
+                    extra_views,
+                    view_hash,
                 };
                 pipeline::run(model, paths, &opts, |item| match item {
                     Item::Done {
@@ -168,6 +218,8 @@ impl Describer {
                     } => each(Ok(Described {
                         path: prepared.path,
                         vectors: output.to_vec(),
+                        views: prepared.views,
+                        hashes: prepared.hashes,
                         width: prepared.width,
                         height: prepared.height,
                     })),
@@ -186,7 +238,11 @@ impl Describer {
                         .par_iter()
                         .map(|p| {
                             let img = load_rgb(p).map_err(|e| (p.clone(), e.to_string()))?;
-                            let vectors = views
+                            let mut views = views.to_vec();
+                            if let Some(f) = extra_views {
+                                views.extend(f(&img));
+                            }
+                            let vectors: Vec<f32> = views
                                 .iter()
                                 .flat_map(|v| {
                                     if *v == FULL {
@@ -196,9 +252,17 @@ impl Describer {
                                     }
                                 })
                                 .collect();
+                            // the hash bits are the vector's signs
+                            let hashes = if view_hash.is_some() {
+                                vectors.chunks(64).map(bits_of).collect()
+                            } else {
+                                Vec::new()
+                            };
                             Ok(Described {
                                 path: p.clone(),
                                 vectors,
+                                views,
+                                hashes,
                                 width: img.width(),
                                 height: img.height(),
                             })
@@ -238,6 +302,11 @@ mod tests {
         assert_eq!(ha.len(), 64);
         assert!((dot(&ha, &ha) - 1.0).abs() < 1e-6);
         assert!(dot(&ha, &hb) > 0.8, "resized copy: {}", dot(&ha, &hb));
+        // the bit form gives the same similarity
+        let (ba, bb) = (phash_bits(&a), phash_bits(&b));
+        assert!((phash_similarity(ba, bb) - dot(&ha, &hb)).abs() < 1e-6);
+        assert_eq!(phash_similarity(ba, ba), 1.0);
+        assert_eq!(phash_similarity(ba, !ba), -1.0);
         assert!(dot(&ha, &hc) < 0.5, "other image: {}", dot(&ha, &hc));
     }
 
@@ -246,6 +315,8 @@ mod tests {
         assert_eq!(views(Regions::None).len(), 1);
         assert_eq!(views(Regions::Standard).len(), 6);
         assert_eq!(views(Regions::Dense).len(), 15);
+        assert_eq!(views(Regions::Auto).len(), 6);
+        assert!(extra_views(Regions::Standard).is_none() && extra_views(Regions::Auto).is_some());
         for v in views(Regions::Dense) {
             assert!(v[0] + v[2] <= 1.0 + 1e-6 && v[1] + v[3] <= 1.0 + 1e-6);
         }

@@ -143,6 +143,10 @@ pub struct Item {
     pub count: usize,
     #[serde(default)]
     pub deleted: bool,
+    /// pHash bits of the whole image (embed indexes): exact-copy evidence that survives what
+    /// a learned descriptor forgets (a tiny thumbnail). Absent in indexes from before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phash: Option<u64>,
 }
 
 /// An index in memory.
