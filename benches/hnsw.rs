@@ -1,10 +1,13 @@
-//! HNSW speed and recall: our index's graph (hnsw_rs + the clamped dot distance, built exactly as
-//! `ehm-retrieve index` builds it) on clustered unit vectors; prints one JSON line with build
-//! time, single-thread queries/s and recall@10 against exact search. `benches/hnsw_speed.sh`
-//! runs it next to Python hnswlib on the same vectors (written to the file given as argument).
-//! `cargo bench --bench hnsw -- OUT.f32 [N] [DIM] [QUERIES] [M] [EF_CONSTRUCTION] [EF…]`
-use ehm::retrieval::index::{build_hnsw, HnswParams};
-use ehm::retrieval::simd::dot;
+//! HNSW speed and recall: our index's graph (`retrieval::hnsw`, built exactly as `ehm-retrieve
+//! index` builds it, then searched by `FlatGraph`) on clustered unit vectors; prints one JSON
+//! line per ef with build time, single-thread queries/s and recall@10 against exact search.
+//! `benches/hnsw_speed.sh` runs it next to Python hnswlib on the same vectors (written to the
+//! file given as argument; cargo runs benches in the package folder, so give an absolute
+//! path). Builds from ehm-core alone (no libtorch):
+//! `cargo bench -p ehm-core --bench hnsw -- OUT.f32 [N] [DIM] [QUERIES] [M] [EF_CONSTRUCTION] [EF…]`
+use ehm_core::retrieval::graph::Scratch;
+use ehm_core::retrieval::index::{build_hnsw, HnswParams};
+use ehm_core::retrieval::simd::dot;
 use rand::{Rng, SeedableRng};
 use std::io::Write;
 
@@ -18,10 +21,10 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let out = args
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "target/hnsw_vectors.f32".into());
+    let out = args.first().cloned().unwrap_or_else(|| {
+        let p = std::env::temp_dir().join("hnsw_vectors.f32");
+        p.to_string_lossy().into_owned()
+    });
     let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (n, dim, nq, m, efc) = (
         num(1, 50_000),
@@ -69,8 +72,9 @@ fn main() {
             s[..10].iter().map(|x| x.1).collect()
         })
         .collect();
+    // build time includes the copy into the flat, breadth-first-renumbered graph
     let t0 = std::time::Instant::now();
-    let h = build_hnsw(
+    let flat = build_hnsw(
         &data,
         dim,
         &HnswParams {
@@ -80,11 +84,9 @@ fn main() {
         },
     );
     let build_s = t0.elapsed().as_secs_f64();
-    let flat = ehm::retrieval::graph::FlatGraph::from_hnsw(&h, n, dim);
-    drop(h);
     // the vectors in the graph's node order, as an index stores them
     let table = flat.node_ordered(|r| &data[r * dim..(r + 1) * dim]);
-    let mut scratch = ehm::retrieval::graph::Scratch::new(n);
+    let mut scratch = Scratch::new(n);
     for ef in efs {
         let t0 = std::time::Instant::now();
         let mut hit = 0;
@@ -95,7 +97,7 @@ fn main() {
         let secs = t0.elapsed().as_secs_f64();
         println!(
             "{}",
-            serde_json::json!({"impl": "ehm (hnsw_rs)", "n": n, "dim": dim, "m": m, "ef_construction": efc,
+            serde_json::json!({"impl": "ehm (retrieval::hnsw)", "n": n, "dim": dim, "m": m, "ef_construction": efc,
                 "build_s": build_s, "threads_build": rayon::current_num_threads(), "ef": ef,
                 "queries_per_s": nq as f64 / secs, "recall_at_10": hit as f64 / (10 * nq) as f64})
         );

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# HNSW: our index's graph (hnsw_rs, benches/hnsw.rs) vs Python hnswlib on the same clustered
+# HNSW: our index's graph (retrieval::hnsw, benches/hnsw.rs) vs Python hnswlib on the same clustered
 # unit vectors (N × DIM, M, ef_construction), same run: build time (all threads), single-thread
 # queries/s (one query at a time) and recall@10 vs exact search per ef. Prints a table with the
 # queries/s ratio at each ef.  Usage: benches/hnsw_speed.sh   (N=50000 DIM=384 Q=1000 M=16 EFC=200)
@@ -9,8 +9,8 @@ N=${N:-50000}; DIM=${DIM:-384}; Q=${Q:-1000}; M=${M:-16}; EFC=${EFC:-200}
 tools/setup.sh pydeps >&2
 PY=.cache/venv/bin/python
 $PY -c "import hnswlib" 2>/dev/null || .cache/venv/bin/pip install -q hnswlib==0.8.0 >&2
-OUT=runs/hnsw_speed; mkdir -p "$OUT"
-cargo bench --bench hnsw -- "$OUT/vectors.f32" "$N" "$DIM" "$Q" "$M" "$EFC" 16 32 64 128 > "$OUT/ehm.jsonl"
+OUT=$PWD/runs/hnsw_speed; mkdir -p "$OUT"  # absolute: cargo runs the bench in crates/ehm-core
+cargo bench -p ehm-core --bench hnsw -- "$OUT/vectors.f32" "$N" "$DIM" "$Q" "$M" "$EFC" 16 32 64 128 > "$OUT/ehm.jsonl"
 $PY benches/py/hnswlib_ref.py "$OUT/vectors.f32" "$N" "$DIM" "$Q" "$M" "$EFC" 16 32 64 128 > "$OUT/hnswlib.jsonl"
 python3 - "$OUT/ehm.jsonl" "$OUT/hnswlib.jsonl" <<'PY'
 import json, sys

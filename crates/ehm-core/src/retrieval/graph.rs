@@ -1,14 +1,11 @@
-//! HNSW search over flat arrays. hnsw_rs builds the graph; its neighbour lists are then copied
-//! into CSR arrays (layer 0) and small per-layer maps (upper layers), renumbered in breadth-first
+//! HNSW search over flat arrays. `hnsw::build` makes the neighbour lists; they are copied into
+//! CSR arrays (layer 0) and small per-layer maps (upper layers), renumbered in breadth-first
 //! order — the index stores its vectors in that node order, once — and written in our own file
 //! format (`to_bytes` / `from_bytes`). Searched here with reusable visited stamps and heaps,
-//! prefetching and AVX2/AVX-512 dot products — hnsw_rs's own search goes through an `Arc` and a
-//! lock per node visit. Speed against hnswlib: docs/benchmarks.md.
-use super::index::DotDistance;
+//! prefetching and AVX2/AVX-512 dot products. Speed against hnswlib: docs/benchmarks.md.
 #[cfg(test)]
 use super::simd::dot;
 use super::simd::{dot_portable, prefetch, Level};
-use hnsw_rs::prelude::*;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
@@ -17,7 +14,7 @@ const GRAPH_VERSION: u32 = 1;
 
 /// f32 ordered by `total_cmp`, for the heaps.
 #[derive(Clone, Copy, PartialEq)]
-struct D(f32);
+pub(super) struct D(pub(super) f32);
 impl Eq for D {}
 impl PartialOrd for D {
     fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
@@ -95,32 +92,16 @@ impl Scratch {
 }
 
 impl FlatGraph {
-    /// Copy the graph of `h` (data ids = rows `0..n` of a table of `dim`-float vectors).
-    pub fn from_hnsw(h: &Hnsw<f32, DotDistance>, n: usize, dim: usize) -> Self {
-        let mut lists: Vec<Vec<u32>> = vec![Vec::new(); n];
-        let mut upper: Vec<HashMap<u32, Vec<u32>>> = Vec::new();
-        let (mut entry, mut top) = (0u32, 0usize);
-        for p in h.get_point_indexation() {
-            let id = p.get_origin_id() as u32;
-            let level = p.get_point_id().0 as usize;
-            if level > top || (level == top && entry == 0) {
-                top = level;
-                entry = id;
-            }
-            for (l, nb) in p.get_neighborhood_id().into_iter().enumerate() {
-                let ids: Vec<u32> = nb.iter().map(|x| x.d_id as u32).collect();
-                if l == 0 {
-                    if (id as usize) < n {
-                        lists[id as usize] = ids;
-                    }
-                } else if !ids.is_empty() || l <= level {
-                    if upper.len() < l {
-                        upper.resize_with(l, HashMap::new);
-                    }
-                    upper[l - 1].insert(id, ids);
-                }
-            }
-        }
+    /// The graph of neighbour lists over rows `0..n`: `lists[r]` on layer 0, `upper[l - 1]`
+    /// on layer l (row → neighbours), searches starting at row `entry`; the rows of a table of
+    /// `dim`-float vectors.
+    pub fn new(
+        lists: Vec<Vec<u32>>,
+        upper: Vec<HashMap<u32, Vec<u32>>>,
+        entry: u32,
+        dim: usize,
+    ) -> Self {
+        let n = lists.len();
         // Renumber the nodes in breadth-first order from the entry point: a node's neighbours
         // get nearby numbers, so their vectors share pages and cache lines and a search touches
         // less memory (graph reordering, Coleman et al. 2021). Rows outside the graph go last.
@@ -136,7 +117,6 @@ impl FlatGraph {
             l0.extend(lists[old as usize].iter().map(|&x| rank[x as usize]));
             off.push(l0.len() as u32);
         }
-        upper.truncate(top);
         let upper = upper
             .into_iter()
             .map(|m| {
@@ -437,7 +417,7 @@ mod tests {
             let s = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.iter_mut().for_each(|x| *x /= s);
         }
-        let h = build_hnsw(
+        let g = build_hnsw(
             &data,
             dim,
             &HnswParams {
@@ -446,7 +426,6 @@ mod tests {
                 ef_search: 64,
             },
         );
-        let g = FlatGraph::from_hnsw(&h, n, dim);
         // the file format round-trips
         let g = FlatGraph::from_bytes(&g.to_bytes(), dim).unwrap();
         let table = g.node_ordered(|r| &data[r * dim..(r + 1) * dim]);
@@ -481,7 +460,7 @@ mod tests {
             ef_construction: 40,
             ef_search: 32,
         };
-        let bytes = FlatGraph::from_hnsw(&build_hnsw(&data, dim, &p), n, dim).to_bytes();
+        let bytes = build_hnsw(&data, dim, &p).to_bytes();
         assert!(FlatGraph::from_bytes(&bytes, dim).is_ok());
         let cut = FlatGraph::from_bytes(&bytes[..bytes.len() - 4], dim).err();
         assert!(cut.is_some_and(|e| e.contains("ends early") || e.contains("range")));

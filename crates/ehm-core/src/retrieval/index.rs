@@ -15,11 +15,11 @@
 //! clean-up reads the new generation instead.
 use super::descriptor::{DescriptorKind, Regions};
 use super::graph::{FlatGraph, Scratch};
+use super::hnsw;
 use super::simd::dot;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{sha256_file, write_atomic};
 use crate::pipeline::View;
-use hnsw_rs::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,20 +27,6 @@ use std::path::{Path, PathBuf};
 pub const FORMAT: &str = "ehm-index/3";
 const GRAPH_FILE: &str = "graph.bin";
 const LOCK_FILE: &str = "LOCK";
-/// hnsw_rs's layer count (its private `NB_LAYER_MAX`).
-const HNSW_LAYERS: usize = 16;
-
-/// Distance for L2-normalised vectors (and ±1/8 hashes): 1 − dot, clamped at 0 so exact
-/// duplicates do not trip hnsw_rs's non-negativity assertion.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DotDistance;
-
-impl Distance<f32> for DotDistance {
-    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        (1.0 - dot(a, b)).max(0.0)
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HnswParams {
     /// Links per node (hnswlib's M).
@@ -51,8 +37,8 @@ pub struct HnswParams {
 }
 
 impl HnswParams {
-    /// Check the values before any work (hnsw_rs needs 2 ≤ M < 256; M = 1 builds a graph in
-    /// which images do not find themselves).
+    /// Check the values before any work (the builder takes 2 ≤ M ≤ 255; M = 1 builds a graph
+    /// in which images do not find themselves).
     pub fn validate(&self) -> Result<()> {
         if !(2..=255).contains(&self.m) {
             return Err(Error::Config(format!(
@@ -374,10 +360,7 @@ impl Index {
             self.graph = None;
             return;
         }
-        let data: Vec<(&[f32], usize)> = (0..n).map(|r| (self.vector(r), r)).collect();
-        let h = insert_all(data, &self.meta.hnsw);
-        let g = FlatGraph::from_hnsw(&h, n, dim);
-        drop(h);
+        let g = build_with(n, dim, |r| self.vector(r), &self.meta.hnsw);
         let table = g.node_ordered(|r| self.vector(r));
         self.store = table;
         for (node, &row) in g.order().iter().enumerate() {
@@ -501,31 +484,21 @@ pub fn mean_row(rows: &[f32], dim: usize) -> Vec<f32> {
         .collect()
 }
 
-/// An HNSW graph over the rows of `vectors` (`dim` each; data id = row), built in parallel.
-pub fn build_hnsw<'a>(
-    vectors: &'a [f32],
-    dim: usize,
-    p: &HnswParams,
-) -> Hnsw<'a, f32, DotDistance> {
-    let data: Vec<(&[f32], usize)> = vectors
-        .chunks_exact(dim)
-        .enumerate()
-        .map(|(r, v)| (v, r))
-        .collect();
-    insert_all(data, p)
+/// The HNSW graph over the rows of `vectors` (`dim` each), built in parallel.
+pub fn build_hnsw(vectors: &[f32], dim: usize, p: &HnswParams) -> FlatGraph {
+    let n = vectors.len() / dim.max(1);
+    build_with(n, dim, |r| &vectors[r * dim..(r + 1) * dim], p)
 }
 
-/// An HNSW graph over `(vector, id)` pairs, built in parallel by hnsw_rs.
-fn insert_all<'a>(data: Vec<(&'a [f32], usize)>, p: &HnswParams) -> Hnsw<'a, f32, DotDistance> {
-    let h = Hnsw::new(
-        p.m,
-        data.len().max(1),
-        HNSW_LAYERS,
-        p.ef_construction,
-        DotDistance,
-    );
-    h.parallel_insert_slice(&data);
-    h
+/// The HNSW graph over rows `0..n` given by `row` (level draws seeded by `hnsw::SEED`).
+fn build_with<'v>(
+    n: usize,
+    dim: usize,
+    row: impl Fn(usize) -> &'v [f32],
+    p: &HnswParams,
+) -> FlatGraph {
+    let g = hnsw::build(n, dim, row, p.m, p.ef_construction, hnsw::SEED);
+    FlatGraph::new(g.layer0, g.upper, g.entry, dim)
 }
 
 /// Remove generation folders other than `keep` (left by earlier or interrupted runs).

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod descriptor;
 pub mod graph;
+pub mod hnsw;
 pub mod index;
 pub mod proposals;
 pub mod report;
