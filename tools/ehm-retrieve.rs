@@ -65,6 +65,24 @@ enum ExactCopies {
     Off,
 }
 
+/// What scores (and thresholds) mean.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ScoreKind {
+    /// Cosine similarity less the query's background level (the mean cosine of its 11th–20th
+    /// images): how far a match stands above images that are surely not copies. One threshold
+    /// keeps about one precision across queries and collections (docs/retrieve.md has the
+    /// measured curve); collections under 11 images have no background and score raw
+    Normalised,
+    /// Cosine similarity of the best-matching view pair (pHash: 1 − 2·bits/64)
+    Raw,
+}
+
+#[derive(Args)]
+struct Scoring {
+    #[arg(long, value_enum, default_value_t = ScoreKind::Normalised)]
+    scores: ScoreKind,
+}
+
 #[derive(Args)]
 struct Exact {
     #[arg(long, value_enum, default_value_t = ExactCopies::Phash)]
@@ -121,18 +139,22 @@ enum Cmd {
         /// Matches per query image
         #[arg(long, short, default_value_t = 10, value_parser = args::at_least_one)]
         k: usize,
-        /// Only matches with at least this score (cosine similarity, -1 … 1)
+        /// Only matches with at least this score (-1 … 1; see --scores)
         #[arg(long, default_value_t = -1.0, value_parser = args::cosine, allow_negative_numbers = true)]
         threshold: f32,
+        #[command(flatten)]
+        scoring: Scoring,
         /// Search breadth (default: the index's)
         #[arg(long, value_parser = args::at_least_one)]
         ef: Option<usize>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
-        /// Also search with sub-windows of each query (a copy that is only part of the query,
-        /// e.g. pasted into a collage): none, standard (+5 crops of 60 %), dense (+9 of 40 %
-        /// more); each window is one more search, results merged per image (best score)
-        #[arg(long, value_enum, default_value_t = Regions::None)]
+        /// Also search with windows of each query, for a copy that is only part of it (pasted
+        /// into another picture, one cell of a collage): none (the whole query: 1 model run),
+        /// standard (+5 crops of 60 %: 6 runs), dense (+ 9 of 40 %: 15 runs), auto (standard +
+        /// up to 10 rectangles found in the query: 6 … 16 runs). Results merged per image
+        /// (best window); the summary on stderr says what it cost
+        #[arg(long, value_enum, default_value_t = Regions::Auto)]
         query_regions: Regions,
         #[command(flatten)]
         x: Exact,
@@ -159,9 +181,12 @@ enum Cmd {
     Dedup {
         #[command(flatten)]
         c: Common,
-        /// Score (cosine similarity, -1 … 1) from which two images are duplicates
-        #[arg(long, default_value_t = 0.9, value_parser = args::cosine, allow_negative_numbers = true)]
-        threshold: f32,
+        /// Score from which two images are duplicates (-1 … 1; see --scores; the default is the
+        /// benchmark's 95 %-precision point, docs/retrieve.md)
+        #[arg(long, value_parser = args::cosine, allow_negative_numbers = true)]
+        threshold: Option<f32>,
+        #[command(flatten)]
+        scoring: Scoring,
         /// Also write an HTML page with thumbnails
         #[arg(long)]
         report: Option<PathBuf>,
@@ -189,8 +214,11 @@ enum Cmd {
         #[arg(long, value_parser = args::at_least_one)]
         ef: Option<usize>,
         /// Query windows, as `query --query-regions`
-        #[arg(long, value_enum, default_value_t = Regions::None)]
+        #[arg(long, value_enum, default_value_t = Regions::Auto)]
         query_regions: Regions,
+        /// Also draw the precision–recall curves (raw and normalised scores) to this PNG
+        #[arg(long)]
+        pr_curve: Option<PathBuf>,
         #[command(flatten)]
         x: Exact,
         #[arg(long)]
@@ -251,7 +279,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             }
             Ok(s.failed + problems.len())
         }
-        Cmd::Query { c, r, model, k, threshold, ef, format, query_regions, x: Exact { exact_copies }, inputs } => {
+        Cmd::Query { c, r, model, k, threshold, scoring, ef, format, query_regions, x: Exact { exact_copies }, inputs } => {
             ehm_core::fsutil::set_max_input_mb(r.max_file_mb);
             let ix = Index::open(&c.index)?;
             let mut d = retrieval::describer_for(&ix, &c.index, model.as_deref(), Parallelism::split(c.threads, c.sessions))?;
@@ -260,7 +288,8 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
                 eprintln!("skipped: {p}");
             }
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
-            let s = Searcher::new(&ix);
+            let s = Searcher::new(&ix).normalised(scoring.scores == ScoreKind::Normalised);
+            let t0 = std::time::Instant::now();
             let mut described = Vec::new();
             let how = DescribeOptions {
                 views: retrieval::descriptor::views(query_regions),
@@ -277,6 +306,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             if format == Format::Csv {
                 out.write_all(csv_row(&["query", "rank", "path", "score", "id"]).as_bytes()).map_err(out_err)?;
             }
+            let (n, windows) = (described.iter().flatten().count(), described.iter().flatten().map(|d| d.views.len()).sum::<usize>());
             for mut r in described.into_iter().flatten() {
                 ix.prepare(&mut r.vectors);
                 let matches = s.search_windows(&r.vectors, &r.views, &r.hashes, k, ef, threshold);
@@ -299,6 +329,11 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
                     }
                 }
             }
+            eprintln!(
+                "{n} queries, {windows} windows described and searched ({:.1} per query), {:.1} s",
+                windows as f64 / n.max(1) as f64,
+                t0.elapsed().as_secs_f64()
+            );
             Ok(failed + problems.len())
         }
         Cmd::Remove { c, w, paths } => {
@@ -314,9 +349,11 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             writeln!(out, "{}: kept {kept} images, dropped {dropped} deleted", c.index.display()).map_err(out_err)?;
             Ok(0)
         }
-        Cmd::Dedup { c, threshold, report, format } => {
+        Cmd::Dedup { c, threshold, scoring, report, format } => {
             let ix = Index::open(&c.index)?;
-            let groups = retrieval::dedup(&c.index, threshold, ix.meta.hnsw.ef_search)?;
+            let normalised = scoring.scores == ScoreKind::Normalised;
+            let threshold = threshold.unwrap_or(retrieval::default_dedup_threshold(ix.meta.descriptor, normalised));
+            let groups = retrieval::dedup(&c.index, threshold, normalised, ix.meta.hnsw.ef_search)?;
             match format {
                 Format::Jsonl => {
                     for g in &groups {
@@ -369,11 +406,16 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             .map_err(out_err)?;
             Ok(0)
         }
-        Cmd::Eval { c, bench, model, ef, query_regions, x, json } => {
+        Cmd::Eval { c, bench, model, ef, query_regions, pr_curve, x, json } => {
             let ix = Index::open(&c.index)?;
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
             let exact = x.exact_copies == ExactCopies::Phash;
             let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), c.threads, ef, query_regions, exact)?;
+            if let Some(p) = &pr_curve {
+                let title = format!("{} on {}", c.index.display(), bench.display());
+                retrieval::report::pr_curve_png(&title, &r.curves, p)?;
+                eprintln!("precision-recall curves: {}", p.display());
+            }
             if json {
                 writeln!(out, "{}", serde_json::to_string(&r).unwrap()).map_err(out_err)?;
             } else {

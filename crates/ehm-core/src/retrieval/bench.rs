@@ -623,7 +623,7 @@ pub fn pr_curve(truth: &[GroundTruth], results: &[Vec<Match>]) -> Vec<(f32, f64,
     let mut pairs: Vec<(f32, bool)> = Vec::new();
     for (t, res) in truth.iter().zip(results) {
         let orig = super::canonical(&t.original);
-        pairs.extend(res.iter().take(10).map(|m| (m.score, m.path == orig)));
+        pairs.extend(res.iter().take(10).map(|m| (m.rank_key(), m.path == orig)));
     }
     pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
     let mut tp = 0usize;
@@ -670,7 +670,7 @@ pub fn score(
             rank.is_some_and(|r| r < 10),
         ));
         for m in res.iter().take(10) {
-            pairs.push((m.score, m.path == orig));
+            pairs.push((m.rank_key(), m.path == orig));
         }
     }
     let agg = |v: &[(f64, bool, bool)]| Scores {
@@ -851,6 +851,7 @@ mod tests {
             raw: s,
             id: 0,
             window: None,
+            exact: false,
         }
     }
 

@@ -398,6 +398,17 @@ pub struct Match {
     /// query was searched by windows: where the copy sits in the query.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<View>,
+    /// Matched as an exact copy by pHash (`--exact-copies`): listed before every other match
+    /// and kept whatever the threshold.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exact: bool,
+}
+
+impl Match {
+    /// The order of matches: exact copies first, then by score.
+    pub fn rank_key(&self) -> f32 {
+        self.score + if self.exact { 4.0 } else { 0.0 }
+    }
 }
 
 /// Search per image: the best view's score, deleted items filtered, above `threshold`, top `k`.
@@ -458,25 +469,27 @@ impl<'a> Searcher<'a> {
     }
 
     /// Best score per image (and which of the query's windows gave it), normalised if asked,
-    /// above `threshold`, top `k`. `hits` are (row, score, window).
+    /// above `threshold` (exact copies first, whatever their score), top `k`. `hits` are
+    /// (row, score, window, exact copy).
     fn aggregate(
         &self,
-        hits: impl Iterator<Item = (usize, f32, usize)>,
+        hits: impl Iterator<Item = (usize, f32, usize, bool)>,
         windows: &[View],
         k: usize,
         threshold: f32,
     ) -> Vec<Match> {
-        let mut best: HashMap<u32, (f32, usize)> = HashMap::new();
-        for (row, score, w) in hits {
+        let mut best: HashMap<u32, (f32, usize, bool)> = HashMap::new();
+        for (row, score, w, exact) in hits {
             let o = self.owners[row];
-            let e = best.entry(o).or_insert((f32::NEG_INFINITY, 0));
+            let e = best.entry(o).or_insert((f32::NEG_INFINITY, 0, false));
             if score > e.0 {
-                *e = (score, w);
+                (e.0, e.1) = (score, w);
             }
+            e.2 |= exact;
         }
         let mut m: Vec<Match> = best
             .into_iter()
-            .map(|(o, (s, w))| {
+            .map(|(o, (s, w, exact))| {
                 let it = &self.ix.items[o as usize];
                 Match {
                     path: it.path.clone(),
@@ -484,16 +497,17 @@ impl<'a> Searcher<'a> {
                     raw: s,
                     id: it.id,
                     window: windows.get(w).copied(),
+                    exact,
                 }
             })
             .collect();
-        m.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+        m.sort_by(|a, b| b.rank_key().total_cmp(&a.rank_key()).then(a.id.cmp(&b.id)));
         if self.normalise {
             let raw: Vec<f32> = m.iter().map(|x| x.raw).collect();
             let level = background_level(&raw);
             m.iter_mut().for_each(|x| x.score = x.raw - level);
         }
-        m.retain(|x| x.score >= threshold);
+        m.retain(|x| x.exact || x.score >= threshold);
         m.truncate(k);
         m
     }
@@ -508,7 +522,7 @@ impl<'a> Searcher<'a> {
             .graph_search(q, want, ef.max(want), &keep, &mut self.scratch.borrow_mut())
             .unwrap_or_default();
         self.aggregate(
-            hits.into_iter().map(|(r, d)| (r, 1.0 - d, 0)),
+            hits.into_iter().map(|(r, d)| (r, 1.0 - d, 0, false)),
             &[],
             k,
             threshold,
@@ -542,14 +556,14 @@ impl<'a> Searcher<'a> {
                 .ix
                 .graph_search(w, want, ef.max(want), &keep, &mut self.scratch.borrow_mut())
                 .unwrap_or_default();
-            hits.extend(h.into_iter().map(|(r, d)| (r, 1.0 - d, i)));
+            hits.extend(h.into_iter().map(|(r, d)| (r, 1.0 - d, i, false)));
         }
         // every stored hash is compared (a popcount each: ~1 ms per million images)
         for (i, &qh) in hashes.iter().enumerate() {
             for &(h, row) in &self.hashes {
                 let s = descriptor::phash_similarity(qh, h);
                 if s >= descriptor::EXACT_COPY {
-                    hits.push((row, s, i));
+                    hits.push((row, s, i, true));
                 }
             }
         }
@@ -560,16 +574,32 @@ impl<'a> Searcher<'a> {
     pub fn exact(&self, q: &[f32], k: usize, threshold: f32) -> Vec<Match> {
         let hits = (0..self.ix.rows())
             .filter(|&r| self.alive[r])
-            .map(|r| (r, simd::dot(q, self.ix.vector(r)), 0));
+            .map(|r| (r, simd::dot(q, self.ix.vector(r)), 0, false));
         self.aggregate(hits, &[], k, threshold)
     }
 }
 
+/// `dedup`'s threshold when none is given: raw cosine 0.9 (the old default), and for
+/// normalised scores the threshold at which the benchmark's (query, match) pairs reach 95 %
+/// precision with the shipped embedder and with DINOv2-S/14 (`ehm-retrieve eval`, numbers in
+/// docs/retrieve.md).
+pub fn default_dedup_threshold(d: DescriptorKind, normalised: bool) -> f32 {
+    match (d, normalised) {
+        (_, false) => 0.9,
+        (DescriptorKind::Embed, true) => DEDUP_NORMALISED_EMBED,
+        (DescriptorKind::Phash, true) => DEDUP_NORMALISED_PHASH,
+    }
+}
+
+const DEDUP_NORMALISED_EMBED: f32 = 0.35;
+const DEDUP_NORMALISED_PHASH: f32 = 0.6;
+
 /// Groups of near-duplicates among the live items: items whose best-view scores against each
-/// other's whole-image descriptor reach `threshold`, joined transitively (union-find).
-pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> {
+/// other's whole-image descriptor reach `threshold` (normalised scores if asked), joined
+/// transitively (union-find).
+pub fn dedup(root: &Path, threshold: f32, normalised: bool, ef: usize) -> Result<Vec<Vec<Match>>> {
     let ix = Index::open(root)?;
-    let s = Searcher::new(&ix);
+    let s = Searcher::new(&ix).normalised(normalised);
     let live: Vec<usize> = (0..ix.items.len())
         .filter(|&i| !ix.items[i].deleted)
         .collect();
@@ -587,7 +617,8 @@ pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> 
         }
         x
     }
-    let mut best: HashMap<usize, f32> = HashMap::new();
+    // per item: its best (score, raw) with another member
+    let mut best: HashMap<usize, (f32, f32)> = HashMap::new();
     {
         for &i in &live {
             let q = ix.vector(ix.items[i].first); // the whole-image view (already centred)
@@ -598,10 +629,12 @@ pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> 
                     if a != b {
                         parent[a] = b;
                     }
-                    let e = best.entry(j).or_insert(0.0);
-                    *e = e.max(m.score);
-                    let e = best.entry(i).or_insert(0.0);
-                    *e = e.max(m.score);
+                    for x in [i, j] {
+                        let e = best.entry(x).or_insert((f32::NEG_INFINITY, 0.0));
+                        if m.score > e.0 {
+                            *e = (m.score, m.raw);
+                        }
+                    }
                 }
             }
         }
@@ -611,10 +644,11 @@ pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> 
         let r = find(&mut parent, i);
         groups.entry(r).or_default().push(Match {
             path: ix.items[i].path.clone(),
-            score: best.get(&i).copied().unwrap_or(1.0),
-            raw: best.get(&i).copied().unwrap_or(1.0),
+            score: best.get(&i).map_or(1.0, |b| b.0),
+            raw: best.get(&i).map_or(1.0, |b| b.1),
             id: ix.items[i].id,
             window: None,
+            exact: false,
         });
     }
     let mut out: Vec<Vec<Match>> = groups.into_values().filter(|g| g.len() > 1).collect();
@@ -623,4 +657,138 @@ pub fn dedup(root: &Path, threshold: f32, ef: usize) -> Result<Vec<Vec<Match>>> 
     }
     out.sort_by(|a, b| b.len().cmp(&a.len()).then(a[0].id.cmp(&b[0].id)));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline;
+    use rand::{Rng, SeedableRng};
+
+    /// Item i's pHash: far apart (≥ 19 of 64 bits between any two of the first 40).
+    fn test_hash(i: usize) -> u64 {
+        (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// An embed index of `n` random unit vectors (one view each, pHash `test_hash`), saved to
+    /// and opened from `dir`.
+    fn tiny_index(dir: &Path, n: usize, dim: usize) -> (Index, Vec<Vec<f32>>) {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut ix = Index::empty(IndexMeta {
+            format: index::FORMAT.into(),
+            descriptor: DescriptorKind::Embed,
+            model: None,
+            dim,
+            metric: "dot".into(),
+            regions: Regions::None,
+            views: views(Regions::None),
+            hnsw: HnswParams {
+                m: 8,
+                ef_construction: 64,
+                ef_search: 64,
+            },
+            items: 0,
+            deleted: 0,
+            vectors: 0,
+            next_id: 0,
+            files: Default::default(),
+            center: None,
+            checksum: None,
+        });
+        let mut rows = Vec::new();
+        for i in 0..n {
+            let mut v: Vec<f32> = (0..dim).map(|_| r.random::<f32>() - 0.5).collect();
+            let norm = simd::dot(&v, &v).sqrt();
+            v.iter_mut().for_each(|x| *x /= norm);
+            let first = ix.rows();
+            ix.push_rows(&v);
+            ix.items.push(index::Item {
+                id: i as u64,
+                path: PathBuf::from(format!("/img/{i}.jpg")),
+                sha256: String::new(),
+                bytes: 0,
+                width: 1,
+                height: 1,
+                first,
+                count: 1,
+                deleted: false,
+                phash: Some(test_hash(i)),
+            });
+            ix.meta.next_id += 1;
+            rows.push(v);
+        }
+        ix.save(dir).unwrap();
+        (Index::open(dir).unwrap(), rows)
+    }
+
+    #[test]
+    fn normalised_scores_stand_above_the_query_background() {
+        let d = tempfile::tempdir().unwrap();
+        let (ix, rows) = tiny_index(d.path(), 40, 16);
+        let q = &rows[3];
+        let raw = Searcher::new(&ix).exact(q, 40, -1.0);
+        let norm = Searcher::new(&ix).normalised(true).exact(q, 40, -1.0);
+        assert_eq!(raw[0].id, 3);
+        assert!((raw[0].score - 1.0).abs() < 1e-5);
+        // the level is the mean raw score of ranks 11–20
+        let level = raw[10..20].iter().map(|m| m.score).sum::<f32>() / 10.0;
+        assert!(level.abs() > 1e-3, "a level of 0 would not test anything");
+        for (a, b) in raw.iter().zip(&norm) {
+            assert_eq!(
+                a.id, b.id,
+                "normalising must not reorder one query's matches"
+            );
+            assert!((b.score - (a.score - level)).abs() < 1e-5 && b.raw == a.score);
+        }
+        // thresholds apply to the normalised score; HNSW gives the same as exact here
+        let t = norm[5].score;
+        let cut = Searcher::new(&ix).normalised(true).search(q, 40, 64, t);
+        assert_eq!(cut.len(), 6, "{cut:?}");
+        // fewer than 11 images ranked: no background, raw scores
+        let few = Searcher::new(&ix).normalised(true);
+        let m = few.aggregate(
+            raw.iter()
+                .take(5)
+                .map(|m| (m.id as usize, m.score, 0, false)),
+            &[],
+            5,
+            -1.0,
+        );
+        assert!(m.iter().zip(&raw).all(|(a, b)| a.score == b.score));
+    }
+
+    #[test]
+    fn a_matching_phash_brings_an_image_in_whatever_the_embedding_says() {
+        let d = tempfile::tempdir().unwrap();
+        let (ix, rows) = tiny_index(d.path(), 40, 16);
+        let s = Searcher::new(&ix);
+        // the query's embedding is item 7's negated (its worst match); its pHash is item 21's
+        // with 6 bits changed (similarity 1 − 6/32), then with 9 changed (below EXACT_COPY)
+        let q: Vec<f32> = rows[7].iter().map(|x| -x).collect();
+        let h21 = test_hash(21);
+        let near = h21 ^ 0b11_1111_0000_0000;
+        let far = h21 ^ 0b1_1111_1111_0000_0000;
+        let m = s.search_windows(&q, &[pipeline::FULL], &[near], 20, 64, -1.0);
+        let hit = &m[0];
+        assert!(
+            hit.id == 21 && hit.exact,
+            "an exact copy comes first: {m:?}"
+        );
+        assert!((hit.raw - (1.0 - 6.0 / 32.0)).abs() < 1e-6, "{hit:?}");
+        // and passes any threshold
+        let above = s.search_windows(&q, &[pipeline::FULL], &[near], 20, 64, 0.99);
+        assert_eq!(above.iter().map(|x| x.id).collect::<Vec<_>>(), vec![21]);
+        assert!(
+            m.iter().all(|x| x.id != 7),
+            "the embedding's worst match is not in the top 20"
+        );
+        let ids = |m: &[Match]| m.iter().map(|x| (x.id, x.score)).collect::<Vec<_>>();
+        let far_hits = s.search_windows(&q, &[pipeline::FULL], &[far], 20, 64, -1.0);
+        let embed_only = s.search(&q, 20, 64, -1.0);
+        assert_eq!(
+            ids(&far_hits),
+            ids(&embed_only),
+            "9 of 64 bits apart is no exact copy"
+        );
+    }
 }

@@ -71,3 +71,39 @@ body{{font-family:sans-serif;margin:16px;background:#fafafa}}h1{{font-size:20px}
     h.push_str("</body></html>\n");
     h
 }
+
+/// Precision–recall curves (`bench::EvalReport::curves`: threshold, precision, recall) as a PNG,
+/// with the threshold of every tenth of recall printed along each curve.
+pub fn pr_curve_png(
+    title: &str,
+    curves: &[(String, Vec<(f32, f64, f64)>)],
+    out: &std::path::Path,
+) -> crate::error::Result<()> {
+    use crate::picture::{line_chart, palette, Series};
+    // x = recall, y = precision; thinned to at most 400 points per curve
+    let series: Vec<Series> = curves
+        .iter()
+        .enumerate()
+        .map(|(i, (name, c))| {
+            let step = (c.len() / 400).max(1);
+            Series {
+                name,
+                points: c.iter().step_by(step).map(|&(_, p, r)| (r, p)).collect(),
+                colour: palette(i as u32),
+                dashed: i > 0,
+            }
+        })
+        .collect();
+    let img = line_chart(
+        &format!("precision (y) vs recall (x): {title}"),
+        "recall",
+        &series,
+        (0.0, 1.0),
+        720,
+        420,
+    );
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| crate::error::Error::Other(e.to_string()))?;
+    crate::fsutil::write_atomic(out, &png)
+}
