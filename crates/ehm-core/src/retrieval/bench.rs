@@ -778,7 +778,7 @@ pub fn evaluate(
             let level = super::background_level(&raw);
             res.iter()
                 .map(|m| Match {
-                    score: m.raw - level,
+                    score: super::normalise(m.raw, level),
                     ..m.clone()
                 })
                 .collect()

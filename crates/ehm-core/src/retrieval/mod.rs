@@ -372,6 +372,14 @@ pub fn compact(root: &Path, wait: bool) -> Result<(usize, usize)> {
 /// The ranks (0-based) whose mean raw score is a query's background level.
 pub const BACKGROUND: std::ops::Range<usize> = 10..20;
 
+/// A raw score relative to the query's background level: 1 − (1 − raw) / (1 − level), the
+/// match's distance as a share of the distance to images that are surely not copies (a ratio
+/// test: scale-free, so an embedder whose scores all sit near 1 and one that spreads them get
+/// comparable numbers). 1 = identical, 0 = no closer than the background, < 0 farther.
+pub fn normalise(raw: f32, level: f32) -> f32 {
+    1.0 - (1.0 - raw) / (1.0 - level).max(1e-4)
+}
+
 /// A query's background level from its raw scores in rank order: their mean over the ranks
 /// `BACKGROUND` (0 when it ranked no more than 10 images).
 pub fn background_level(sorted_raw: &[f32]) -> f32 {
@@ -505,7 +513,7 @@ impl<'a> Searcher<'a> {
         if self.normalise {
             let raw: Vec<f32> = m.iter().map(|x| x.raw).collect();
             let level = background_level(&raw);
-            m.iter_mut().for_each(|x| x.score = x.raw - level);
+            m.iter_mut().for_each(|x| x.score = normalise(x.raw, level));
         }
         m.retain(|x| x.exact || x.score >= threshold);
         m.truncate(k);
