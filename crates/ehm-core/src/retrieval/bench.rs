@@ -775,12 +775,9 @@ pub fn evaluate(
         .iter()
         .map(|res| {
             let raw: Vec<f32> = res.iter().map(|m| m.raw).collect();
-            let level = super::background_level(&raw);
             res.iter()
-                .map(|m| Match {
-                    score: super::normalise(m.raw, level),
-                    ..m.clone()
-                })
+                .zip(super::normalise_all(&raw))
+                .map(|(m, score)| Match { score, ..m.clone() })
                 .collect()
         })
         .collect();

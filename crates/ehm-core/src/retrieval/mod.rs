@@ -381,14 +381,18 @@ pub fn normalise(raw: f32, level: f32) -> f32 {
 }
 
 /// A query's background level from its raw scores in rank order: their mean over the ranks
-/// `BACKGROUND` (0 when it ranked no more than 10 images).
-pub fn background_level(sorted_raw: &[f32]) -> f32 {
-    let bg =
-        &sorted_raw[BACKGROUND.start.min(sorted_raw.len())..sorted_raw.len().min(BACKGROUND.end)];
-    if bg.is_empty() {
-        0.0
-    } else {
-        bg.iter().sum::<f32>() / bg.len() as f32
+/// `BACKGROUND` (`None` when it ranked no more than 10 images: scores stay raw).
+pub fn background_level(sorted_raw: &[f32]) -> Option<f32> {
+    let n = sorted_raw.len();
+    let bg = &sorted_raw[BACKGROUND.start.min(n)..n.min(BACKGROUND.end)];
+    (!bg.is_empty()).then(|| bg.iter().sum::<f32>() / bg.len() as f32)
+}
+
+/// Scores normalised against their own background (`Searcher::normalised`), in rank order.
+pub fn normalise_all(sorted_raw: &[f32]) -> Vec<f32> {
+    match background_level(sorted_raw) {
+        Some(level) => sorted_raw.iter().map(|&r| normalise(r, level)).collect(),
+        None => sorted_raw.to_vec(),
     }
 }
 
@@ -512,8 +516,9 @@ impl<'a> Searcher<'a> {
         m.sort_by(|a, b| b.rank_key().total_cmp(&a.rank_key()).then(a.id.cmp(&b.id)));
         if self.normalise {
             let raw: Vec<f32> = m.iter().map(|x| x.raw).collect();
-            let level = background_level(&raw);
-            m.iter_mut().for_each(|x| x.score = normalise(x.raw, level));
+            for (x, s) in m.iter_mut().zip(normalise_all(&raw)) {
+                x.score = s;
+            }
         }
         m.retain(|x| x.exact || x.score >= threshold);
         m.truncate(k);
@@ -599,7 +604,7 @@ pub fn default_dedup_threshold(d: DescriptorKind, normalised: bool) -> f32 {
     }
 }
 
-const DEDUP_NORMALISED_EMBED: f32 = 0.35;
+const DEDUP_NORMALISED_EMBED: f32 = 0.9;
 const DEDUP_NORMALISED_PHASH: f32 = 0.6;
 
 /// Groups of near-duplicates among the live items: items whose best-view scores against each
@@ -746,7 +751,11 @@ mod tests {
                 a.id, b.id,
                 "normalising must not reorder one query's matches"
             );
-            assert!((b.score - (a.score - level)).abs() < 1e-5 && b.raw == a.score);
+            let want = 1.0 - (1.0 - a.score) / (1.0 - level);
+            assert!(
+                (b.score - want).abs() < 1e-5 && b.raw == a.score,
+                "{b:?} vs {want}"
+            );
         }
         // thresholds apply to the normalised score; HNSW gives the same as exact here
         let t = norm[5].score;
