@@ -52,7 +52,7 @@ $T/ehm-retrieve eval -i "$OUT/retrieval/index" --bench "$OUT/retrieval/bench" | 
 # scores are calibrated (1 − 2·hamming/64); the demo-scale embedder's are not, see docs/retrieve.md
 rm -rf "$OUT/retrieval/phash_index"
 $T/ehm-retrieve index -i "$OUT/retrieval/phash_index" --descriptor phash --regions none - < "$OUT/retrieval/bench/database.txt"
-$T/ehm-retrieve dedup -i "$OUT/retrieval/phash_index" --threshold 0.75 --format jsonl \
+$T/ehm-retrieve dedup -i "$OUT/retrieval/phash_index" --scores raw --threshold 0.75 --format jsonl \
   --report "$OUT/retrieval/dedup.html" > "$OUT/retrieval/dedup.jsonl"
 
 cat <<TXT
