@@ -603,10 +603,15 @@ pub struct EvalReport {
     pub operating_points: Vec<OperatingPoint>,
     /// Precision–recall curves (threshold, precision, recall) for raw and normalised scores.
     #[serde(skip)]
-    pub curves: Vec<(String, Vec<(f32, f64, f64)>)>,
+    pub curves: Vec<(String, PrCurve)>,
     pub query_ms_p50: f64,
     pub query_ms_p99: f64,
 }
+
+/// Points (threshold, precision, recall) of a precision–recall curve, threshold falling.
+pub type PrCurve = Vec<(f32, f64, f64)>;
+
+type QueryDescription = (Vec<f32>, Vec<View>, Vec<u64>);
 
 #[derive(Clone, Debug, Serialize)]
 pub struct OperatingPoint {
@@ -619,7 +624,7 @@ pub struct OperatingPoint {
 
 /// The precision–recall curve of the (query, top-10 match) pairs as the threshold falls:
 /// (threshold, precision, recall), recall over all queries (one right image each).
-pub fn pr_curve(truth: &[GroundTruth], results: &[Vec<Match>]) -> Vec<(f32, f64, f64)> {
+pub fn pr_curve(truth: &[GroundTruth], results: &[Vec<Match>]) -> PrCurve {
     let mut pairs: Vec<(f32, bool)> = Vec::new();
     for (t, res) in truth.iter().zip(results) {
         let orig = super::canonical(&t.original);
@@ -724,7 +729,8 @@ pub fn evaluate(
         crate::infer::Parallelism::split(threads, None),
     )?;
     let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
-    let mut vecs: Vec<Option<(Vec<f32>, Vec<View>, Vec<u64>)>> = Vec::with_capacity(paths.len());
+    // per query: its windows' vectors, the windows, their pHashes
+    let mut vecs: Vec<Option<QueryDescription>> = Vec::with_capacity(paths.len());
     let how = super::descriptor::DescribeOptions {
         views: super::descriptor::views(query_regions),
         extra_views: super::descriptor::extra_views(query_regions),

@@ -76,7 +76,7 @@ body{{font-family:sans-serif;margin:16px;background:#fafafa}}h1{{font-size:20px}
 /// with the threshold of every tenth of recall printed along each curve.
 pub fn pr_curve_png(
     title: &str,
-    curves: &[(String, Vec<(f32, f64, f64)>)],
+    curves: &[(String, super::bench::PrCurve)],
     out: &std::path::Path,
 ) -> crate::error::Result<()> {
     use crate::picture::{line_chart, palette, Series};
