@@ -362,6 +362,35 @@ fn phash_index_and_dedup_report() {
     assert_eq!(o.status.code(), Some(1));
 }
 
+/// How many query images in `qdir` (named by their number in `db`) find their photo of `db`
+/// at rank 1, all queried in one `ehm-retrieve query` call with `extra` arguments.
+fn rank1_hits(index: &Path, qdir: &Path, db: &[PathBuf], extra: &[&str]) -> usize {
+    let o = ok(retrieve()
+        .arg("query")
+        .arg("-i")
+        .arg(index)
+        .args(["-k", "1", "--format", "jsonl"])
+        .args(extra)
+        .arg(qdir)
+        .output()
+        .unwrap());
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let i: usize = Path::new(v["query"].as_str().unwrap())
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .parse()
+                .unwrap();
+            v["matches"][0]["path"]
+                .as_str()
+                .is_some_and(|p| Path::new(p).file_name() == db[i].file_name())
+        })
+        .count()
+}
+
 #[test]
 fn query_windows_find_photos_pasted_into_collages() {
     // the partial duplicate the whole-query descriptor misses: a registry photo pasted at
@@ -419,32 +448,7 @@ fn query_windows_find_photos_pasted_into_collages() {
         canvas.save(qdir.join(format!("{i:02}.png"))).unwrap();
     }
     // rank-1 hits over the 30 collages, all queried in one call
-    let hits = |extra: &[&str]| {
-        let o = ok(retrieve()
-            .arg("query")
-            .arg("-i")
-            .arg(&index)
-            .args(["-k", "1", "--format", "jsonl"])
-            .args(extra)
-            .arg(&qdir)
-            .output()
-            .unwrap());
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                let i: usize = Path::new(v["query"].as_str().unwrap())
-                    .file_stem()
-                    .unwrap()
-                    .to_string_lossy()
-                    .parse()
-                    .unwrap();
-                v["matches"][0]["path"]
-                    .as_str()
-                    .is_some_and(|p| Path::new(p).file_name() == db[i].file_name())
-            })
-            .count()
-    };
+    let hits = |extra: &[&str]| rank1_hits(&index, &qdir, db, extra);
     let (whole, windows) = (hits(&["--query-regions", "none"]), hits(&[]));
     eprintln!("rank 1 of 30 collages: whole query {whole}, with query windows (auto) {windows}");
     assert!(windows >= whole + 10, "whole {whole}, windows {windows}");
@@ -529,30 +533,9 @@ fn tiny_thumbnails_are_found_by_their_phash() {
         std::fs::write(qdir.join(format!("{i:02}.jpg")), jpg).unwrap();
     }
     let hits = |extra: &[&str]| {
-        let o = ok(retrieve()
-            .arg("query")
-            .arg("-i")
-            .arg(&index)
-            .args(["-k", "1", "--format", "jsonl", "--query-regions", "none"])
-            .args(extra)
-            .arg(&qdir)
-            .output()
-            .unwrap());
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                let i: usize = Path::new(v["query"].as_str().unwrap())
-                    .file_stem()
-                    .unwrap()
-                    .to_string_lossy()
-                    .parse()
-                    .unwrap();
-                v["matches"][0]["path"]
-                    .as_str()
-                    .is_some_and(|p| Path::new(p).file_name() == db[i].file_name())
-            })
-            .count()
+        let mut args = vec!["--query-regions", "none"];
+        args.extend_from_slice(extra);
+        rank1_hits(&index, &qdir, &db, &args)
     };
     let (embed_only, fused) = (hits(&["--exact-copies", "off"]), hits(&[]));
     eprintln!("rank 1 of 30 thumbnails: embedding alone {embed_only}, with pHash {fused}");
