@@ -362,6 +362,38 @@ fn phash_index_and_dedup_report() {
     assert_eq!(o.status.code(), Some(1));
 }
 
+/// The registry's WebP photos (GCompris), in listing order.
+fn registry_webp_photos() -> Vec<PathBuf> {
+    let photos = ehm::data::photos::collect(&ehm::fsutil::cache_dir()).unwrap();
+    ehm::data::folder::list_images(&photos)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "webp"))
+        .collect()
+}
+
+/// An index over `db` (linked into `dir/db`) with the shipped embedder, standard regions:
+/// its path, `dir/idx`.
+fn index_with_shipped_embedder(dir: &Path, db: &[PathBuf]) -> PathBuf {
+    let dbdir = dir.join("db");
+    std::fs::create_dir_all(&dbdir).unwrap();
+    for p in db {
+        std::os::unix::fs::symlink(p, dbdir.join(p.file_name().unwrap())).unwrap();
+    }
+    let index = dir.join("idx");
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/photos64_tiny_embed.onnx");
+    ok(retrieve()
+        .args(["index", "-i"])
+        .arg(&index)
+        .arg("-m")
+        .arg(&model)
+        .arg(&dbdir)
+        .output()
+        .unwrap());
+    index
+}
+
 /// How many query images in `qdir` (named by their number in `db`) find their photo of `db`
 /// at rank 1, all queried in one `ehm-retrieve query` call with `extra` arguments.
 fn rank1_hits(index: &Path, qdir: &Path, db: &[PathBuf], extra: &[&str]) -> usize {
@@ -399,33 +431,12 @@ fn query_windows_find_photos_pasted_into_collages() {
     // more originals at rank 1 than the whole query does.
     use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng};
-    let cache = ehm::fsutil::cache_dir();
-    let photos = ehm::data::photos::collect(&cache).unwrap();
-    let mut all: Vec<PathBuf> = ehm::data::folder::list_images(&photos)
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "webp"))
-        .collect();
+    let mut all = registry_webp_photos();
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     all.shuffle(&mut r);
     let (db, backgrounds) = (&all[..60], &all[60..80]);
     let d = tempfile::tempdir().unwrap();
-    let dbdir = d.path().join("db");
-    std::fs::create_dir_all(&dbdir).unwrap();
-    for p in db {
-        std::os::unix::fs::symlink(p, dbdir.join(p.file_name().unwrap())).unwrap();
-    }
-    let index = d.path().join("idx");
-    let model =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/photos64_tiny_embed.onnx");
-    ok(retrieve()
-        .args(["index", "-i"])
-        .arg(&index)
-        .arg("-m")
-        .arg(&model)
-        .arg(&dbdir)
-        .output()
-        .unwrap());
+    let index = index_with_shipped_embedder(d.path(), db);
     let qdir = d.path().join("collages");
     std::fs::create_dir_all(&qdir).unwrap();
     for (i, orig) in db.iter().take(30).enumerate() {
@@ -486,32 +497,11 @@ fn tiny_thumbnails_are_found_by_their_phash() {
     // with --exact-copies phash (the default) nearly every thumbnail finds its photo at rank 1,
     // whatever the embedding says
     use rand::{Rng, SeedableRng};
-    let cache = ehm::fsutil::cache_dir();
-    let photos = ehm::data::photos::collect(&cache).unwrap();
-    let mut all: Vec<PathBuf> = ehm::data::folder::list_images(&photos)
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "webp"))
-        .collect();
+    let mut all = registry_webp_photos();
     all.sort();
     let db: Vec<PathBuf> = all.iter().step_by(7).take(60).cloned().collect();
     let d = tempfile::tempdir().unwrap();
-    let dbdir = d.path().join("db");
-    std::fs::create_dir_all(&dbdir).unwrap();
-    for p in &db {
-        std::os::unix::fs::symlink(p, dbdir.join(p.file_name().unwrap())).unwrap();
-    }
-    let index = d.path().join("idx");
-    let model =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/photos64_tiny_embed.onnx");
-    ok(retrieve()
-        .args(["index", "-i"])
-        .arg(&index)
-        .arg("-m")
-        .arg(&model)
-        .arg(&dbdir)
-        .output()
-        .unwrap());
+    let index = index_with_shipped_embedder(d.path(), &db);
     let qdir = d.path().join("thumbs");
     std::fs::create_dir_all(&qdir).unwrap();
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
