@@ -68,10 +68,11 @@ enum ExactCopies {
 /// What scores (and thresholds) mean.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ScoreKind {
-    /// Cosine similarity less the query's background level (the mean cosine of its 11th–20th
-    /// images): how far a match stands above images that are surely not copies. One threshold
-    /// keeps about one precision across queries and collections (docs/retrieve.md has the
-    /// measured curve); collections under 11 images have no background and score raw
+    /// 1 − (1 − cosine)/(1 − b), b the background level (the mean cosine of the 11th–20th
+    /// images of the query, or of each query window before windows are merged): how far a
+    /// match stands above images that are surely not copies. One threshold keeps about one
+    /// precision across queries (docs/retrieve.md has the measured curve); collections under
+    /// 11 images have no background and score raw
     Normalised,
     /// Cosine similarity of the best-matching view pair (pHash: 1 − 2·bits/64)
     Raw,
@@ -221,6 +222,9 @@ enum Cmd {
         pr_curve: Option<PathBuf>,
         #[command(flatten)]
         x: Exact,
+        /// The ranking scored (µAP and curves are reported for both)
+        #[command(flatten)]
+        scoring: Scoring,
         #[arg(long)]
         json: bool,
     },
@@ -406,11 +410,11 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             .map_err(out_err)?;
             Ok(0)
         }
-        Cmd::Eval { c, bench, model, ef, query_regions, pr_curve, x, json } => {
+        Cmd::Eval { c, bench, model, ef, query_regions, pr_curve, x, scoring, json } => {
             let ix = Index::open(&c.index)?;
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
             let exact = x.exact_copies == ExactCopies::Phash;
-            let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), c.threads, ef, query_regions, exact)?;
+            let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), c.threads, ef, query_regions, exact, scoring.scores == ScoreKind::Normalised)?;
             if let Some(p) = &pr_curve {
                 let title = format!("{} on {}", c.index.display(), bench.display());
                 retrieval::report::pr_curve_png(&title, &r.curves, p)?;

@@ -375,9 +375,11 @@ pub const BACKGROUND: std::ops::Range<usize> = 10..20;
 /// A raw score relative to the query's background level: 1 − (1 − raw) / (1 − level), the
 /// match's distance as a share of the distance to images that are surely not copies (a ratio
 /// test: scale-free, so an embedder whose scores all sit near 1 and one that spreads them get
-/// comparable numbers). 1 = identical, 0 = no closer than the background, < 0 farther.
+/// comparable numbers). 1 = identical, 0 = no closer than the background, < 0 farther,
+/// floored at −1 (twice the background's distance or more: nothing), so scores stay in −1 … 1
+/// like cosines and exact copies (`Match::rank_key`) still rank first.
 pub fn normalise(raw: f32, level: f32) -> f32 {
-    1.0 - (1.0 - raw) / (1.0 - level).max(1e-4)
+    (1.0 - (1.0 - raw) / (1.0 - level).max(1e-4)).max(-1.0)
 }
 
 /// A query's background level from its raw scores in rank order: their mean over the ranks
@@ -400,8 +402,9 @@ pub fn normalise_all(sorted_raw: &[f32]) -> Vec<f32> {
 pub struct Match {
     #[serde(serialize_with = "crate::fsutil::lossy_path")]
     pub path: PathBuf,
-    /// The score thresholds apply to: `raw` less the query's background level when the
-    /// searcher normalises (`Searcher::normalised`), else `raw`.
+    /// The score thresholds apply to: `raw` normalised against the background level of the
+    /// query (or of the query window that found it) when the searcher normalises
+    /// (`Searcher::normalised`), else `raw`.
     pub score: f32,
     /// Cosine similarity (pHash: 1 − 2·bits/64) of the best-matching view pair.
     pub raw: f32,
@@ -423,10 +426,36 @@ impl Match {
     }
 }
 
+/// One scored row of a search, before the merge per image.
+#[derive(Clone, Copy)]
+struct Hit {
+    row: usize,
+    /// What the merge compares: `raw`, or `raw` normalised against the window's background.
+    score: f32,
+    raw: f32,
+    /// Which query window found it.
+    window: usize,
+    exact: bool,
+    normalised: bool,
+}
+
+impl Hit {
+    fn raw(row: usize, raw: f32, window: usize) -> Self {
+        Hit {
+            row,
+            score: raw,
+            raw,
+            window,
+            exact: false,
+            normalised: false,
+        }
+    }
+}
+
 /// Search per image: the best view's score, deleted items filtered, above `threshold`, top `k`.
 pub struct Searcher<'a> {
     pub ix: &'a Index,
-    /// Subtract each query's background level from its scores (`normalised`).
+    /// Normalise scores against each query's (window's) background level (`normalised`).
     normalise: bool,
     owners: Vec<u32>,
     alive: Vec<bool>,
@@ -481,40 +510,47 @@ impl<'a> Searcher<'a> {
     }
 
     /// Best score per image (and which of the query's windows gave it), normalised if asked,
-    /// above `threshold` (exact copies first, whatever their score), top `k`. `hits` are
-    /// (row, score, window, exact copy).
+    /// above `threshold` (exact copies first, whatever their score, which is at least their
+    /// pHash similarity), top `k`.
     fn aggregate(
         &self,
-        hits: impl Iterator<Item = (usize, f32, usize, bool)>,
+        hits: impl Iterator<Item = Hit>,
         windows: &[View],
         k: usize,
         threshold: f32,
     ) -> Vec<Match> {
-        let mut best: HashMap<u32, (f32, usize, bool)> = HashMap::new();
-        for (row, score, w, exact) in hits {
-            let o = self.owners[row];
-            let e = best.entry(o).or_insert((f32::NEG_INFINITY, 0, false));
-            if score > e.0 {
-                (e.0, e.1) = (score, w);
+        let mut best: HashMap<u32, Hit> = HashMap::new();
+        let mut scored_by_windows = false;
+        for h in hits {
+            let o = self.owners[h.row];
+            let e = best.entry(o).or_insert(Hit {
+                score: f32::NEG_INFINITY,
+                raw: f32::NEG_INFINITY,
+                exact: false,
+                ..h
+            });
+            e.exact |= h.exact;
+            scored_by_windows |= h.normalised;
+            if h.score > e.score {
+                (e.score, e.raw, e.window, e.normalised) = (h.score, h.raw, h.window, h.normalised);
             }
-            e.2 |= exact;
         }
         let mut m: Vec<Match> = best
             .into_iter()
-            .map(|(o, (s, w, exact))| {
+            .map(|(o, h)| {
                 let it = &self.ix.items[o as usize];
                 Match {
                     path: it.path.clone(),
-                    score: s,
-                    raw: s,
+                    score: h.score,
+                    raw: h.raw,
                     id: it.id,
-                    window: windows.get(w).copied(),
-                    exact,
+                    window: windows.get(h.window).copied(),
+                    exact: h.exact,
                 }
             })
             .collect();
         m.sort_by(|a, b| b.rank_key().total_cmp(&a.rank_key()).then(a.id.cmp(&b.id)));
-        if self.normalise {
+        if self.normalise && !scored_by_windows {
             let raw: Vec<f32> = m.iter().map(|x| x.raw).collect();
             for (x, s) in m.iter_mut().zip(normalise_all(&raw)) {
                 x.score = s;
@@ -535,7 +571,7 @@ impl<'a> Searcher<'a> {
             .graph_search(q, want, ef.max(want), &keep, &mut self.scratch.borrow_mut())
             .unwrap_or_default();
         self.aggregate(
-            hits.into_iter().map(|(r, d)| (r, 1.0 - d, 0, false)),
+            hits.into_iter().map(|(r, d)| Hit::raw(r, 1.0 - d, 0)),
             &[],
             k,
             threshold,
@@ -563,20 +599,53 @@ impl<'a> Searcher<'a> {
         let nv = self.ix.meta.views.len().max(1);
         let want = (self.depth(k) * nv * 2 + 8).min(self.ix.rows());
         let keep = |r: usize| self.alive[r];
+        // With several windows and normalised scores, each window's matches are normalised
+        // against that window's own background before the merge: a sub-window of a crop that
+        // resembles many look-alikes a little has a high background, so its best look-alike
+        // does not outrank the whole query's true match (a merge by raw maximum lets it).
+        let per_window = self.normalise && q.len() > dim;
         let mut hits = Vec::new();
         for (i, w) in q.chunks(dim).enumerate() {
             let h = self
                 .ix
                 .graph_search(w, want, ef.max(want), &keep, &mut self.scratch.borrow_mut())
                 .unwrap_or_default();
-            hits.extend(h.into_iter().map(|(r, d)| (r, 1.0 - d, i, false)));
+            if !per_window {
+                hits.extend(h.into_iter().map(|(r, d)| Hit::raw(r, 1.0 - d, i)));
+                continue;
+            }
+            let mut per_image: HashMap<u32, (f32, usize)> = HashMap::new();
+            for (r, d) in h {
+                let e = per_image
+                    .entry(self.owners[r])
+                    .or_insert((f32::NEG_INFINITY, r));
+                if 1.0 - d > e.0 {
+                    *e = (1.0 - d, r);
+                }
+            }
+            let mut ranked: Vec<(f32, usize)> = per_image.into_values().collect();
+            ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let raw: Vec<f32> = ranked.iter().map(|x| x.0).collect();
+            for ((raw, row), score) in ranked.into_iter().zip(normalise_all(&raw)) {
+                hits.push(Hit {
+                    row,
+                    score,
+                    raw,
+                    window: i,
+                    exact: false,
+                    normalised: true,
+                });
+            }
         }
         // every stored hash is compared (a popcount each: ~1 ms per million images)
         for (i, &qh) in hashes.iter().enumerate() {
             for &(h, row) in &self.hashes {
                 let s = descriptor::phash_similarity(qh, h);
                 if s >= descriptor::EXACT_COPY {
-                    hits.push((row, s, i, true));
+                    hits.push(Hit {
+                        exact: true,
+                        ..Hit::raw(row, s, i)
+                    });
                 }
             }
         }
@@ -587,7 +656,7 @@ impl<'a> Searcher<'a> {
     pub fn exact(&self, q: &[f32], k: usize, threshold: f32) -> Vec<Match> {
         let hits = (0..self.ix.rows())
             .filter(|&r| self.alive[r])
-            .map(|r| (r, simd::dot(q, self.ix.vector(r)), 0, false));
+            .map(|r| Hit::raw(r, simd::dot(q, self.ix.vector(r)), 0));
         self.aggregate(hits, &[], k, threshold)
     }
 }
@@ -687,8 +756,22 @@ mod tests {
 
     /// An embed index of `n` random unit vectors (one view each, pHash `test_hash`), saved to
     /// and opened from `dir`.
+    fn unit(v: Vec<f32>) -> Vec<f32> {
+        let norm = simd::dot(&v, &v).sqrt();
+        v.into_iter().map(|x| x / norm).collect()
+    }
+
     fn tiny_index(dir: &Path, n: usize, dim: usize) -> (Index, Vec<Vec<f32>>) {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let rows = (0..n)
+            .map(|_| unit((0..dim).map(|_| r.random::<f32>() - 0.5).collect()))
+            .collect();
+        index_of(dir, rows)
+    }
+
+    /// An index of one image per row (unit vectors), pHashes from `test_hash`.
+    fn index_of(dir: &Path, rows: Vec<Vec<f32>>) -> (Index, Vec<Vec<f32>>) {
+        let dim = rows[0].len();
         let mut ix = Index::empty(IndexMeta {
             format: index::FORMAT.into(),
             descriptor: DescriptorKind::Embed,
@@ -710,13 +793,9 @@ mod tests {
             center: None,
             checksum: None,
         });
-        let mut rows = Vec::new();
-        for i in 0..n {
-            let mut v: Vec<f32> = (0..dim).map(|_| r.random::<f32>() - 0.5).collect();
-            let norm = simd::dot(&v, &v).sqrt();
-            v.iter_mut().for_each(|x| *x /= norm);
+        for (i, v) in rows.iter().enumerate() {
             let first = ix.rows();
-            ix.push_rows(&v);
+            ix.push_rows(v);
             ix.items.push(index::Item {
                 id: i as u64,
                 path: PathBuf::from(format!("/img/{i}.jpg")),
@@ -730,7 +809,6 @@ mod tests {
                 phash: Some(test_hash(i)),
             });
             ix.meta.next_id += 1;
-            rows.push(v);
         }
         ix.save(dir).unwrap();
         (Index::open(dir).unwrap(), rows)
@@ -753,7 +831,7 @@ mod tests {
                 a.id, b.id,
                 "normalising must not reorder one query's matches"
             );
-            let want = 1.0 - (1.0 - a.score) / (1.0 - level);
+            let want = (1.0 - (1.0 - a.score) / (1.0 - level)).max(-1.0);
             assert!(
                 (b.score - want).abs() < 1e-5 && b.raw == a.score,
                 "{b:?} vs {want}"
@@ -768,7 +846,7 @@ mod tests {
         let m = few.aggregate(
             raw.iter()
                 .take(5)
-                .map(|m| (m.id as usize, m.score, 0, false)),
+                .map(|m| Hit::raw(m.id as usize, m.score, 0)),
             &[],
             5,
             -1.0,
@@ -809,5 +887,52 @@ mod tests {
             ids(&embed_only),
             "9 of 64 bits apart is no exact copy"
         );
+    }
+
+    #[test]
+    fn windows_merge_by_scores_normalised_per_window() {
+        // 30 look-alikes around one direction, 10 unrelated images; the query's whole window is
+        // a noisy copy of unrelated image 35, its second window the look-alikes' centre
+        let dim = 16;
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut noise =
+            |s: f32| -> Vec<f32> { (0..dim).map(|_| s * (r.random::<f32>() - 0.5)).collect() };
+        let centre = unit(noise(1.0));
+        let mut rows: Vec<Vec<f32>> = (0..30)
+            .map(|_| unit(centre.iter().zip(noise(0.5)).map(|(c, n)| c + n).collect()))
+            .collect();
+        rows.extend((0..10).map(|_| unit(noise(1.0))));
+        let d = tempfile::tempdir().unwrap();
+        let (ix, rows) = index_of(d.path(), rows);
+        let whole = unit(
+            rows[35]
+                .iter()
+                .zip(noise(0.6))
+                .map(|(a, n)| a + n)
+                .collect(),
+        );
+        let q: Vec<f32> = whole.iter().chain(&centre).copied().collect();
+        let windows = [pipeline::FULL, [0.5, 0.5, 0.5, 0.5]];
+        // the premise: a look-alike's raw cosine with the second window beats the copy's
+        let copy_raw = simd::dot(&whole, &rows[35]);
+        let best_look_alike = (0..30)
+            .map(|i| simd::dot(&centre, &rows[i]))
+            .fold(-1.0, f32::max);
+        assert!(
+            best_look_alike > copy_raw,
+            "{best_look_alike} vs {copy_raw}"
+        );
+        // merged by raw maximum (raw scores) a look-alike wins …
+        let raw = Searcher::new(&ix).search_windows(&q, &windows, &[], 10, 64, -1.0);
+        assert!(raw[0].id < 30, "{raw:?}");
+        // … normalised per window, the copy does, found by the whole window
+        let norm =
+            Searcher::new(&ix)
+                .normalised(true)
+                .search_windows(&q, &windows, &[], 10, 64, -1.0);
+        assert_eq!(norm[0].id, 35, "{norm:?}");
+        assert_eq!(norm[0].window, Some(pipeline::FULL));
+        assert!((norm[0].raw - copy_raw).abs() < 1e-5);
+        assert!(norm.iter().all(|m| (-1.0..=1.0).contains(&m.score)));
     }
 }
