@@ -6,7 +6,7 @@
 //! path). Builds from ehm-core alone (no libtorch):
 //! `cargo bench -p ehm-core --bench hnsw -- OUT.f32 [N] [DIM] [QUERIES] [M] [EF_CONSTRUCTION] [EF…]`
 use ehm_core::retrieval::graph::Scratch;
-use ehm_core::retrieval::index::{build_hnsw, HnswParams};
+use ehm_core::retrieval::hnsw::{build_hnsw, HnswParams};
 use ehm_core::retrieval::simd::dot;
 use rand::{Rng, SeedableRng};
 use std::io::Write;

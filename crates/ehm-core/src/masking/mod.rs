@@ -7,13 +7,14 @@
 pub mod hierarchy;
 pub mod picture;
 pub mod quality;
+pub mod settings;
 
 pub use hierarchy::{build_tree, AffinityNorm, Grid, Merge, MergeTree};
 
-use crate::config::{EhmConfig, MaskingKind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+pub use settings::{EhmConfig, MaskingKind, TeacherKind};
 
 /// Visible/masked indices for a batch, laid out as MAE's forward uses them.
 #[derive(Clone, Debug, PartialEq)]

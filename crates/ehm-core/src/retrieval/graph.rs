@@ -3,8 +3,6 @@
 //! order — the index stores its vectors in that node order, once — and written in our own file
 //! format (`to_bytes` / `from_bytes`). Searched here with reusable visited stamps and heaps,
 //! prefetching and AVX2/AVX-512 dot products. Speed against hnswlib: docs/benchmarks.md.
-#[cfg(test)]
-use super::simd::dot;
 use super::simd::{dot_portable, prefetch, Level};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -402,79 +400,4 @@ impl FlatGraph {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::retrieval::index::{build_hnsw, HnswParams};
-    use rand::{Rng, SeedableRng};
-
-    #[test]
-    fn flat_search_finds_the_exact_neighbours_and_filters() {
-        let (n, dim) = (2000, 32);
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let mut data: Vec<f32> = (0..n * dim).map(|_| r.random::<f32>() - 0.5).collect();
-        for v in data.chunks_mut(dim) {
-            let s = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            v.iter_mut().for_each(|x| *x /= s);
-        }
-        let g = build_hnsw(
-            &data,
-            dim,
-            &HnswParams {
-                m: 16,
-                ef_construction: 100,
-                ef_search: 64,
-            },
-        );
-        // the file format round-trips
-        let g = FlatGraph::from_bytes(&g.to_bytes(), dim).unwrap();
-        let table = g.node_ordered(|r| &data[r * dim..(r + 1) * dim]);
-        let mut s = Scratch::new(n);
-        let mut hits = 0;
-        for qi in (0..n).step_by(40) {
-            let q = &data[qi * dim..(qi + 1) * dim];
-            let mut exact: Vec<(usize, f32)> = (0..n)
-                .map(|j| (j, 1.0 - dot(q, &data[j * dim..(j + 1) * dim])))
-                .collect();
-            exact.sort_by(|a, b| a.1.total_cmp(&b.1));
-            let got = g.search(&table, q, 10, 64, &|_| true, &mut s);
-            assert_eq!(got[0].0, qi, "a stored vector finds itself");
-            hits += got
-                .iter()
-                .filter(|(j, _)| exact[..10].iter().any(|e| e.0 == *j))
-                .count();
-            // filtered rows never come back
-            let odd = g.search(&table, q, 10, 64, &|j| j % 2 == 1, &mut s);
-            assert!(odd.iter().all(|(j, _)| j % 2 == 1) && odd.len() == 10);
-        }
-        assert!(hits as f64 / (50.0 * 10.0) >= 0.95, "recall {hits}/500");
-    }
-
-    #[test]
-    fn damaged_graph_files_are_errors() {
-        let (n, dim) = (300, 8);
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(4);
-        let data: Vec<f32> = (0..n * dim).map(|_| r.random::<f32>() - 0.5).collect();
-        let p = HnswParams {
-            m: 8,
-            ef_construction: 40,
-            ef_search: 32,
-        };
-        let bytes = build_hnsw(&data, dim, &p).to_bytes();
-        assert!(FlatGraph::from_bytes(&bytes, dim).is_ok());
-        let cut = FlatGraph::from_bytes(&bytes[..bytes.len() - 4], dim).err();
-        assert!(cut.is_some_and(|e| e.contains("ends early") || e.contains("range")));
-        let mut bad = bytes.clone();
-        bad[5 * 4 + (n + 1) * 4..5 * 4 + (n + 1) * 4 + 4]
-            .copy_from_slice(&(n as u32).to_le_bytes());
-        assert!(FlatGraph::from_bytes(&bad, dim)
-            .unwrap_err()
-            .contains("out of range"));
-        let mut extra = bytes.clone();
-        extra.extend_from_slice(&[0; 4]);
-        assert!(FlatGraph::from_bytes(&extra, dim)
-            .unwrap_err()
-            .contains("trailing"));
-        assert!(FlatGraph::from_bytes(b"junk", dim).is_err());
-    }
-}
+// Tested with a built graph in `hnsw`'s tests (search, filters, the file format).

@@ -4,9 +4,11 @@
 //! heuristic keeps (M on upper layers, 2·M on layer 0); the neighbours link back, re-pruning
 //! their own list with the same heuristic when it is full. Threads insert concurrently with one
 //! lock per node, as hnswlib does. The result is plain neighbour lists for `FlatGraph::new`.
-use super::graph::D;
+use super::graph::{FlatGraph, D};
 use super::simd::{self, prefetch, Level};
+use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
@@ -499,10 +501,58 @@ where
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HnswParams {
+    /// Links per node (hnswlib's M).
+    pub m: usize,
+    pub ef_construction: usize,
+    /// Default search breadth of queries.
+    pub ef_search: usize,
+}
+
+impl HnswParams {
+    /// Check the values before any work (the builder takes 2 ≤ M ≤ 255; M = 1 builds a graph
+    /// in which images do not find themselves).
+    pub fn validate(&self) -> Result<()> {
+        if !(2..=255).contains(&self.m) {
+            return Err(Error::Config(format!(
+                "--m {}: HNSW links per node must be 2 … 255 (16 is the usual choice)",
+                self.m
+            )));
+        }
+        for (v, flag) in [
+            (self.ef_construction, "--ef-construction"),
+            (self.ef_search, "--ef-search"),
+        ] {
+            if !(1..=100_000).contains(&v) {
+                return Err(Error::Config(format!("{flag} {v}: must be 1 … 100000")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The HNSW graph over the rows of `vectors` (`dim` each), built in parallel.
+pub fn build_hnsw(vectors: &[f32], dim: usize, p: &HnswParams) -> FlatGraph {
+    let n = vectors.len() / dim.max(1);
+    build_rows(n, dim, |r| &vectors[r * dim..(r + 1) * dim], p)
+}
+
+/// The HNSW graph over rows `0..n` given by `row` (level draws seeded by `SEED`).
+pub fn build_rows<'v>(
+    n: usize,
+    dim: usize,
+    row: impl Fn(usize) -> &'v [f32],
+    p: &HnswParams,
+) -> FlatGraph {
+    let g = build(n, dim, row, p.m, p.ef_construction, SEED);
+    FlatGraph::new(g.layer0, g.upper, g.entry, dim)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retrieval::graph::{FlatGraph, Scratch};
+    use crate::retrieval::graph::Scratch;
     use crate::retrieval::simd::dot;
 
     /// `n` unit vectors of `dim` around 30 random centres (like image embeddings).
@@ -686,5 +736,75 @@ mod tests {
         let data = [v.clone(), v].concat();
         let g = graph(&data, dim, 16, 100);
         assert_eq!(g.layer0, vec![vec![1], vec![0]]);
+    }
+
+    #[test]
+    fn flat_search_finds_the_exact_neighbours_and_filters() {
+        let (n, dim) = (2000, 32);
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut data: Vec<f32> = (0..n * dim).map(|_| r.random::<f32>() - 0.5).collect();
+        for v in data.chunks_mut(dim) {
+            let s = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= s);
+        }
+        let g = build_hnsw(
+            &data,
+            dim,
+            &HnswParams {
+                m: 16,
+                ef_construction: 100,
+                ef_search: 64,
+            },
+        );
+        // the file format round-trips
+        let g = FlatGraph::from_bytes(&g.to_bytes(), dim).unwrap();
+        let table = g.node_ordered(|r| &data[r * dim..(r + 1) * dim]);
+        let mut s = Scratch::new(n);
+        let mut hits = 0;
+        for qi in (0..n).step_by(40) {
+            let q = &data[qi * dim..(qi + 1) * dim];
+            let mut exact: Vec<(usize, f32)> = (0..n)
+                .map(|j| (j, 1.0 - dot(q, &data[j * dim..(j + 1) * dim])))
+                .collect();
+            exact.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let got = g.search(&table, q, 10, 64, &|_| true, &mut s);
+            assert_eq!(got[0].0, qi, "a stored vector finds itself");
+            hits += got
+                .iter()
+                .filter(|(j, _)| exact[..10].iter().any(|e| e.0 == *j))
+                .count();
+            // filtered rows never come back
+            let odd = g.search(&table, q, 10, 64, &|j| j % 2 == 1, &mut s);
+            assert!(odd.iter().all(|(j, _)| j % 2 == 1) && odd.len() == 10);
+        }
+        assert!(hits as f64 / (50.0 * 10.0) >= 0.95, "recall {hits}/500");
+    }
+
+    #[test]
+    fn damaged_graph_files_are_errors() {
+        let (n, dim) = (300, 8);
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let data: Vec<f32> = (0..n * dim).map(|_| r.random::<f32>() - 0.5).collect();
+        let p = HnswParams {
+            m: 8,
+            ef_construction: 40,
+            ef_search: 32,
+        };
+        let bytes = build_hnsw(&data, dim, &p).to_bytes();
+        assert!(FlatGraph::from_bytes(&bytes, dim).is_ok());
+        let cut = FlatGraph::from_bytes(&bytes[..bytes.len() - 4], dim).err();
+        assert!(cut.is_some_and(|e| e.contains("ends early") || e.contains("range")));
+        let mut bad = bytes.clone();
+        bad[5 * 4 + (n + 1) * 4..5 * 4 + (n + 1) * 4 + 4]
+            .copy_from_slice(&(n as u32).to_le_bytes());
+        assert!(FlatGraph::from_bytes(&bad, dim)
+            .unwrap_err()
+            .contains("out of range"));
+        let mut extra = bytes.clone();
+        extra.extend_from_slice(&[0; 4]);
+        assert!(FlatGraph::from_bytes(&extra, dim)
+            .unwrap_err()
+            .contains("trailing"));
+        assert!(FlatGraph::from_bytes(b"junk", dim).is_err());
     }
 }

@@ -15,7 +15,7 @@
 //! clean-up reads the new generation instead.
 use super::descriptor::{DescriptorKind, Regions};
 use super::graph::{FlatGraph, Scratch};
-use super::hnsw;
+use super::hnsw::{build_rows, HnswParams};
 use super::simd::dot;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{sha256_file, write_atomic};
@@ -27,37 +27,6 @@ use std::path::{Path, PathBuf};
 pub const FORMAT: &str = "ehm-index/3";
 const GRAPH_FILE: &str = "graph.bin";
 const LOCK_FILE: &str = "LOCK";
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct HnswParams {
-    /// Links per node (hnswlib's M).
-    pub m: usize,
-    pub ef_construction: usize,
-    /// Default search breadth of queries.
-    pub ef_search: usize,
-}
-
-impl HnswParams {
-    /// Check the values before any work (the builder takes 2 ≤ M ≤ 255; M = 1 builds a graph
-    /// in which images do not find themselves).
-    pub fn validate(&self) -> Result<()> {
-        if !(2..=255).contains(&self.m) {
-            return Err(Error::Config(format!(
-                "--m {}: HNSW links per node must be 2 … 255 (16 is the usual choice)",
-                self.m
-            )));
-        }
-        for (v, flag) in [
-            (self.ef_construction, "--ef-construction"),
-            (self.ef_search, "--ef-search"),
-        ] {
-            if !(1..=100_000).contains(&v) {
-                return Err(Error::Config(format!("{flag} {v}: must be 1 … 100000")));
-            }
-        }
-        Ok(())
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelRef {
     #[serde(with = "crate::fsutil::lossless_path")]
@@ -360,7 +329,7 @@ impl Index {
             self.graph = None;
             return;
         }
-        let g = build_with(n, dim, |r| self.vector(r), &self.meta.hnsw);
+        let g = build_rows(n, dim, |r| self.vector(r), &self.meta.hnsw);
         let table = g.node_ordered(|r| self.vector(r));
         self.store = table;
         for (node, &row) in g.order().iter().enumerate() {
@@ -482,23 +451,6 @@ pub fn mean_row(rows: &[f32], dim: usize) -> Vec<f32> {
     m.into_iter()
         .map(|x| (x / n.max(1) as f64) as f32)
         .collect()
-}
-
-/// The HNSW graph over the rows of `vectors` (`dim` each), built in parallel.
-pub fn build_hnsw(vectors: &[f32], dim: usize, p: &HnswParams) -> FlatGraph {
-    let n = vectors.len() / dim.max(1);
-    build_with(n, dim, |r| &vectors[r * dim..(r + 1) * dim], p)
-}
-
-/// The HNSW graph over rows `0..n` given by `row` (level draws seeded by `hnsw::SEED`).
-fn build_with<'v>(
-    n: usize,
-    dim: usize,
-    row: impl Fn(usize) -> &'v [f32],
-    p: &HnswParams,
-) -> FlatGraph {
-    let g = hnsw::build(n, dim, row, p.m, p.ef_construction, hnsw::SEED);
-    FlatGraph::new(g.layer0, g.upper, g.entry, dim)
 }
 
 /// Remove generation folders other than `keep` (left by earlier or interrupted runs).
