@@ -367,7 +367,7 @@ fn probe_head_learns_and_exports_as_a_classifier() {
         String::from_utf8_lossy(&o.stdout)
     );
     use prost::Message;
-    let m = ehm::export::onnx::ModelProto::decode(&std::fs::read(&file8).unwrap()[..]).unwrap();
+    let m = ehm::onnx::ModelProto::decode(&std::fs::read(&file8).unwrap()[..]).unwrap();
     let mut weights = m.graph.as_ref().unwrap().initializer.iter();
     assert!(weights.any(|t| t.name.as_deref() == Some("head.weight_t") && t.data_type == Some(1)));
     let (_, got8) = OrtModel::open(&file8, 1)
@@ -385,7 +385,7 @@ fn probe_head_learns_and_exports_as_a_classifier() {
 /// gives the same embedding as our own embed export, and refuses wrong cut points cleanly.
 #[test]
 fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
-    use ehm::export::onnx::{ModelProto, NodeProto};
+    use ehm::onnx::{ModelProto, NodeProto};
     use prost::Message;
     let d = tempfile::tempdir().unwrap();
     let run = common::pretrained_micro(d.path());
@@ -405,7 +405,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
         }
     }
     // a saliency "decoder" with a weight of its own, which the adopted model must not carry
-    g.initializer.push(ehm::export::onnx::TensorProto {
+    g.initializer.push(ehm::onnx::TensorProto {
         name: Some("decoder.gain".into()),
         dims: vec![1000],
         data_type: Some(1),
@@ -425,7 +425,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
         ..Default::default()
     });
     // a side branch with two "register" tokens after the class token (as DINOv2-reg has)
-    let i64s = |name: &str, v: i64| ehm::export::onnx::TensorProto {
+    let i64s = |name: &str, v: i64| ehm::onnx::TensorProto {
         name: Some(name.into()),
         dims: vec![1],
         data_type: Some(7),
@@ -437,7 +437,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
         i64s("reg.s1", 1),
         i64s("reg.end", i64::MAX),
     ]);
-    g.initializer.push(ehm::export::onnx::TensorProto {
+    g.initializer.push(ehm::onnx::TensorProto {
         name: Some("reg.k".into()),
         dims: vec![],
         data_type: Some(1),
@@ -635,7 +635,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
 /// onnxruntime agrees, and `--int8 --fp16` is a usage error.
 #[test]
 fn int8_export_is_small_close_to_fp32_and_batch_independent() {
-    use ehm::export::onnx::ModelProto;
+    use ehm::onnx::ModelProto;
     use prost::Message;
     let d = tempfile::tempdir().unwrap();
     let run = common::pretrained_micro(d.path());

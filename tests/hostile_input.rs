@@ -372,8 +372,7 @@ fn export_refuses_to_overwrite_its_input_and_impossible_sizes() {
 /// A copy of `src` with its `ehm.*` metadata changed by `edit` (key → JSON value).
 fn edit_metadata(src: &Path, dst: &Path, edit: impl Fn(&str, &mut serde_json::Value)) {
     use prost::Message;
-    let mut m =
-        ehm_core::export::onnx::ModelProto::decode(&std::fs::read(src).unwrap()[..]).unwrap();
+    let mut m = ehm_core::onnx::ModelProto::decode(&std::fs::read(src).unwrap()[..]).unwrap();
     for p in &mut m.metadata_props {
         let key = p.key.clone().unwrap();
         if let Some(text) = p.value.as_mut() {

@@ -381,7 +381,7 @@ fn segment_writes_maps_equal_to_tch_and_overlays() {
 
     // a model whose labels are fewer than its classes is refused, naming the field
     use prost::Message;
-    let mut m = ehm::export::onnx::ModelProto::decode(&std::fs::read(&model).unwrap()[..]).unwrap();
+    let mut m = ehm::onnx::ModelProto::decode(&std::fs::read(&model).unwrap()[..]).unwrap();
     for p in &mut m.metadata_props {
         if p.key.as_deref() == Some("ehm.labels") {
             p.value = Some("[\"background\"]".into());

@@ -3,7 +3,7 @@
 //! everyone else; this module is the only place that knows the metadata keys.
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
-use crate::export::onnx::{ModelProto, StringStringEntryProto, ValueInfoProto};
+use crate::onnx::{ModelProto, StringStringEntryProto, ValueInfoProto};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -111,8 +111,8 @@ pub fn default_opset(m: &ModelProto) -> i64 {
 
 /// The static dimensions of a graph input or output (`None` for a dynamic one).
 pub fn dims(v: &ValueInfoProto) -> Vec<Option<i64>> {
-    use crate::export::onnx::tensor_shape_proto::dimension::Value as Dim;
-    let Some(crate::export::onnx::type_proto::Value::TensorType(t)) =
+    use crate::onnx::tensor_shape_proto::dimension::Value as Dim;
+    let Some(crate::onnx::type_proto::Value::TensorType(t)) =
         v.r#type.as_ref().and_then(|t| t.value.as_ref())
     else {
         return vec![];
@@ -129,7 +129,7 @@ pub fn dims(v: &ValueInfoProto) -> Vec<Option<i64>> {
 }
 
 /// Number of stored weight values (initializer elements).
-pub fn parameter_count(g: &crate::export::onnx::GraphProto) -> u64 {
+pub fn parameter_count(g: &crate::onnx::GraphProto) -> u64 {
     g.initializer
         .iter()
         .map(|t| t.dims.iter().product::<i64>().max(1) as u64)

@@ -105,7 +105,7 @@ impl OrtModel {
 
     /// A model that is not (yet) a file: `label` names it in messages.
     pub fn from_bytes(label: &Path, bytes: &[u8], threads: usize) -> Result<Self> {
-        let model = crate::export::onnx::ModelProto::decode(bytes)
+        let model = crate::onnx::ModelProto::decode(bytes)
             .map_err(|e| Error::bad_file(label, format!("not an ONNX model ({e})")))?;
         let contract = ModelContract::from_model(&model).map_err(|m| Error::bad_file(label, m))?;
         let session = session(label, threads, |b| b.commit_from_memory(bytes))?;

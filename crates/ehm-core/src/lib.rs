@@ -3,7 +3,12 @@
 //! index — and the serving tools built on it (ehm-export, ehm-classify, ehm-segment,
 //! ehm-retrieve), which therefore never link libtorch. Training lives in the `ehm` crate.
 //!
-//! Layers (arrows point down): tools → {export, infer, retrieval} → {masking, eval} → data.
+//! Layers (every arrow points down; no module imports one above it, none imports in a circle):
+//! - tools → {export, retrieval}
+//! - retrieval → pipeline → infer → contract → onnx (the generated protobuf schema)
+//! - export → {checkpoint, infer, contract, onnx}; checkpoint → config → {masking, data}
+//! - masking → picture; data → fsutil → error
+//! - leaves used from anywhere: args, eval, output, progress
 pub mod args;
 pub mod checkpoint;
 pub mod config;
@@ -15,6 +20,10 @@ pub mod export;
 pub mod fsutil;
 pub mod infer;
 pub mod masking;
+/// The ONNX protobuf schema (prost types generated from the official onnx.proto by
+/// tools/onnx-codegen): read by the contract and inference, written by export.
+#[rustfmt::skip]
+pub mod onnx;
 pub mod output;
 pub mod picture;
 pub mod pipeline;

@@ -1,6 +1,6 @@
 //! A small builder over the generated ONNX types: named initializers, nodes with fresh output
 //! names, attributes. Initializers are stored as little-endian `raw_data`.
-use super::onnx::{
+use crate::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto, TensorProto,
 };
 

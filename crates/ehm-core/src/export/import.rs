@@ -3,12 +3,12 @@
 //! `backbone`), the input is renamed `pixel_values` and the contract metadata is written — after
 //! which every ehm tool treats it like one of our own exports.
 use super::graph::{attr_int, Graph};
-use super::onnx::{self, attribute_proto::AttributeType, ModelProto};
 use super::{backbone_output, embed_head, value_info, write_model, ExportSummary};
 use crate::contract::{contract_metadata, default_opset, ContractConfig, Source, Task, INPUT};
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
 use crate::infer::OrtModel;
+use crate::onnx::{self, attribute_proto::AttributeType, ModelProto};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

@@ -3,8 +3,6 @@
 pub mod graph;
 pub mod import;
 pub mod quantize;
-#[rustfmt::skip]
-pub mod onnx;
 
 use crate::checkpoint::{parse_f32_safetensors, CheckpointConfig, F32Tensors};
 use crate::config::VitConfig;
@@ -13,11 +11,12 @@ use crate::contract::{
 };
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
-use graph::{attr_float, attr_int, attr_ints, attr_string, Graph};
-use onnx::{
+use crate::onnx;
+use crate::onnx::{
     tensor_shape_proto::dimension::Value as Dim, tensor_shape_proto::Dimension, type_proto,
     ModelProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
+use graph::{attr_float, attr_int, attr_ints, attr_string, Graph};
 use prost::Message;
 use std::path::{Path, PathBuf};
 

@@ -24,8 +24,8 @@
 //! images of its call; the serving tools therefore run quantized models one image per call
 //! (`ContractConfig::quantization`), which costs nothing on a CPU.
 use super::graph::raw_tensor;
-use super::onnx::{tensor_proto::DataType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 use crate::contract::is_default_domain;
+use crate::onnx::{tensor_proto::DataType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 use std::collections::{HashMap, HashSet};
 
 /// Weight-name prefixes of the task heads, which stay fp32.
@@ -64,7 +64,7 @@ pub fn quantize_columns(w: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
 }
 
 /// A float initializer's values, when stored inline (raw bytes or `float_data`).
-fn float_values(t: &super::onnx::TensorProto) -> Option<Vec<f32>> {
+fn float_values(t: &crate::onnx::TensorProto) -> Option<Vec<f32>> {
     if t.data_type != Some(DataType::Float as i32) || !t.external_data.is_empty() {
         return None;
     }
