@@ -352,13 +352,7 @@ impl Engine {
     /// the effective batch: blr × batch × accum-steps × world / 256.
     pub fn lr_at(&self, step: u64, total: u64, warmup: u64) -> f64 {
         let base = self.run.blr * (self.run.effective_batch() * self.world()) as f64 / 256.0;
-        let s = step as f64;
-        if s < warmup as f64 {
-            return base * (s + 1.0) / warmup as f64;
-        }
-        let p = (s - warmup as f64) / ((total - warmup).max(1) as f64);
-        self.run.min_lr
-            + (base - self.run.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
+        super::schedule::warmup_cosine(step, total, warmup, base, self.run.min_lr)
     }
 
     /// Named fp32 weights for a checkpoint: master slices + fixed buffers.

@@ -13,6 +13,7 @@ pub mod mix;
 pub mod optim;
 pub mod pretrain;
 pub mod probe;
+pub mod schedule;
 pub mod segment;
 pub mod supervised;
 

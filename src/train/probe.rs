@@ -210,10 +210,14 @@ pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
                 b * o.batch_size as i64,
                 (o.batch_size as i64).min(n - b * o.batch_size as i64),
             );
-            // half-cycle cosine schedule
-            opt.set_lr(
-                o.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()),
-            );
+            // half-cycle cosine schedule, no warm-up
+            opt.set_lr(super::schedule::warmup_cosine(
+                step as u64,
+                total as u64,
+                0,
+                o.lr,
+                0.0,
+            ));
             let logits = xtr.index_select(0, &idx).apply(&head);
             let loss = logits.cross_entropy_for_logits(&ytr.index_select(0, &idx));
             opt.backward_step(&loss);

@@ -37,12 +37,7 @@ impl Recipe {
     /// Linear warm-up, then half-cycle cosine down to `min_lr`.
     pub fn lr_at(&self, step: u64, total: u64, warmup: u64) -> f64 {
         let base = self.blr * self.batch_size as f64 / 256.0;
-        let s = step as f64;
-        if s < warmup as f64 {
-            return base * (s + 1.0) / warmup as f64;
-        }
-        let p = (s - warmup as f64) / ((total.saturating_sub(warmup)).max(1) as f64);
-        self.min_lr + (base - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * p.min(1.0)).cos())
+        super::schedule::warmup_cosine(step, total, warmup, base, self.min_lr)
     }
 }
 
