@@ -394,7 +394,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         Cmd::MakeBench { out: dir, originals, seed } => {
             let cache = ehm_core::fsutil::cache_dir();
             let photos = ehm_core::data::photos::collect(&cache)?;
-            let stamps = cache.join("data/tuxpaint-stamps-default/usr/share/tuxpaint/stamps");
+            let stamps = ehm_core::data::segdata::stamps_dir(&cache);
             let s = retrieval::bench::make_bench(&photos, &stamps, &dir, originals, seed)?;
             writeln!(
                 out,

@@ -1001,7 +1001,7 @@ fn make_segdata(
     let cache = ehm::fsutil::cache_dir();
     let cfg = ehm::data::segdata::SegDataConfig {
         out,
-        stamps: cache.join("data/tuxpaint-stamps-default/usr/share/tuxpaint/stamps"),
+        stamps: ehm::data::segdata::stamps_dir(&cache),
         photos: ehm::data::photos::collect(&cache)?,
         train_images: train,
         val_images: val,

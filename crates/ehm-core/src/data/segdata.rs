@@ -375,6 +375,12 @@ pub fn list_split(root: &Path, split: &str) -> Result<Vec<String>> {
     Ok(stems)
 }
 
+/// Where `tools/setup.sh data` unpacks the Tux Paint stamps (the Debian package's tree) in
+/// the cache folder `cache`.
+pub fn stamps_dir(cache: &Path) -> PathBuf {
+    cache.join("data/tuxpaint-stamps-default/usr/share/tuxpaint/stamps")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,7 +389,7 @@ mod tests {
         let cache = crate::fsutil::cache_dir();
         SegDataConfig {
             out: out.to_path_buf(),
-            stamps: cache.join("data/tuxpaint-stamps-default/usr/share/tuxpaint/stamps"),
+            stamps: stamps_dir(&cache),
             photos: super::super::photos::collect(&cache).expect("run tools/setup.sh data"),
             train_images: 6,
             val_images: 3,
