@@ -357,27 +357,7 @@ impl Engine {
 
     /// Named fp32 weights for a checkpoint: master slices + fixed buffers.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> = self
-            .flat
-            .slots
-            .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    self.flat
-                        .master
-                        .narrow(0, s.offset, s.numel)
-                        .view(s.shape.as_slice()),
-                )
-            })
-            .collect();
-        for (name, t) in self.vs.variables() {
-            if !t.requires_grad() {
-                out.push((name, t.to_kind(Kind::Float)));
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        self.flat.named_weights(&self.vs)
     }
 }
 

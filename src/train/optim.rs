@@ -127,6 +127,26 @@ impl FlatParams {
         self.lr_scale = Some(Tensor::from_slice(&v).to_device(self.device()));
     }
 
+    /// fp32 weights by name for a checkpoint: the trainable ones from the master buffer, plus
+    /// the variables of `vs` that have no slot (fixed buffers such as pos_embed), by name.
+    pub fn named_weights(&self, vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let t = self.master.narrow(0, s.offset, s.numel);
+                (s.name.clone(), t.view(s.shape.as_slice()))
+            })
+            .collect();
+        for (n, t) in vs.variables() {
+            if !self.slots.iter().any(|s| s.name == n) {
+                out.push((n, t.to_kind(Kind::Float)));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     pub fn numel(&self) -> i64 {
         self.master.size()[0]
     }

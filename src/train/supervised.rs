@@ -136,29 +136,6 @@ pub fn normalise(pixels: &[u8], batch: usize, pre: &Preprocess, device: Device) 
     (t.to_kind(Kind::Float) / 255.0 - stat(pre.mean)) / stat(pre.std)
 }
 
-/// fp32 weights by name for a checkpoint: trainable ones from the master buffer, plus the
-/// fixed buffers (pos_embed) of `vs`.
-pub fn named_weights(flat: &FlatParams, vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut out: Vec<(String, Tensor)> = flat
-        .slots
-        .iter()
-        .map(|s| {
-            let t = flat
-                .master
-                .narrow(0, s.offset, s.numel)
-                .view(s.shape.as_slice());
-            (s.name.clone(), t)
-        })
-        .collect();
-    for (n, t) in vs.variables() {
-        if !flat.slots.iter().any(|s| s.name == n) {
-            out.push((n, t.to_kind(Kind::Float)));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 /// The output checkpoint of a head run: `checkpoint.safetensors` (encoder + head, fp32) and a
 /// `config.json` with the model and preprocessing the head was trained at, the class names and
 /// `head` (what trained it). Returns the weights file.
@@ -172,7 +149,7 @@ pub fn write_head_checkpoint(
     head: serde_json::Value,
 ) -> Result<PathBuf> {
     let ckpt = out.join("checkpoint.safetensors");
-    save_tensors(&ckpt, &named_weights(flat, vs), HashMap::new())?;
+    save_tensors(&ckpt, &flat.named_weights(vs), HashMap::new())?;
     let mut cfg = bb.config.clone();
     cfg["model"] = serde_json::to_value(&bb.vit).unwrap();
     cfg["preprocess"] = serde_json::to_value(pre).unwrap();
