@@ -49,8 +49,7 @@ pub struct Engine {
     /// Global slot of this process's first image in every step's batch (its masks are those
     /// rows of the whole batch's).
     pub first_image: usize,
-    mean: Tensor,
-    std: Tensor,
+    pixels: super::supervised::Normaliser,
 }
 
 /// A mask batch being built on a helper thread (or already built).
@@ -146,7 +145,6 @@ impl Engine {
             ehm: run.ehm.clone(),
             seed: run.seed,
         };
-        let stat = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
         let ema_decay = 0.5f64.powf(1.0 / run.ehm.half_life_steps(DEFAULT_RUN_STEPS));
         Engine {
             device,
@@ -162,8 +160,7 @@ impl Engine {
             ema_decay,
             dist: None,
             first_image: 0,
-            mean: stat(pre.mean),
-            std: stat(pre.std),
+            pixels: super::supervised::Normaliser::new(pre, device),
         }
     }
 
@@ -177,8 +174,7 @@ impl Engine {
     pub fn upload(&self, pixels: &[u8], batch: usize) -> Tensor {
         let s = self.cfg.image_size as i64;
         let t = Tensor::from_slice(pixels).view([batch as i64, 3, s, s]);
-        let t = self.to_device(t);
-        (t.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
+        self.pixels.apply(&self.to_device(t))
     }
 
     /// Host → device without blocking the host (pinned staging) on CUDA.

@@ -126,14 +126,36 @@ impl BackboneWeights {
     }
 }
 
+/// The preprocessing's pixel normalisation on a device: uint8 `[B, 3, S, S]` → fp32
+/// (x / 255 − mean) / std, the formula of `Preprocess::normalize_into` (one copy of it for
+/// tensors; its statistics are uploaded once).
+pub struct Normaliser {
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl Normaliser {
+    pub fn new(pre: &Preprocess, device: Device) -> Self {
+        let stat = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
+        Normaliser {
+            mean: stat(pre.mean),
+            std: stat(pre.std),
+        }
+    }
+
+    /// `pixels` (uint8, already on the statistics' device) → normalised fp32.
+    pub fn apply(&self, pixels: &Tensor) -> Tensor {
+        (pixels.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
+    }
+}
+
 /// CHW bytes `[B, 3, S, S]` → normalised fp32 on `device`.
 pub fn normalise(pixels: &[u8], batch: usize, pre: &Preprocess, device: Device) -> Tensor {
     let s = pre.image_size as i64;
-    let stat = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
     let t = Tensor::from_slice(pixels)
         .view([batch as i64, 3, s, s])
         .to_device(device);
-    (t.to_kind(Kind::Float) / 255.0 - stat(pre.mean)) / stat(pre.std)
+    Normaliser::new(pre, device).apply(&t)
 }
 
 /// The output checkpoint of a head run: `checkpoint.safetensors` (encoder + head, fp32) and a
