@@ -5,7 +5,7 @@ use ehm_core::args;
 use ehm_core::infer::Parallelism;
 use ehm_core::output::csv_row;
 use ehm_core::pipeline::{expand_inputs, Format};
-use ehm_core::retrieval::descriptor::{DescribeOptions, Describer, DescriptorKind, Regions};
+use ehm_core::retrieval::descriptor::{Describer, DescriptorKind, Regions};
 use ehm_core::retrieval::hnsw::HnswParams;
 use ehm_core::retrieval::index::Index;
 use ehm_core::retrieval::{self, AskedSettings, BuildOptions, Searcher};
@@ -295,25 +295,13 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
             let s = Searcher::new(&ix).normalised(scoring.scores == ScoreKind::Normalised);
             let t0 = std::time::Instant::now();
-            let mut described = Vec::new();
-            let how = DescribeOptions {
-                views: retrieval::descriptor::views(query_regions),
-                extra_views: retrieval::descriptor::extra_views(query_regions),
-                hashes: exact_copies == ExactCopies::Phash && ix.meta.descriptor == DescriptorKind::Embed,
-                batch: 32,
-                threads: c.threads,
-                progress: true,
-            };
-            let failed = d.describe(&paths, &how, |r| {
-                described.push(r);
-                Ok(())
-            })?;
+            let how = retrieval::QueryOptions { regions: query_regions, exact_copies: exact_copies == ExactCopies::Phash, threads: c.threads, progress: true };
+            let (described, failed) = retrieval::describe_queries(&ix, &mut d, &paths, &how)?;
             if format == Format::Csv {
                 out.write_all(csv_row(&["query", "rank", "path", "score", "id"]).as_bytes()).map_err(out_err)?;
             }
             let (n, windows) = (described.iter().flatten().count(), described.iter().flatten().map(|d| d.views.len()).sum::<usize>());
-            for mut r in described.into_iter().flatten() {
-                ix.prepare(&mut r.vectors);
+            for r in described.into_iter().flatten() {
                 let matches = s.search_windows(&r.vectors, &r.views, &r.hashes, k, ef, threshold);
                 match format {
                     Format::Jsonl => writeln!(out, "{}", serde_json::json!({"query": r.path.to_string_lossy(), "matches": matches})).map_err(out_err)?,

@@ -730,24 +730,18 @@ pub fn evaluate(
         crate::infer::Parallelism::split(threads, None),
     )?;
     let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
-    // per query: its windows' vectors, the windows, their pHashes
-    let mut vecs: Vec<Option<QueryDescription>> = Vec::with_capacity(paths.len());
-    let how = super::descriptor::DescribeOptions {
-        views: super::descriptor::views(query_regions),
-        extra_views: super::descriptor::extra_views(query_regions),
-        hashes: exact_copies && ix.meta.descriptor == super::descriptor::DescriptorKind::Embed,
-        batch: 32,
+    let how = super::QueryOptions {
+        regions: query_regions,
+        exact_copies,
         threads,
         progress: true,
     };
-    d.describe(&paths, &how, |r| {
-        vecs.push(r.ok().map(|x| {
-            let mut v = x.vectors;
-            ix.prepare(&mut v);
-            (v, x.views, x.hashes)
-        }));
-        Ok(())
-    })?;
+    // per query: its windows' vectors, the windows, their pHashes
+    let vecs: Vec<Option<QueryDescription>> = super::describe_queries(&ix, &mut d, &paths, &how)?
+        .0
+        .into_iter()
+        .map(|r| r.ok().map(|x| (x.vectors, x.views, x.hashes)))
+        .collect();
     let s = Searcher::new(&ix).normalised(normalised);
     let (results, times, recall) = {
         let mut results = Vec::with_capacity(vecs.len());

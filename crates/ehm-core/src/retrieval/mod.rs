@@ -662,6 +662,49 @@ impl<'a> Searcher<'a> {
     }
 }
 
+/// How queries are described: `query` and `eval` share it, so the benchmark measures what
+/// users run.
+pub struct QueryOptions {
+    /// The query's windows (`--query-regions`).
+    pub regions: Regions,
+    /// Compare the windows' pHashes with the indexed images' (`--exact-copies phash`; used
+    /// only by embed indexes, whose items carry a pHash).
+    pub exact_copies: bool,
+    pub threads: usize,
+    pub progress: bool,
+}
+
+/// Describe `paths` as queries of `ix`, in order: each query's windows' vectors made ready for
+/// `Searcher::search_windows` (`Index::prepare`), or the file's error. Returns them and how many
+/// failed.
+pub fn describe_queries(
+    ix: &Index,
+    d: &mut Describer,
+    paths: &[PathBuf],
+    o: &QueryOptions,
+) -> Result<(
+    Vec<std::result::Result<descriptor::Described, (PathBuf, String)>>,
+    usize,
+)> {
+    let how = descriptor::DescribeOptions {
+        views: views(o.regions),
+        extra_views: descriptor::extra_views(o.regions),
+        hashes: o.exact_copies && ix.meta.descriptor == DescriptorKind::Embed,
+        batch: 32,
+        threads: o.threads,
+        progress: o.progress,
+    };
+    let mut out = Vec::with_capacity(paths.len());
+    let failed = d.describe(paths, &how, |r| {
+        out.push(r.map(|mut q| {
+            ix.prepare(&mut q.vectors);
+            q
+        }));
+        Ok(())
+    })?;
+    Ok((out, failed))
+}
+
 /// `dedup`'s threshold when none is given: raw cosine 0.9 (the old default), and for
 /// normalised scores the threshold at which the benchmark's (query, top-10 match) pairs reach
 /// 99 % precision with the shipped embedder (0.978) and with pHash (0.556), rounded up
