@@ -7,7 +7,7 @@
 //! `ehm::export`, … name the same things from either side.
 pub use ehm_core::{
     args, checkpoint, config, contract, data, error, eval, export, fsutil, infer, masking, onnx,
-    output, picture, pipeline, progress, retrieval, Error, Result,
+    output, picture, pipeline, progress, retrieval, segmentation, Error, Result,
 };
 pub mod model;
 pub mod train;

@@ -1,12 +1,13 @@
 //! ehm-segment: images → per-pixel class maps with an exported `segment` model (ONNX Runtime).
 //! Per image: a class-index PNG at the input's size, a colour overlay PNG with a legend, and a
-//! JSON line with the pixel fraction of each class. A thin front over `ehm_core::pipeline`.
+//! JSON line with the pixel fraction of each class. A thin front over `ehm_core::pipeline` and
+//! `ehm_core::segmentation`.
 use clap::Parser;
 use ehm_core::args;
 use ehm_core::contract::Task;
 use ehm_core::infer::{OrtModel, Parallelism};
 use ehm_core::pipeline::{self, Item, RunOptions};
-use image::GrayImage;
+use ehm_core::segmentation::ClassMap;
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
@@ -96,49 +97,21 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         else {
             return Ok(());
         };
-        let classes = shape[0];
-        if classes > labels.len() {
-            return Err(ehm_core::Error::Shape(format!(
-                "{}: {classes} classes but {} labels",
-                cli.model.display(),
-                labels.len()
-            )));
-        }
         let (w, h) = (prepared.width, prepared.height);
-        let map = pipeline::argmax_resized(output, classes, s, w as usize, h as usize);
-        let mut counts = vec![0u64; classes];
-        for &c in &map {
-            counts[c as usize] += 1;
-        }
-        let mask = GrayImage::from_raw(w, h, map).expect("w·h class indices");
+        let m = ClassMap::from_logits(output, shape[0], s, (w, h), &labels, &cli.model)?;
         let name = unique_name(&prepared.path, &mut used);
         let classes_png = cli.out.join(format!("{name}.classes.png"));
-        ehm_core::fsutil::write_png_atomic(&classes_png, &mask)?;
+        ehm_core::fsutil::write_png_atomic(&classes_png, &m.map)?;
         let img = prepared.image.as_ref().expect("kept for the overlay");
-        let present: Vec<(u8, String)> = (1..classes)
-            .filter(|&c| counts[c] > 0)
-            .map(|c| {
-                let frac = counts[c] as f64 / (w as f64 * h as f64);
-                (c as u8, format!("{} {:.1}%", labels[c], 100.0 * frac))
-            })
-            .collect();
-        let over = ehm_core::picture::overlay(img, &mask, cli.alpha);
-        let key = ehm_core::picture::legend(&present, w.max(200));
-        let mut sheet =
-            image::RgbImage::from_pixel(w.max(key.width()), h + key.height(), image::Rgb([255; 3]));
-        ehm_core::picture::paste(&mut sheet, &over, 0, 0);
-        ehm_core::picture::paste(&mut sheet, &key, 0, h);
         let overlay_png = cli.out.join(format!("{name}.overlay.png"));
-        ehm_core::fsutil::write_png_atomic(&overlay_png, &sheet)?;
-        let total = (w as f64) * (h as f64);
-        let fractions: serde_json::Map<String, serde_json::Value> = (0..classes)
-            .filter(|&c| counts[c] > 0)
-            .map(|c| {
-                (
-                    labels[c].clone(),
-                    serde_json::json!(counts[c] as f64 / total),
-                )
-            })
+        ehm_core::fsutil::write_png_atomic(
+            &overlay_png,
+            &m.overlay_sheet(img, &labels, cli.alpha),
+        )?;
+        let fractions: serde_json::Map<String, serde_json::Value> = m
+            .fractions()
+            .into_iter()
+            .map(|(c, f)| (labels[c].clone(), serde_json::json!(f)))
             .collect();
         writeln!(
             out,

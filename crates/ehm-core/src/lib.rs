@@ -4,7 +4,8 @@
 //! ehm-retrieve), which therefore never link libtorch. Training lives in the `ehm` crate.
 //!
 //! Layers (every arrow points down; no module imports one above it, none imports in a circle):
-//! - tools → {export, retrieval}
+//! - tools → {export, retrieval, segmentation}
+//! - segmentation → {pipeline, picture}
 //! - retrieval → pipeline → infer → contract → onnx (the generated protobuf schema)
 //! - export → {checkpoint, infer, contract, onnx}; checkpoint → config → {masking, data}
 //! - masking → picture; data → fsutil → error
@@ -29,5 +30,6 @@ pub mod picture;
 pub mod pipeline;
 pub mod progress;
 pub mod retrieval;
+pub mod segmentation;
 
 pub use error::{Error, Result};
