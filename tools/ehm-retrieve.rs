@@ -403,7 +403,8 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             let ix = Index::open(&c.index)?;
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
             let exact = x.exact_copies == ExactCopies::Phash;
-            let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), c.threads, ef, query_regions, exact, scoring.scores == ScoreKind::Normalised)?;
+            let how = retrieval::QueryOptions { regions: query_regions, exact_copies: exact, threads: c.threads, progress: true };
+            let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), ef, &how, scoring.scores == ScoreKind::Normalised)?;
             if let Some(p) = &pr_curve {
                 let title = format!("{} on {}", c.index.display(), bench.display());
                 retrieval::report::pr_curve_png(&title, &r.curves, p)?;

@@ -710,15 +710,14 @@ pub fn view_iou(a: &View, b: &View) -> f32 {
     inter / (a[2] * a[3] + b[2] * b[3] - inter).max(1e-9)
 }
 
-/// Run every query of the benchmark against the index at `root` and score it.
+/// Run every query of the benchmark against the index at `root` (described as `how` says,
+/// ranked by normalised or raw scores) and score it.
 pub fn evaluate(
     root: &Path,
     bench: &Path,
     model: Option<&Path>,
-    threads: usize,
     ef: usize,
-    query_regions: super::descriptor::Regions,
-    exact_copies: bool,
+    how: &super::QueryOptions,
     normalised: bool,
 ) -> Result<EvalReport> {
     let truth = read_truth(bench)?;
@@ -727,17 +726,11 @@ pub fn evaluate(
         &ix,
         root,
         model,
-        crate::infer::Parallelism::split(threads, None),
+        crate::infer::Parallelism::split(how.threads, None),
     )?;
     let paths: Vec<PathBuf> = truth.iter().map(|t| t.query.clone()).collect();
-    let how = super::QueryOptions {
-        regions: query_regions,
-        exact_copies,
-        threads,
-        progress: true,
-    };
     // per query: its windows' vectors, the windows, their pHashes
-    let vecs: Vec<Option<QueryDescription>> = super::describe_queries(&ix, &mut d, &paths, &how)?
+    let vecs: Vec<Option<QueryDescription>> = super::describe_queries(&ix, &mut d, &paths, how)?
         .0
         .into_iter()
         .map(|r| r.ok().map(|x| (x.vectors, x.views, x.hashes)))

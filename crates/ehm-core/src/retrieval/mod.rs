@@ -674,6 +674,9 @@ pub struct QueryOptions {
     pub progress: bool,
 }
 
+/// A described query, or its file and what was wrong with it.
+pub type DescribedQuery = std::result::Result<descriptor::Described, (PathBuf, String)>;
+
 /// Describe `paths` as queries of `ix`, in order: each query's windows' vectors made ready for
 /// `Searcher::search_windows` (`Index::prepare`), or the file's error. Returns them and how many
 /// failed.
@@ -682,10 +685,7 @@ pub fn describe_queries(
     d: &mut Describer,
     paths: &[PathBuf],
     o: &QueryOptions,
-) -> Result<(
-    Vec<std::result::Result<descriptor::Described, (PathBuf, String)>>,
-    usize,
-)> {
+) -> Result<(Vec<DescribedQuery>, usize)> {
     let how = descriptor::DescribeOptions {
         views: views(o.regions),
         extra_views: descriptor::extra_views(o.regions),
