@@ -2,7 +2,7 @@
 //! N = 196 (224 px / patch 16), against random masking as the floor.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ehm::config::{EhmConfig, MaskingKind};
-use ehm::masking::{Grid, MaskParams};
+use ehm::masking::{Grid, MaskSampler};
 use rand::{Rng, SeedableRng};
 
 fn bench(c: &mut Criterion) {
@@ -13,7 +13,7 @@ fn bench(c: &mut Criterion) {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let aff: Vec<f32> = (0..256 * n * n).map(|_| r.random()).collect();
         for kind in [MaskingKind::Random, MaskingKind::Block, MaskingKind::Ehm] {
-            let p = MaskParams {
+            let p = MaskSampler {
                 kind,
                 grid: Grid::square(side),
                 mask_ratio: 0.75,

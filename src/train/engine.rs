@@ -7,7 +7,7 @@
 use super::optim::FlatParams;
 use crate::config::{MaskingKind, PretrainConfig, TeacherKind, VitConfig};
 use crate::data::Preprocess;
-use crate::masking::{Grid, MaskBatch, MaskParams};
+use crate::masking::{Grid, MaskBatch, MaskSampler};
 use crate::model::{Encoder, Mae};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -41,7 +41,7 @@ pub struct Engine {
     pub model: Mae,
     pub flat: FlatParams,
     pub teacher: Option<Teacher>,
-    pub masks: MaskParams,
+    pub masks: MaskSampler,
     /// EMA decay per step (from the half-life, a fraction of the run: `set_total_steps`).
     pub ema_decay: f64,
     /// The data-parallel group (`None`: this process trains alone).
@@ -87,7 +87,7 @@ pub fn check_affinity(aff: &[f32], when: &str) -> crate::Result<()> {
 
 /// EHM masks from a host affinity (checked).
 fn ehm_masks(
-    params: &MaskParams,
+    params: &MaskSampler,
     aff: &[f32],
     (first, batch): (usize, usize),
     t: f64,
@@ -138,7 +138,7 @@ impl Engine {
                     ema,
                 }
             });
-        let masks = MaskParams {
+        let masks = MaskSampler {
             kind: run.masking,
             grid: Grid::square(cfg.grid()),
             mask_ratio: run.mask_ratio,

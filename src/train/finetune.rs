@@ -125,7 +125,7 @@ pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
     });
     let start = supervised::load_state(&o.out, &mut flat, &run)?.unwrap_or(0);
     let mut log =
-        supervised::EpochLog::new(&o.out, &run, r, (train.ds.len() / r.batch_size) as u64);
+        supervised::TrainingLoop::new(&o.out, &run, r, (train.ds.len() / r.batch_size) as u64);
     let total = log.total;
     let pre = bb.preprocess.clone();
     let aug = Augment {

@@ -341,7 +341,7 @@ pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
         "image_size": pre.image_size, "frozen": o.freeze_backbone, "recipe": r,
     });
     let start = supervised::load_state(&o.out, &mut flat, &run)?.unwrap_or(0);
-    let mut log = supervised::EpochLog::new(
+    let mut log = supervised::TrainingLoop::new(
         &o.out,
         &run,
         r,

@@ -230,7 +230,7 @@ pub fn load_state(
 
 /// The training loop's bookkeeping shared by fine-tuning and segmentation: the loss check, the
 /// AdamW step at the scheduled lr, epoch means, and resume state + a metrics line per epoch.
-pub struct EpochLog<'a> {
+pub struct TrainingLoop<'a> {
     pub out: &'a Path,
     pub run: &'a serde_json::Value,
     pub recipe: &'a Recipe,
@@ -243,7 +243,7 @@ pub struct EpochLog<'a> {
     pub last: Option<f64>,
 }
 
-impl<'a> EpochLog<'a> {
+impl<'a> TrainingLoop<'a> {
     pub fn new(
         out: &'a Path,
         run: &'a serde_json::Value,
@@ -252,7 +252,7 @@ impl<'a> EpochLog<'a> {
     ) -> Self {
         let total = steps_per_epoch * recipe.epochs as u64;
         let warmup = (recipe.warmup_epochs * steps_per_epoch as f64).round() as u64;
-        EpochLog {
+        TrainingLoop {
             out,
             run,
             recipe,

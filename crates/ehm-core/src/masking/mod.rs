@@ -326,9 +326,10 @@ pub fn from_noise(noise: &[Vec<f64>], keep: usize) -> MaskBatch {
     }
 }
 
-/// Everything a strategy needs besides the affinity.
+/// The mask sampler: a strategy with everything it needs besides the affinity (grid, ratio,
+/// EHM knobs, seed); it draws a batch's masks (`sample`, `sample_from`) at training progress t.
 #[derive(Clone, Debug)]
-pub struct MaskParams {
+pub struct MaskSampler {
     pub kind: MaskingKind,
     pub grid: Grid,
     pub mask_ratio: f64,
@@ -342,7 +343,7 @@ pub fn non_finite(affinity: &[f32]) -> usize {
     affinity.iter().filter(|v| !v.is_finite()).count()
 }
 
-impl MaskParams {
+impl MaskSampler {
     /// The schedule of these parameters.
     pub fn schedule(&self) -> Schedule {
         Schedule::new(self.grid.n(), &self.ehm, self.mask_ratio)
@@ -501,8 +502,8 @@ mod tests {
         );
     }
 
-    fn params(kind: MaskingKind, side: usize) -> MaskParams {
-        MaskParams {
+    fn params(kind: MaskingKind, side: usize) -> MaskSampler {
+        MaskSampler {
             kind,
             grid: Grid::square(side),
             mask_ratio: 0.75,
@@ -732,7 +733,7 @@ mod tests {
     }
 
     /// Masks at t = 1, r = 0.5, cut to 2 segments.
-    fn late_two_segment_params(kind: MaskingKind) -> MaskParams {
+    fn late_two_segment_params(kind: MaskingKind) -> MaskSampler {
         let mut p = params(kind, 8);
         p.mask_ratio = 0.5;
         p.ehm.end_segments = Some(2);
