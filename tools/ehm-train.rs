@@ -856,37 +856,18 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     let mut e = ZooEntry::find(&a.model)?;
     let dist_timeout = std::time::Duration::from_secs_f64(a.dist_timeout);
     let this = launch::Launch::from_env()?;
-    let p = &mut e.pretrain;
-    if let Some(v) = a.data {
-        p.data = v;
-    }
-    if let Some(v) = a.limit {
-        p.limit = v;
-    }
-    if let Some(v) = a.epochs {
-        p.epochs = v;
-    }
-    if let Some(v) = a.batch_size {
-        p.batch_size = v;
-    }
-    if let Some(v) = a.accum_steps {
-        p.accum_steps = v;
-    }
-    if let Some(v) = a.blr {
-        p.blr = v;
-    }
-    if let Some(v) = a.warmup_epochs {
-        p.warmup_epochs = v;
-    }
-    if let Some(v) = a.masking {
-        p.masking = v;
-    }
-    if let Some(v) = a.mask_ratio {
-        p.mask_ratio = v;
-    }
-    if let Some(v) = a.seed {
-        p.seed = v;
-    }
+    e.pretrain.apply(ehm::config::RecipeOverrides {
+        data: a.data,
+        limit: a.limit,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        accum_steps: a.accum_steps,
+        blr: a.blr,
+        warmup_epochs: a.warmup_epochs,
+        masking: a.masking,
+        mask_ratio: a.mask_ratio,
+        seed: a.seed,
+    });
     let depth = e.vit()?.depth as usize;
     a.ehm.apply(&mut e.pretrain.ehm, depth)?;
     e.pretrain.validate()?;
@@ -928,47 +909,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
             s.masking,
             s.device
         );
-        let rows = [
-            (
-                "steps",
-                format!(
-                    "{} ({:.2} epochs of {} images)",
-                    s.steps, s.epochs, s.images
-                ),
-            ),
-            (
-                "resumed from step",
-                s.resumed_from.map_or("-".into(), |v| v.to_string()),
-            ),
-            (
-                "final loss",
-                s.final_loss.map_or("-".into(), |v| format!("{v:.4}")),
-            ),
-            (
-                "kNN top-1",
-                s.knn_top1
-                    .map_or("-".into(), |v| format!("{:.2} %", 100.0 * v)),
-            ),
-            (
-                "batch",
-                if s.processes > 1 {
-                    format!("{} per step over {} processes", s.batch, s.processes)
-                } else {
-                    format!("{} per step", s.batch)
-                },
-            ),
-            ("throughput", format!("{:.1} images/s", s.images_per_s)),
-            ("time", format!("{:.1} s", s.seconds)),
-            ("checkpoint", s.checkpoint.display().to_string()),
-            (
-                "mask picture",
-                s.mask_picture
-                    .as_ref()
-                    .map_or("-".into(), |p| p.display().to_string()),
-            ),
-            ("metrics", s.out.join("metrics.jsonl").display().to_string()),
-        ];
-        for (k, v) in rows {
+        for (k, v) in s.rows() {
             say!("  {k:<18} {v}");
         }
     }

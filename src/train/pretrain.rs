@@ -80,6 +80,51 @@ pub struct Summary {
     pub mask_picture: Option<PathBuf>,
 }
 
+impl Summary {
+    /// The summary as (what, value) rows for people (`--json` prints the struct).
+    pub fn rows(&self) -> Vec<(&'static str, String)> {
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let batch = if self.processes > 1 {
+            format!("{} per step over {} processes", self.batch, self.processes)
+        } else {
+            format!("{} per step", self.batch)
+        };
+        vec![
+            (
+                "steps",
+                format!(
+                    "{} ({:.2} epochs of {} images)",
+                    self.steps, self.epochs, self.images
+                ),
+            ),
+            (
+                "resumed from step",
+                or_dash(self.resumed_from.map(|v| v.to_string())),
+            ),
+            (
+                "final loss",
+                or_dash(self.final_loss.map(|v| format!("{v:.4}"))),
+            ),
+            (
+                "kNN top-1",
+                or_dash(self.knn_top1.map(|v| format!("{:.2} %", 100.0 * v))),
+            ),
+            ("batch", batch),
+            ("throughput", format!("{:.1} images/s", self.images_per_s)),
+            ("time", format!("{:.1} s", self.seconds)),
+            ("checkpoint", self.checkpoint.display().to_string()),
+            (
+                "mask picture",
+                or_dash(self.mask_picture.as_ref().map(|p| p.display().to_string())),
+            ),
+            (
+                "metrics",
+                self.out.join("metrics.jsonl").display().to_string(),
+            ),
+        ]
+    }
+}
+
 /// One line of `metrics.jsonl`: a training interval (loss, lr, speed and, for EHM, the cut
 /// the masks followed), a kNN result, or a hierarchy-quality report.
 #[derive(Serialize, Default)]

@@ -144,7 +144,41 @@ impl Default for PretrainConfig {
     }
 }
 
+/// Command-line overrides of a zoo entry's pretraining recipe (`None`: keep the entry's value).
+#[derive(Clone, Debug, Default)]
+pub struct RecipeOverrides {
+    pub data: Option<String>,
+    pub limit: Option<usize>,
+    pub epochs: Option<f64>,
+    pub batch_size: Option<usize>,
+    pub accum_steps: Option<usize>,
+    pub blr: Option<f64>,
+    pub warmup_epochs: Option<f64>,
+    pub masking: Option<MaskingKind>,
+    pub mask_ratio: Option<f64>,
+    pub seed: Option<u64>,
+}
+
 impl PretrainConfig {
+    /// Take the values `o` gives (the rest stay); `validate` checks the result.
+    pub fn apply(&mut self, o: RecipeOverrides) {
+        fn set<T>(field: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *field = v;
+            }
+        }
+        set(&mut self.data, o.data);
+        set(&mut self.limit, o.limit);
+        set(&mut self.epochs, o.epochs);
+        set(&mut self.batch_size, o.batch_size);
+        set(&mut self.accum_steps, o.accum_steps);
+        set(&mut self.blr, o.blr);
+        set(&mut self.warmup_epochs, o.warmup_epochs);
+        set(&mut self.masking, o.masking);
+        set(&mut self.mask_ratio, o.mask_ratio);
+        set(&mut self.seed, o.seed);
+    }
+
     /// Images per optimizer step: `batch_size × accum_steps` (the lr scales with it).
     pub fn effective_batch(&self) -> usize {
         self.batch_size * self.accum_steps
@@ -297,6 +331,28 @@ impl ZooEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overrides_replace_only_what_they_give() {
+        let mut p = PretrainConfig::default();
+        let before = p.clone();
+        p.apply(RecipeOverrides {
+            epochs: Some(3.5),
+            masking: Some(MaskingKind::Block),
+            seed: Some(7),
+            ..Default::default()
+        });
+        assert_eq!((p.epochs, p.masking, p.seed), (3.5, MaskingKind::Block, 7));
+        let restored = PretrainConfig {
+            epochs: before.epochs,
+            masking: before.masking,
+            seed: before.seed,
+            ..p.clone()
+        };
+        assert_eq!(restored, before, "nothing else changed");
+        p.apply(RecipeOverrides::default());
+        assert_eq!(p.epochs, 3.5, "no override keeps the value");
+    }
 
     #[test]
     fn zoo_entries_parse() {
