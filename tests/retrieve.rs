@@ -394,6 +394,19 @@ fn index_with_shipped_embedder(dir: &Path, db: &[PathBuf]) -> PathBuf {
     index
 }
 
+/// The shipped embedder given its `patch_tokens` output (`ehm-export patch-tokens`), in `dir`.
+fn shipped_with_patch_tokens(dir: &Path) -> PathBuf {
+    let out = dir.join("shipped_patch_tokens.onnx");
+    ok(Command::new(common::tool("ehm-export"))
+        .arg("patch-tokens")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/photos64_tiny_embed.onnx"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap());
+    out
+}
+
 /// How many query images in `qdir` (named by their number in `db`) find their photo of `db`
 /// at rank 1, all queried in one `ehm-retrieve query` call with `extra` arguments.
 fn rank1_hits(index: &Path, qdir: &Path, db: &[PathBuf], extra: &[&str]) -> usize {
@@ -439,6 +452,7 @@ fn query_windows_find_photos_pasted_into_collages() {
     let index = index_with_shipped_embedder(d.path(), db);
     let qdir = d.path().join("collages");
     std::fs::create_dir_all(&qdir).unwrap();
+    let mut pasted = Vec::new(); // where each photo went: x, y, w, h in pixels of 640 × 480
     for (i, orig) in db.iter().take(30).enumerate() {
         let o = ehm::data::image_io::load_rgb(orig).unwrap();
         let bg = ehm::data::image_io::load_rgb(&backgrounds[i % backgrounds.len()]).unwrap();
@@ -457,12 +471,45 @@ fn query_windows_find_photos_pasted_into_collages() {
         );
         image::imageops::overlay(&mut canvas, &inset, x as i64, y as i64);
         canvas.save(qdir.join(format!("{i:02}.png"))).unwrap();
+        pasted.push((x as f64, y as f64, w.min(640) as f64, h.min(480) as f64));
     }
     // rank-1 hits over the 30 collages, all queried in one call
     let hits = |extra: &[&str]| rank1_hits(&index, &qdir, db, extra);
     let (whole, windows) = (hits(&["--query-regions", "none"]), hits(&[]));
     eprintln!("rank 1 of 30 collages: whole query {whole}, with query windows (auto) {windows}");
     assert!(windows >= whole + 10, "whole {whole}, windows {windows}");
+    // local verification (the same embedding plus patch tokens: the index accepts the
+    // upgraded file) lifts no fewer originals to rank 1, and where it verifies the original
+    // it says where the pasted photo sits
+    let model = shipped_with_patch_tokens(d.path());
+    let m = model.to_str().unwrap();
+    let verified = hits(&["-m", m, "--verify", "10"]);
+    eprintln!("rank 1 of 30 collages with --verify 10: {verified}");
+    assert!(
+        verified >= windows,
+        "windows {windows}, verified {verified}"
+    );
+    let (mut located, mut found) = (0, 0);
+    for (i, (x, y, w, h)) in pasted.iter().enumerate() {
+        let q = qdir.join(format!("{i:02}.png"));
+        let top = query(&index, &q, &["-m", m, "--verify", "10", "-k", "1"]);
+        if Path::new(top[0]["path"].as_str().unwrap()).file_name() != db[i].file_name() {
+            continue;
+        }
+        found += 1;
+        let Some(r) = top[0]["verification"]["region"].as_array() else {
+            continue;
+        };
+        let r: Vec<f64> = r.iter().map(|v| v.as_f64().unwrap()).collect();
+        let truth = [x / 640.0, y / 480.0, w / 640.0, h / 480.0];
+        let ix = ((r[0] + r[2]).min(truth[0] + truth[2]) - r[0].max(truth[0])).max(0.0);
+        let iy = ((r[1] + r[3]).min(truth[1] + truth[3]) - r[1].max(truth[1])).max(0.0);
+        let inter = ix * iy;
+        let iou = inter / (r[2] * r[3] + truth[2] * truth[3] - inter);
+        located += (iou >= 0.3) as usize;
+    }
+    eprintln!("verified regions on the pasted photo (IoU ≥ 0.3): {located} of {found} found");
+    assert!(found > 0 && located * 2 >= found, "{located} of {found}");
     // photos that are not in the index: their best match scores below dedup's default
     // threshold (normalised scores), so a thresholded query or dedup does not pair them
     let o = ok(retrieve()
@@ -538,4 +585,120 @@ fn tiny_thumbnails_are_found_by_their_phash() {
         fused >= embed_only + 15,
         "with pHash {fused}, embedding alone {embed_only}"
     );
+}
+
+#[test]
+fn verification_never_drops_a_true_exact_copy() {
+    // exact copies (the photo re-encoded as JPEG, and the file itself) of 30 indexed photos,
+    // queried by the embedding alone (no pHash evidence): each is at rank 1 without
+    // verification, and verifying the 10 best of each — which can only raise scores, and may
+    // raise look-alikes — keeps it there, with its geometry found
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut all = registry_webp_photos();
+    all.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(4));
+    let db = &all[..60];
+    let d = tempfile::tempdir().unwrap();
+    let index = index_with_shipped_embedder(d.path(), db);
+    let qdir = d.path().join("copies");
+    std::fs::create_dir_all(&qdir).unwrap();
+    for (i, p) in db.iter().enumerate().take(30) {
+        if i % 2 == 0 {
+            let img = ehm::data::image_io::load_rgb(p).unwrap();
+            let mut jpg = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpg, 85)
+                .encode_image(&img)
+                .unwrap();
+            std::fs::write(qdir.join(format!("{i:02}.jpg")), jpg).unwrap();
+        } else {
+            std::fs::copy(p, qdir.join(format!("{i:02}.webp"))).unwrap();
+        }
+    }
+    let model = shipped_with_patch_tokens(d.path());
+    let m = model.to_str().unwrap();
+    let plain = ["--exact-copies", "off", "--query-regions", "none"];
+    let base = rank1_hits(&index, &qdir, db, &plain);
+    let mut with_verify = plain.to_vec();
+    with_verify.extend(["-m", m, "--verify", "10"]);
+    let verified = rank1_hits(&index, &qdir, db, &with_verify);
+    eprintln!("exact copies at rank 1 of 30: embedding {base}, verified {verified}");
+    assert_eq!(
+        base, 30,
+        "the premise: the embedding finds every exact copy"
+    );
+    let o = ok(retrieve()
+        .arg("query")
+        .arg("-i")
+        .arg(&index)
+        .args(["-k", "2", "--format", "jsonl"])
+        .args(&with_verify)
+        .arg(&qdir)
+        .output()
+        .unwrap());
+    for l in String::from_utf8_lossy(&o.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let q = Path::new(v["query"].as_str().unwrap());
+        let i: usize = q.file_stem().unwrap().to_string_lossy().parse().unwrap();
+        let top = Path::new(v["matches"][0]["path"].as_str().unwrap());
+        assert_eq!(
+            top.file_name(),
+            db[i].file_name(),
+            "verification dropped an exact copy: {v}"
+        );
+        let ver = &v["matches"][0]["verification"];
+        let inliers = ver["inliers"].as_u64().unwrap();
+        // the shipped embedder's grid is 8 × 8 patches
+        assert!(inliers >= 32, "{}: {ver}", v["query"]);
+        assert!(
+            v["matches"][0]["score"].as_f64().unwrap() >= ver["global_score"].as_f64().unwrap()
+        );
+    }
+}
+
+#[test]
+fn patch_tokens_upgrade_keeps_the_embedding_and_refuses_twice() {
+    let d = tempfile::tempdir().unwrap();
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/photos64_tiny_embed.onnx");
+    let up = shipped_with_patch_tokens(d.path());
+    let c = ehm::contract::ModelContract::read(&up).unwrap();
+    assert_eq!(c.outputs, ["embedding", "patch_tokens"]);
+    assert_eq!(c.same_embedding_as.len(), 1);
+    // same pixels through both files: the embedding is bit for bit the same, the tokens are
+    // 8 × 8 unit vectors of the backbone's width
+    let s = 64usize;
+    let px: Vec<f32> = (0..2 * 3 * s * s)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let mut a = ehm::infer::OrtModel::open(&shipped, 1).unwrap();
+    let mut b = ehm::infer::OrtModel::open(&up, 1).unwrap();
+    let ea = a.run(&px, 2, "embedding").unwrap();
+    let out = b
+        .run_outputs(&px, 2, &["embedding", "patch_tokens"])
+        .unwrap();
+    assert_eq!(ea.1, out[0].1);
+    assert_eq!(out[1].0, [2, 64, 192]);
+    for t in out[1].1.chunks(192) {
+        let n: f32 = t.iter().map(|x| x * x).sum();
+        assert!((n - 1.0).abs() < 1e-4, "{n}");
+    }
+    // a second upgrade, and an upgrade of a non-embed model, are refused with the reason
+    let o = Command::new(common::tool("ehm-export"))
+        .arg("patch-tokens")
+        .arg(&up)
+        .arg("-o")
+        .arg(d.path().join("twice.onnx"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already has a patch_tokens output"));
+    let o = Command::new(common::tool("ehm-export"))
+        .arg("patch-tokens")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/fmnist_tiny_classify.onnx"))
+        .arg("-o")
+        .arg(d.path().join("cls.onnx"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("only embed models get patch tokens"));
 }

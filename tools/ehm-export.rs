@@ -87,6 +87,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Give an embed model written before the patch_tokens output existed that output (what
+    /// `ehm-retrieve --verify` matches); everything else in the file stays as it was
+    PatchTokens {
+        model: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print task, inputs/outputs, opset, metadata and parameter count of an ONNX model
     Inspect {
         model: PathBuf,
@@ -220,6 +229,15 @@ fn run(cli: Cli) -> ehm_core::Result<()> {
                 int8,
             };
             let s = ehm_core::export::import::import_onnx(&model, &output, &opts)?;
+            print_summary(&mut out, &s, json, t0)?;
+        }
+        Cmd::PatchTokens {
+            model,
+            output,
+            json,
+        } => {
+            let t0 = std::time::Instant::now();
+            let s = ehm_core::export::add_patch_tokens(&model, &output)?;
             print_summary(&mut out, &s, json, t0)?;
         }
         Cmd::Inspect { model, json } => {

@@ -87,12 +87,14 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         progress: true,
         extra_views: None,
         view_hash: None,
+        patch_tokens: false,
     };
     let failed = pipeline::run(&mut model, &paths, &opts, |item| {
         let Item::Done {
             prepared,
             output,
             shape,
+            ..
         } = item
         else {
             return Ok(());

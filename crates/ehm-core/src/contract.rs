@@ -12,7 +12,14 @@ pub const KEY_TASK: &str = "ehm.task";
 pub const KEY_CONFIG: &str = "ehm.config";
 pub const KEY_LABELS: &str = "ehm.labels";
 pub const KEY_SOURCE: &str = "ehm.source";
+/// sha256s of model files whose `embedding` this file computes bit for bit (a file that
+/// `ehm-export patch-tokens` gave the extra output): indexes built with those accept it.
+pub const KEY_SAME_EMBEDDING: &str = "ehm.same_embedding_as";
 pub const INPUT: &str = "pixel_values";
+/// Optional output of embed models: `patch_tokens` [N, P, D], each token L2-normalised, in
+/// row-major patch order (files written before it existed lack it; `ehm-export patch-tokens`
+/// adds it).
+pub const PATCH_TOKENS: &str = "patch_tokens";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -165,9 +172,16 @@ pub struct ModelContract {
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
     pub parameters: u64,
+    /// `ehm.same_embedding_as`: the files whose embedding this one is (empty if none).
+    pub same_embedding_as: Vec<String>,
 }
 
 impl ModelContract {
+    /// Whether the model gives `patch_tokens` (local verification needs them).
+    pub fn has_patch_tokens(&self) -> bool {
+        self.outputs.iter().any(|o| o == PATCH_TOKENS)
+    }
+
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).at(path)?;
         let model = ModelProto::decode(&bytes[..])
@@ -197,6 +211,12 @@ impl ModelContract {
             None => vec![],
         };
         let source = meta(KEY_SOURCE).and_then(|s| serde_json::from_str(&s).ok());
+        let same_embedding_as: Vec<String> = match meta(KEY_SAME_EMBEDDING) {
+            Some(s) => {
+                serde_json::from_str(&s).map_err(|e| format!("bad {KEY_SAME_EMBEDDING}: {e}"))?
+            }
+            None => vec![],
+        };
         let g = m.graph.as_ref().ok_or("model has no graph")?;
         let inputs: Vec<String> = g.input.iter().filter_map(|v| v.name.clone()).collect();
         let outputs: Vec<String> = g.output.iter().filter_map(|v| v.name.clone()).collect();
@@ -244,6 +264,7 @@ impl ModelContract {
             inputs,
             outputs,
             parameters,
+            same_embedding_as,
         })
     }
 }

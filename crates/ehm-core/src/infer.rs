@@ -125,6 +125,17 @@ impl OrtModel {
         n: usize,
         output: &str,
     ) -> Result<(Vec<usize>, Vec<f32>)> {
+        Ok(self.run_outputs(pixels, n, &[output])?.remove(0))
+    }
+
+    /// `run` for several outputs of the same images: (shape, values) of each, in `outputs`
+    /// order.
+    pub fn run_outputs(
+        &mut self,
+        pixels: &[f32],
+        n: usize,
+        outputs: &[&str],
+    ) -> Result<Vec<Tensor>> {
         let s = self.contract.config.preprocess.image_size as usize;
         let per = 3 * s * s;
         if pixels.len() != n * per {
@@ -149,18 +160,18 @@ impl OrtModel {
                 pixels,
                 (n, per_call),
                 s,
-                output,
+                outputs,
             );
         }
         let size = n.div_ceil(parts);
-        let results: Vec<Result<(Vec<usize>, Vec<f32>)>> = std::thread::scope(|scope| {
+        let results: Vec<Result<Vec<Tensor>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .sessions
                 .iter_mut()
                 .zip(pixels.chunks(size * per))
                 .map(|(sess, px)| {
                     scope.spawn(move || {
-                        run_session(sess, path, px, (px.len() / per, per_call), s, output)
+                        run_session(sess, path, px, (px.len() / per, per_call), s, outputs)
                     })
                 })
                 .collect();
@@ -176,20 +187,25 @@ impl OrtModel {
     }
 }
 
-/// Outputs of consecutive parts of a batch joined along the batch axis.
-fn concat(
-    parts: impl IntoIterator<Item = Result<(Vec<usize>, Vec<f32>)>>,
-) -> Result<(Vec<usize>, Vec<f32>)> {
-    let mut shape = vec![0usize];
-    let mut values = Vec::new();
+/// An output: its shape and values.
+pub type Tensor = (Vec<usize>, Vec<f32>);
+
+/// The outputs of consecutive parts of a batch, each joined along the batch axis.
+fn concat(parts: impl IntoIterator<Item = Result<Vec<Tensor>>>) -> Result<Vec<Tensor>> {
+    let mut joined: Vec<Tensor> = Vec::new();
     for part in parts {
-        let (sh, v) = part?;
-        shape.truncate(1);
-        shape[0] += sh.first().copied().unwrap_or(0);
-        shape.extend_from_slice(sh.get(1..).unwrap_or(&[]));
-        values.extend_from_slice(&v);
+        for (i, (sh, v)) in part?.into_iter().enumerate() {
+            if joined.len() <= i {
+                joined.push((vec![0usize], Vec::new()));
+            }
+            let (shape, values) = &mut joined[i];
+            shape.truncate(1);
+            shape[0] += sh.first().copied().unwrap_or(0);
+            shape.extend_from_slice(sh.get(1..).unwrap_or(&[]));
+            values.extend_from_slice(&v);
+        }
     }
-    Ok((shape, values))
+    Ok(joined)
 }
 
 /// Most images in one ONNX Runtime call: a ViT's per-call activations (attention matrices
@@ -204,14 +220,14 @@ fn run_session(
     pixels: &[f32],
     (n, per_call): (usize, usize),
     s: usize,
-    output: &str,
-) -> Result<(Vec<usize>, Vec<f32>)> {
+    outputs: &[&str],
+) -> Result<Vec<Tensor>> {
     let per = 3 * s * s;
     concat(
         pixels
             .chunks(per_call * per)
             .take(n.div_ceil(per_call))
-            .map(|part| run_once(session, path, part, part.len() / per, s, output)),
+            .map(|part| run_once(session, path, part, part.len() / per, s, outputs)),
     )
 }
 
@@ -221,18 +237,23 @@ fn run_once(
     pixels: &[f32],
     n: usize,
     s: usize,
-    output: &str,
-) -> Result<(Vec<usize>, Vec<f32>)> {
+    names: &[&str],
+) -> Result<Vec<Tensor>> {
     let input = ort::value::Tensor::from_array(([n, 3, s, s], pixels.to_vec()))
         .map_err(|e| Error::Other(e.to_string()))?;
     let outputs = session
         .run(ort::inputs![INPUT => input])
         .map_err(|e| Error::bad_file(path, format!("inference failed: {e}")))?;
-    let value = outputs
-        .get(output)
-        .ok_or_else(|| Error::bad_file(path, format!("no output '{output}'")))?;
-    let (shape, data) = value
-        .try_extract_tensor::<f32>()
-        .map_err(|e| Error::bad_file(path, format!("output '{output}': {e}")))?;
-    Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+    names
+        .iter()
+        .map(|output| {
+            let value = outputs
+                .get(output)
+                .ok_or_else(|| Error::bad_file(path, format!("no output '{output}'")))?;
+            let (shape, data) = value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| Error::bad_file(path, format!("output '{output}': {e}")))?;
+            Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+        })
+        .collect()
 }

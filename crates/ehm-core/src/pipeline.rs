@@ -113,6 +113,9 @@ pub enum Item<'a> {
         output: &'a [f32],
         /// The output shape without the batch dimension.
         shape: &'a [usize],
+        /// This image's slice of the `patch_tokens` output (`views × P × D`) when
+        /// `RunOptions::patch_tokens` asked for it, else empty.
+        tokens: &'a [f32],
     },
     Failed {
         path: PathBuf,
@@ -137,6 +140,8 @@ pub struct RunOptions {
     pub view_hash: Option<fn(&RgbImage) -> u64>,
     /// Progress bar on stderr (shown when there are more inputs than a screenful).
     pub progress: bool,
+    /// Also read the model's `patch_tokens` output (embed models that have it).
+    pub patch_tokens: bool,
 }
 
 /// Run `paths` through `model`'s main output, calling `each` in input order. Returns the
@@ -147,6 +152,16 @@ where
 {
     let pre: Preprocess = model.contract.config.preprocess.clone();
     let output = model.contract.task.output();
+    let mut outputs = vec![output];
+    if o.patch_tokens {
+        if !model.contract.has_patch_tokens() {
+            return Err(Error::bad_file(
+                &model.path,
+                "no patch_tokens output (a file from before it existed: add it with `ehm-export patch-tokens`)",
+            ));
+        }
+        outputs.push(crate::contract::PATCH_TOKENS);
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(o.threads.max(1))
         .build()
@@ -189,17 +204,22 @@ where
         for items in rx.iter() {
             let ok: Vec<&Prepared> = items.iter().filter_map(|r| r.as_ref().ok()).collect();
             let rows: usize = ok.iter().map(|p| p.views.len()).sum();
-            let (shape, values) = if ok.is_empty() {
-                (vec![0], vec![])
+            let results = if ok.is_empty() {
+                vec![(vec![0], vec![]); outputs.len()]
             } else {
                 let mut px = Vec::with_capacity(rows * len);
                 for p in &ok {
                     px.extend_from_slice(&p.pixels);
                 }
-                model.run(&px, rows, output)?
+                model.run_outputs(&px, rows, &outputs)?
+            };
+            let (shape, values) = &results[0];
+            let (tokens, per_view_tokens) = match results.get(1) {
+                Some((sh, v)) => (&v[..], sh.iter().skip(1).product::<usize>()),
+                None => (&[][..], 0),
             };
             let row: usize = shape.iter().skip(1).product::<usize>();
-            let mut k = 0;
+            let (mut k, mut t) = (0, 0);
             for r in items {
                 bar.inc(1);
                 match r {
@@ -207,10 +227,14 @@ where
                         let n = prepared.views.len() * row;
                         let out = &values[k..k + n];
                         k += n;
+                        let nt = prepared.views.len() * per_view_tokens;
+                        let tok = &tokens[t..t + nt];
+                        t += nt;
                         each(Item::Done {
                             prepared,
                             output: out,
                             shape: &shape[1..],
+                            tokens: tok,
                         })?;
                     }
                     Err((path, error)) => {

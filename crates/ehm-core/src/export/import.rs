@@ -188,8 +188,8 @@ fn assemble(
             TOKENS,
         );
     }
-    let mut out = match task {
-        Task::Backbone => backbone_output(&mut head, TOKENS, tokens.0, tokens.1),
+    let mut outputs = match task {
+        Task::Backbone => vec![backbone_output(&mut head, TOKENS, tokens.0, tokens.1)],
         Task::Embed => embed_head(&mut head, TOKENS, tokens.1, opset),
         other => {
             return Err(Error::Config(format!(
@@ -199,11 +199,13 @@ fn assemble(
         }
     };
     if tokens.1 < 0 {
-        // width not known yet (the probe build): leave the output's shape open
-        if let Some(onnx::type_proto::Value::TensorType(t)) =
-            out.r#type.as_mut().and_then(|t| t.value.as_mut())
-        {
-            t.shape = None;
+        // width not known yet (the probe build): leave the outputs' shapes open
+        for out in &mut outputs {
+            if let Some(onnx::type_proto::Value::TensorType(t)) =
+                out.r#type.as_mut().and_then(|t| t.value.as_mut())
+            {
+                t.shape = None;
+            }
         }
     }
     // node names live in their own namespace: prefix ours so they cannot clash with the source's
@@ -265,7 +267,7 @@ fn assemble(
             node: nodes.iter().cloned().chain(head.nodes).collect(),
             initializer,
             input: vec![value_info(INPUT, &[None, Some(3), Some(s), Some(s)])],
-            output: vec![out],
+            output: outputs,
             ..Default::default()
         }),
         ..Default::default()

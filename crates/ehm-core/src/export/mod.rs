@@ -8,6 +8,7 @@ use crate::checkpoint::{parse_f32_safetensors, CheckpointConfig, F32Tensors};
 use crate::config::VitConfig;
 use crate::contract::{
     contract_metadata, default_opset, parameter_count, ContractConfig, Source, Task, INPUT,
+    PATCH_TOKENS,
 };
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
@@ -311,17 +312,19 @@ pub(crate) fn reduce(
 }
 
 /// `embedding` [N, 2d]: class token ⊕ GeM(p = 4) over the patch tokens of `x` [N, 1+P, d],
-/// L2-normalised — DINO's copy-detection descriptor. Shared by our export and `import`.
-pub(crate) fn embed_head(g: &mut Graph, x: &str, d: i64, opset: i64) -> ValueInfoProto {
+/// L2-normalised — DINO's copy-detection descriptor — and `patch_tokens` [N, P, d], each token
+/// L2-normalised (what `retrieval::verify` matches). Shared by our export and `import`.
+pub(crate) fn embed_head(g: &mut Graph, x: &str, d: i64, opset: i64) -> Vec<ValueInfoProto> {
     let h = "ehm.embed";
     let idx0 = g.init_i64("ehm.embed.idx0", &[], &[0]);
     let cls = g.op("Gather", &[x, &idx0], vec![attr_int("axis", 1)], h);
     let starts = g.init_i64("ehm.embed.start1", &[1], &[1]);
     let ends = g.init_i64("ehm.embed.end_max", &[1], &[i64::MAX]);
     let axes = g.init_i64("ehm.embed.axis1", &[1], &[1]);
-    let pt = g.op("Slice", &[x, &starts, &ends, &axes], vec![], h);
+    let patches = g.op("Slice", &[x, &starts, &ends, &axes], vec![], h);
+    let tokens = patch_tokens_output(g, &patches, d, opset);
     let eps = g.init_f32("ehm.embed.gem_eps", &[], &[1e-6]);
-    let pt = g.op("Max", &[&pt, &eps], vec![], h);
+    let pt = g.op("Max", &[&patches, &eps], vec![], h);
     let four = g.init_f32("ehm.embed.gem_p", &[], &[4.0]);
     let pt = g.op("Pow", &[&pt, &four], vec![], h);
     let pt = reduce(g, "ReduceMean", &pt, &[1], false, opset, h);
@@ -332,7 +335,108 @@ pub(crate) fn embed_head(g: &mut Graph, x: &str, d: i64, opset: i64) -> ValueInf
     let tiny = g.init_f32("ehm.embed.l2_eps", &[], &[1e-12]);
     let norm = g.op("Max", &[&norm, &tiny], vec![], h);
     g.op_named("Div", &[&cat, &norm], vec![], "embedding");
-    value_info("embedding", &[None, Some(2 * d)])
+    vec![value_info("embedding", &[None, Some(2 * d)]), tokens]
+}
+
+/// `patch_tokens` [N, P, d]: the patch tokens `patches` [N, P, d], each L2-normalised.
+fn patch_tokens_output(g: &mut Graph, patches: &str, d: i64, opset: i64) -> ValueInfoProto {
+    let h = "ehm.patch_tokens";
+    let norm = reduce(g, "ReduceL2", patches, &[2], true, opset, h);
+    let tiny = g.init_f32("ehm.patch_tokens.l2_eps", &[], &[1e-12]);
+    let norm = g.op("Max", &[&norm, &tiny], vec![], h);
+    g.op_named("Div", &[patches, &norm], vec![], PATCH_TOKENS);
+    value_info(PATCH_TOKENS, &[None, None, (d > 0).then_some(d)])
+}
+
+/// Give an embed model written before the `patch_tokens` output existed that output (the
+/// graph is otherwise unchanged: `embedding` stays bit for bit the same), written atomically
+/// to `out`. Refuses other tasks and files that already have it.
+pub fn add_patch_tokens(src: &Path, out: &Path) -> Result<ExportSummary> {
+    crate::fsutil::refuse_overwriting_inputs(out, &[src])?;
+    let bytes = std::fs::read(src).at(src)?;
+    let mut model = ModelProto::decode(&bytes[..])
+        .map_err(|e| Error::bad_file(src, format!("not an ONNX model ({e})")))?;
+    let contract =
+        crate::contract::ModelContract::from_model(&model).map_err(|m| Error::bad_file(src, m))?;
+    if contract.task != Task::Embed {
+        return Err(Error::bad_file(
+            src,
+            format!(
+                "a {} model; only embed models get patch tokens",
+                contract.task.name()
+            ),
+        ));
+    }
+    if contract.has_patch_tokens() {
+        return Err(Error::bad_file(
+            src,
+            "the model already has a patch_tokens output",
+        ));
+    }
+    let opset = default_opset(&model);
+    let d = contract.config.embed_dim;
+    let g = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| Error::bad_file(src, "the model has no graph"))?;
+    // the head's input: what the class-token Gather reads, found from `embedding` back
+    // (Div ← Concat ← Gather), whatever the head's tensors were named
+    let producer = |t: &str, op: &str| {
+        g.node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == t) && n.op_type.as_deref() == Some(op))
+            .and_then(|n| n.input.first().cloned())
+    };
+    let x = producer(Task::Embed.output(), "Div")
+        .and_then(|cat| producer(&cat, "Concat"))
+        .and_then(|cls| producer(&cls, "Gather"))
+        .ok_or_else(|| {
+            Error::bad_file(src, "no ehm embed head found (not written by ehm-export?)")
+        })?;
+    let mut head = Graph::new(false);
+    let starts = head.init_i64("ehm.patch_tokens.start1", &[1], &[1]);
+    let ends = head.init_i64("ehm.patch_tokens.end_max", &[1], &[i64::MAX]);
+    let axes = head.init_i64("ehm.patch_tokens.axis1", &[1], &[1]);
+    let patches = head.op(
+        "Slice",
+        &[&x, &starts, &ends, &axes],
+        vec![],
+        "ehm.patch_tokens",
+    );
+    let out_info = patch_tokens_output(&mut head, &patches, d, opset);
+    let taken: std::collections::HashSet<&str> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .chain(g.initializer.iter().filter_map(|t| t.name.as_deref()))
+        .collect();
+    if let Some(clash) = head
+        .nodes
+        .iter()
+        .flat_map(|n| n.output.iter())
+        .chain(head.initializers.iter().filter_map(|t| t.name.as_ref()))
+        .find(|t| taken.contains(t.as_str()))
+    {
+        return Err(Error::bad_file(
+            src,
+            format!("the model already has a tensor named '{clash}'"),
+        ));
+    }
+    g.node.extend(head.nodes);
+    g.initializer.extend(head.initializers);
+    g.output.push(out_info);
+    // indexes built with the source file accept this one: its embedding is the source's
+    use sha2::Digest;
+    let mut same = contract.same_embedding_as;
+    same.push(hex::encode(sha2::Sha256::digest(&bytes)));
+    model
+        .metadata_props
+        .retain(|p| p.key.as_deref() != Some(crate::contract::KEY_SAME_EMBEDDING));
+    model.metadata_props.push(onnx::StringStringEntryProto {
+        key: Some(crate::contract::KEY_SAME_EMBEDDING.into()),
+        value: Some(serde_json::to_string(&same).unwrap()),
+    });
+    write_model(&model, Task::Embed, out)
 }
 
 /// Build the model for `task` from a checkpoint.
@@ -515,7 +619,7 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
             )
         }
         Task::Backbone => (vec![backbone_output(&mut g, &x, 1 + np, d)], None),
-        Task::Embed => (vec![embed_head(&mut g, &x, d, OPSET)], Some(2 * d)),
+        Task::Embed => (embed_head(&mut g, &x, d, OPSET), Some(2 * d)),
     };
     let s = size as i64;
     let preprocess = Preprocess {

@@ -128,6 +128,9 @@ pub struct DescribeOptions {
     pub extra_views: Option<fn(&RgbImage) -> Vec<View>>,
     /// Also the pHash bits of every window (exact-copy evidence besides the embedding).
     pub hashes: bool,
+    /// Also the patch tokens of every window (embed models with `patch_tokens`; for
+    /// `verify`).
+    pub patch_tokens: bool,
     pub batch: usize,
     pub threads: usize,
     pub progress: bool,
@@ -142,6 +145,9 @@ pub struct Describer {
     pub model_sha256: Option<String>,
     pub model_path: Option<PathBuf>,
     pub model_name: Option<String>,
+    /// sha256s of the model files whose embedding this model computes too (`ehm-export
+    /// patch-tokens`): indexes built with them accept it.
+    pub same_embedding_as: Vec<String>,
 }
 
 /// One described image.
@@ -153,6 +159,9 @@ pub struct Described {
     pub views: Vec<View>,
     /// pHash bits of each window, when asked for (`DescribeOptions::hashes`).
     pub hashes: Vec<u64>,
+    /// The patch tokens of each window (`views × P × D`), when asked for
+    /// (`DescribeOptions::patch_tokens`).
+    pub tokens: Vec<f32>,
     pub width: u32,
     pub height: u32,
 }
@@ -166,6 +175,7 @@ impl Describer {
                 Error::bad_file(model, "embed model without ehm.config embedding_dim")
             })? as usize;
         let name = m.contract.source.as_ref().map(|s| s.name.clone());
+        let same_embedding_as = m.contract.same_embedding_as.clone();
         Ok(Describer {
             kind: DescriptorKind::Embed,
             dim,
@@ -173,6 +183,20 @@ impl Describer {
             model_sha256: Some(crate::fsutil::sha256_file(model)?),
             model_path: Some(std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf())),
             model_name: name,
+            same_embedding_as,
+        })
+    }
+
+    /// The patch-token grid (side, width) of a model with a `patch_tokens` output, else
+    /// `None` (pHash, or an embed file from before the output existed).
+    pub fn token_grid(&self) -> Option<(usize, usize)> {
+        let c = &self.model.as_ref()?.contract;
+        c.has_patch_tokens().then(|| {
+            let cfg = &c.config;
+            (
+                (cfg.preprocess.image_size / cfg.patch_size) as usize,
+                cfg.embed_dim as usize,
+            )
         })
     }
 
@@ -184,6 +208,7 @@ impl Describer {
             model_sha256: None,
             model_path: None,
             model_name: None,
+            same_embedding_as: Vec::new(),
         }
     }
 
@@ -211,15 +236,20 @@ impl Describer {
                     progress,
                     extra_views,
                     view_hash,
+                    patch_tokens: o.patch_tokens,
                 };
                 pipeline::run(model, paths, &opts, |item| match item {
                     Item::Done {
-                        prepared, output, ..
+                        prepared,
+                        output,
+                        tokens,
+                        ..
                     } => each(Ok(Described {
                         path: prepared.path,
                         vectors: output.to_vec(),
                         views: prepared.views,
                         hashes: prepared.hashes,
+                        tokens: tokens.to_vec(),
                         width: prepared.width,
                         height: prepared.height,
                     })),
@@ -263,6 +293,7 @@ impl Describer {
                                 vectors,
                                 views,
                                 hashes,
+                                tokens: Vec::new(),
                                 width: img.width(),
                                 height: img.height(),
                             })

@@ -9,6 +9,7 @@ pub mod index;
 pub mod proposals;
 pub mod report;
 pub mod simd;
+pub mod verify;
 
 use crate::error::{Error, Result};
 use crate::infer::Parallelism;
@@ -74,7 +75,7 @@ fn check_same_descriptor(ix: &Index, d: &Describer, root: &Path) -> Result<()> {
         )));
     }
     if let (Some(m), Some(sha)) = (&ix.meta.model, &d.model_sha256) {
-        if &m.sha256 != sha {
+        if &m.sha256 != sha && !d.same_embedding_as.contains(&m.sha256) {
             return Err(Error::Config(format!(
                 "{} was built with another model ({}, sha256 {}…); vectors of {} (sha256 {}…) cannot be mixed in — use that model or another --index",
                 root.display(),
@@ -250,6 +251,7 @@ pub fn add(
         views: view_list,
         extra_views: descriptor::extra_views(ix.meta.regions),
         hashes: ix.meta.descriptor == DescriptorKind::Embed,
+        patch_tokens: false,
         batch: o.batch,
         threads: o.threads,
         progress: o.progress,
@@ -418,6 +420,10 @@ pub struct Match {
     /// and kept whatever the threshold.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub exact: bool,
+    /// The local verification of this match (`QueryOptions::verify`): its patch pairs,
+    /// inliers, score before, and where the copy sits in the query.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verification: Option<verify::Verification>,
 }
 
 impl Match {
@@ -547,6 +553,7 @@ impl<'a> Searcher<'a> {
                     id: it.id,
                     window: windows.get(h.window).copied(),
                     exact: h.exact,
+                    verification: None,
                 }
             })
             .collect();
@@ -662,47 +669,240 @@ impl<'a> Searcher<'a> {
     }
 }
 
-/// How queries are described: `query` and `eval` share it, so the benchmark measures what
-/// users run.
+/// How queries are described, searched and verified: `query` and `eval` share it, so the
+/// benchmark measures what users run.
 pub struct QueryOptions {
     /// The query's windows (`--query-regions`).
     pub regions: Regions,
     /// Compare the windows' pHashes with the indexed images' (`--exact-copies phash`; used
     /// only by embed indexes, whose items carry a pHash).
     pub exact_copies: bool,
+    /// Verify this many of each query's best matches by their patch tokens (`verify`;
+    /// 0: off). Needs an embed model with a `patch_tokens` output and the indexed files.
+    pub verify: usize,
     pub threads: usize,
     pub progress: bool,
 }
 
-/// A described query, or its file and what was wrong with it.
-pub type DescribedQuery = std::result::Result<descriptor::Described, (PathBuf, String)>;
+/// One query's outcome.
+pub struct QueryResult {
+    /// The described query (its windows' vectors ready for search, no tokens).
+    pub query: descriptor::Described,
+    pub matches: Vec<Match>,
+    /// Time to search (all windows, merged).
+    pub search_ms: f64,
+    /// Time to verify: embedding the candidates not seen before (shared by the queries of a
+    /// batch) and matching the tokens.
+    pub verify_ms: f64,
+}
 
-/// Describe `paths` as queries of `ix`, in order: each query's windows' vectors made ready for
-/// `Searcher::search_windows` (`Index::prepare`), or the file's error. Returns them and how many
-/// failed.
-pub fn describe_queries(
+/// A query's outcome, or its file and what was wrong with it.
+pub type QueryOutcome = std::result::Result<QueryResult, (PathBuf, String)>;
+
+/// Queries described, searched and verified per batch of this many (bounds the patch tokens
+/// held at once: a batch of DINOv2-S queries with 8 windows is ~25 MB of tokens per query).
+const QUERY_BATCH: usize = 32;
+/// Candidates whose tokens are kept between batches (evicted all at once beyond).
+const TOKEN_CACHE: usize = 4096;
+
+/// Run `paths` as queries of `ix` through `s`: each described (`o`), searched for its `k`
+/// best matches at `threshold`, verified if asked, and handed to `each` in input order.
+/// Returns how many queries failed.
+#[allow(clippy::too_many_arguments)]
+pub fn run_queries(
     ix: &Index,
     d: &mut Describer,
+    s: &Searcher,
     paths: &[PathBuf],
     o: &QueryOptions,
-) -> Result<(Vec<DescribedQuery>, usize)> {
+    (k, ef, threshold): (usize, usize, f32),
+    mut each: impl FnMut(QueryOutcome) -> Result<()>,
+) -> Result<usize> {
+    let grid = match (o.verify, d.token_grid()) {
+        (0, _) => None,
+        (_, Some(g)) => Some(g),
+        (_, None) => {
+            return Err(Error::Config(match &d.model_path {
+                Some(m) => format!(
+                    "{}: no patch_tokens output, which --verify needs; add it with `ehm-export patch-tokens {} -o NEW.onnx` (or --verify 0)",
+                    m.display(),
+                    m.display()
+                ),
+                None => "--verify needs an embed index (pHash has no patch tokens); use --verify 0".into(),
+            }))
+        }
+    };
     let how = descriptor::DescribeOptions {
         views: views(o.regions),
         extra_views: descriptor::extra_views(o.regions),
         hashes: o.exact_copies && ix.meta.descriptor == DescriptorKind::Embed,
-        batch: 32,
+        patch_tokens: grid.is_some(),
+        batch: QUERY_BATCH,
         threads: o.threads,
-        progress: o.progress,
+        progress: false,
     };
-    let mut out = Vec::with_capacity(paths.len());
-    let failed = d.describe(paths, &how, |r| {
-        out.push(r.map(|mut q| {
-            ix.prepare(&mut q.vectors);
-            q
-        }));
+    let bar = if o.progress && paths.len() > 40 {
+        crate::progress::bar(paths.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let by_id: HashMap<u64, usize> = ix
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (it.id, i))
+        .collect();
+    let mut cache: HashMap<u64, Option<Vec<f32>>> = HashMap::new();
+    let mut prior = grid.map(|(side, dim)| verify::PositionPrior::new(side, dim));
+    let mut failed = 0;
+    for chunk in paths.chunks(QUERY_BATCH) {
+        let mut described = Vec::with_capacity(chunk.len());
+        failed += bar.suspend(|| {
+            d.describe(chunk, &how, |r| {
+                described.push(r);
+                Ok(())
+            })
+        })?;
+        let mut results: Vec<(descriptor::Described, Vec<Match>, f64)> = Vec::new();
+        let mut order: Vec<std::result::Result<usize, (PathBuf, String)>> = Vec::new();
+        for r in described {
+            match r {
+                Ok(mut q) => {
+                    ix.prepare(&mut q.vectors);
+                    let t0 = std::time::Instant::now();
+                    let (depth, cut) = match grid {
+                        Some(_) => (k.max(o.verify), -1.0),
+                        None => (k, threshold),
+                    };
+                    let m = s.search_windows(&q.vectors, &q.views, &q.hashes, depth, ef, cut);
+                    order.push(Ok(results.len()));
+                    results.push((q, m, t0.elapsed().as_secs_f64() * 1e3));
+                }
+                Err(e) => order.push(Err(e)),
+            }
+        }
+        let mut verify_ms = vec![0.0; results.len()];
+        if let Some((side, dim)) = grid {
+            let t0 = std::time::Instant::now();
+            let mut todo: Vec<u64> = results
+                .iter()
+                .flat_map(|(_, m, _)| m.iter().take(o.verify).map(|x| x.id))
+                .filter(|id| !cache.contains_key(id))
+                .collect();
+            todo.sort_unstable();
+            todo.dedup();
+            if cache.len() + todo.len() > TOKEN_CACHE {
+                cache.clear();
+                todo = results
+                    .iter()
+                    .flat_map(|(_, m, _)| m.iter().take(o.verify).map(|x| x.id))
+                    .collect();
+                todo.sort_unstable();
+                todo.dedup();
+            }
+            candidate_tokens(ix, d, &by_id, &todo, o.threads, &mut cache)?;
+            let prior = prior.as_mut().expect("a prior when verifying");
+            for id in &todo {
+                if let Some(Some(t)) = cache.get(id) {
+                    prior.add(t);
+                }
+            }
+            let mean = prior.mean();
+            let shared = t0.elapsed().as_secs_f64() * 1e3 / results.len().max(1) as f64;
+            for ((q, m, _), ms) in results.iter_mut().zip(&mut verify_ms) {
+                let t1 = std::time::Instant::now();
+                let per_view = side * side * dim;
+                for x in m.iter_mut().take(o.verify) {
+                    let Some(Some(c)) = cache.get(&x.id) else {
+                        continue;
+                    };
+                    let w = x
+                        .window
+                        .and_then(|w| q.views.iter().position(|v| *v == w))
+                        .unwrap_or(0);
+                    let Some(qt) = q.tokens.get(w * per_view..(w + 1) * per_view) else {
+                        continue;
+                    };
+                    let grid = |values| verify::TokenGrid { side, dim, values };
+                    let v =
+                        verify::verify(&grid(qt), &grid(c), mean.as_deref(), &q.views[w], x.score);
+                    x.score = verify::verified_score(x.score, v.inliers, side * side);
+                    x.verification = Some(v);
+                }
+                // equal scores: the better verified first
+                let inliers = |x: &Match| x.verification.map_or(0, |v| v.inliers);
+                m.sort_by(|a, b| {
+                    b.rank_key()
+                        .total_cmp(&a.rank_key())
+                        .then(inliers(b).cmp(&inliers(a)))
+                        .then(a.id.cmp(&b.id))
+                });
+                m.retain(|x| x.exact || x.score >= threshold);
+                m.truncate(k);
+                q.tokens = Vec::new();
+                *ms = shared + t1.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        let mut results: Vec<Option<_>> = results.into_iter().map(Some).collect();
+        for r in order {
+            bar.inc(1);
+            each(match r {
+                Ok(i) => {
+                    let (query, matches, search_ms) = results[i].take().expect("each result once");
+                    Ok(QueryResult {
+                        query,
+                        matches,
+                        search_ms,
+                        verify_ms: verify_ms[i],
+                    })
+                }
+                Err(e) => Err(e),
+            })?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(failed)
+}
+
+/// Put the patch tokens of the indexed images `ids` into `cache` (`None` for a file that is
+/// gone, changed since it was indexed, or unreadable: its matches stay unverified).
+fn candidate_tokens(
+    ix: &Index,
+    d: &mut Describer,
+    by_id: &HashMap<u64, usize>,
+    ids: &[u64],
+    threads: usize,
+    cache: &mut HashMap<u64, Option<Vec<f32>>>,
+) -> Result<()> {
+    let mut paths = Vec::new();
+    let mut owner: HashMap<PathBuf, u64> = HashMap::new();
+    for &id in ids {
+        let it = &ix.items[by_id[&id]];
+        let same = std::fs::metadata(&it.path).is_ok_and(|m| m.len() == it.bytes);
+        cache.insert(id, None);
+        if same {
+            owner.insert(it.path.clone(), id);
+            paths.push(it.path.clone());
+        }
+    }
+    let how = descriptor::DescribeOptions {
+        views: vec![crate::pipeline::FULL],
+        extra_views: None,
+        hashes: false,
+        patch_tokens: true,
+        batch: QUERY_BATCH,
+        threads,
+        progress: false,
+    };
+    d.describe(&paths, &how, |r| {
+        if let Ok(c) = r {
+            if let Some(&id) = owner.get(&c.path) {
+                cache.insert(id, Some(c.tokens));
+            }
+        }
         Ok(())
     })?;
-    Ok((out, failed))
+    Ok(())
 }
 
 /// `dedup`'s threshold when none is given: raw cosine 0.9 (the old default), and for
@@ -777,6 +977,7 @@ pub fn dedup(root: &Path, threshold: f32, normalised: bool, ef: usize) -> Result
             id: ix.items[i].id,
             window: None,
             exact: false,
+            verification: None,
         });
     }
     let mut out: Vec<Vec<Match>> = groups.into_values().filter(|g| g.len() > 1).collect();
