@@ -1,6 +1,6 @@
 //! ehm-train: pretrain ViTs with evolved hierarchical masking (and baselines); benchmark steps.
 //! A thin front: parse flags, call the library, print. All work lives in `ehm::train`.
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ehm::args;
 use ehm::config::{MaskingKind, TeacherKind, ZooEntry};
 use std::path::PathBuf;
@@ -169,9 +169,9 @@ struct PretrainArgs {
     /// Data-loading threads
     #[arg(long, default_value_t = 2, value_parser = args::at_least_one)]
     workers: usize,
-    /// Compute dtype: fp32 or bf16 (default: bf16 on CUDA, fp32 on CPU)
-    #[arg(long)]
-    dtype: Option<String>,
+    /// Compute dtype (default: bf16 on CUDA, fp32 on CPU)
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
     /// Discard an existing run in --out instead of resuming it
     #[arg(long)]
     fresh: bool,
@@ -819,8 +819,8 @@ struct BenchArgs {
     warmup: usize,
     #[arg(long, value_enum, default_value_t = MaskingKind::Random)]
     masking: MaskingKind,
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    dtype: Dtype,
     #[command(flatten)]
     ehm: EhmArgs,
     /// Also append the JSON line to this file
@@ -832,13 +832,21 @@ fn positive_f32(s: &str) -> Result<f32, String> {
     args::positive(s).map(|v| v as f32)
 }
 
-fn kind(s: &str) -> ehm::Result<tch::Kind> {
-    match s {
-        "fp32" | "float32" => Ok(tch::Kind::Float),
-        "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
-        _ => Err(ehm::Error::Config(format!(
-            "--dtype must be fp32 or bf16, got '{s}'"
-        ))),
+/// `--dtype`: the compute precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Dtype {
+    #[value(alias = "float32")]
+    Fp32,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl Dtype {
+    fn kind(self) -> tch::Kind {
+        match self {
+            Dtype::Fp32 => tch::Kind::Float,
+            Dtype::Bf16 => tch::Kind::BFloat16,
+        }
     }
 }
 
@@ -891,7 +899,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
         hierarchy_every: a.hierarchy_every,
         hierarchy_limit: a.hierarchy_limit,
         workers: a.workers,
-        dtype: a.dtype.as_deref().map(kind).transpose()?,
+        dtype: a.dtype.map(Dtype::kind),
         fresh: a.fresh,
         progress: !a.no_progress,
         dist_timeout,
@@ -980,7 +988,7 @@ fn bench(a: BenchArgs) -> ehm::Result<()> {
         steps: a.steps,
         warmup: a.warmup,
         masking: a.masking,
-        kind: kind(&a.dtype)?,
+        kind: a.dtype.kind(),
         ehm: {
             let mut e = ehm::config::EhmConfig::default();
             let depth =
