@@ -6,8 +6,8 @@
 //! `train`, the ehm-train tool) and re-exports ehm-core's modules, so `ehm::data`,
 //! `ehm::export`, … name the same things from either side.
 pub use ehm_core::{
-    args, checkpoint, config, contract, data, error, eval, export, fsutil, infer, masking, onnx,
-    output, picture, pipeline, progress, retrieval, segmentation, Error, Result,
+    args, checkpoint, config, contract, data, draw, error, eval, export, files, infer, masking,
+    onnx, output, pipeline, progress, retrieval, segmentation, Error, Result,
 };
 pub mod model;
 pub mod train;

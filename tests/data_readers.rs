@@ -113,7 +113,7 @@ fn real_fashion_mnist_test_split() {
 
 #[test]
 fn real_gcompris_bundles_and_photo_collection() {
-    let cache = ehm::fsutil::cache_dir();
+    let cache = ehm::files::cache_dir();
     let rcc = cache.join("data/gcompris-qt-data/usr/share/gcompris-qt/rcc");
     assert!(rcc.exists(), "run tools/setup.sh data first");
     let mut jpegs = 0;

@@ -168,7 +168,7 @@ fn bad_exports_fail_cleanly_and_leave_no_file() {
 
 #[test]
 fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
-    let py = ehm::fsutil::cache_dir().join("venv/bin/python");
+    let py = ehm::files::cache_dir().join("venv/bin/python");
     assert!(
         py.exists(),
         "{} missing: run tools/setup.sh pydeps (the test command does)",
@@ -717,7 +717,7 @@ fn int8_export_is_small_close_to_fp32_and_batch_independent() {
         assert_eq!(one, q[i * dim..(i + 1) * dim], "image {i}");
     }
     // Python onnxruntime (and the official checker) on one image agree with ours
-    let py = ehm::fsutil::cache_dir().join("venv/bin/python");
+    let py = ehm::files::cache_dir().join("venv/bin/python");
     let input = d.path().join("x.bin");
     std::fs::write(
         &input,

@@ -364,7 +364,7 @@ fn phash_index_and_dedup_report() {
 
 /// The registry's WebP photos (GCompris), in listing order.
 fn registry_webp_photos() -> Vec<PathBuf> {
-    let photos = ehm::data::photos::collect(&ehm::fsutil::cache_dir()).unwrap();
+    let photos = ehm::data::photos::collect(&ehm::files::cache_dir()).unwrap();
     ehm::data::folder::list_images(&photos)
         .unwrap()
         .into_iter()

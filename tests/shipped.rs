@@ -35,7 +35,7 @@ fn shipped_files_match_their_cards_and_fit_the_size_limit() {
         let len = std::fs::metadata(&m).unwrap().len();
         assert!(len <= 16 << 20, "{model}: {len} bytes > 16 MiB");
         assert_eq!(
-            ehm::fsutil::sha256_file(&m).unwrap(),
+            ehm::files::sha256_file(&m).unwrap(),
             card_sha(&shipped(card)),
             "{model}"
         );
@@ -81,8 +81,7 @@ fn shipped_classifier_classifies_fashion_mnist() {
 #[test]
 fn shipped_embedder_indexes_and_finds_a_copy() {
     let d = tempfile::tempdir().unwrap();
-    let photos =
-        ehm::data::photos::collect(&ehm::fsutil::cache_dir()).expect("tools/setup.sh data");
+    let photos = ehm::data::photos::collect(&ehm::files::cache_dir()).expect("tools/setup.sh data");
     let files: Vec<PathBuf> = ehm::data::folder::list_images(&photos)
         .unwrap()
         .into_iter()

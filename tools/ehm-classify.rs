@@ -35,7 +35,7 @@ struct Cli {
     #[arg(long, value_parser = args::at_least_one)]
     sessions: Option<usize>,
     /// Largest image file read, in MB (larger files are failed inputs)
-    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = ehm_core::files::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
     max_file_mb: u64,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
@@ -57,7 +57,7 @@ fn fit(s: &str, width: usize) -> String {
 }
 
 fn run(cli: Cli) -> ehm_core::Result<usize> {
-    ehm_core::fsutil::set_max_input_mb(cli.max_file_mb);
+    ehm_core::files::set_max_input_mb(cli.max_file_mb);
     let mut model = OrtModel::open_with(&cli.model, Parallelism::split(cli.threads, cli.sessions))?;
     pipeline::require_task(&model, Task::Classify, "ehm-classify")?;
     let labels = model.contract.labels.clone();

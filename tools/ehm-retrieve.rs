@@ -51,7 +51,7 @@ struct Writing {
 #[derive(Args)]
 struct Reading {
     /// Largest image file read, in MB (larger files are failed inputs)
-    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = ehm_core::files::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
     max_file_mb: u64,
 }
 
@@ -264,7 +264,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
     let mut out = std::io::BufWriter::new(stdout.lock());
     match cli.cmd {
         Cmd::Index { c, w, r, model, descriptor, regions, m, ef_construction, ef_search, batch, json, inputs } => {
-            ehm_core::fsutil::set_max_input_mb(r.max_file_mb);
+            ehm_core::files::set_max_input_mb(r.max_file_mb);
             let asked = AskedSettings { descriptor, regions, m, ef_construction, ef_search };
             let hnsw = HnswParams { m: m.unwrap_or(16), ef_construction: ef_construction.unwrap_or(200), ef_search: ef_search.unwrap_or(64) };
             // before any work: a bad value must not cost an hour of embedding
@@ -304,7 +304,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             Ok(s.failed + problems.len())
         }
         Cmd::Query { c, r, model, k, threshold, scoring, ef, format, query_regions, x: Exact { exact_copies }, v: Verify { verify }, report, inputs } => {
-            ehm_core::fsutil::set_max_input_mb(r.max_file_mb);
+            ehm_core::files::set_max_input_mb(r.max_file_mb);
             let ix = Index::open(&c.index)?;
             let mut d = retrieval::describer_for(&ix, &c.index, model.as_deref(), Parallelism::split(c.threads, c.sessions))?;
             let (paths, problems) = expand_inputs(&inputs)?;
@@ -356,7 +356,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             );
             if let Some(p) = &report {
                 let html = retrieval::report::match_sheet_html(&c.index.display().to_string(), &sheet);
-                ehm_core::fsutil::write_atomic(p, html.as_bytes())?;
+                ehm_core::files::write_atomic(p, html.as_bytes())?;
                 eprintln!("match sheet: {}", p.display());
             }
             Ok(failed + problems.len())
@@ -406,26 +406,26 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             }
             if let Some(r) = report {
                 let html = retrieval::report::dedup_html(&c.index.display().to_string(), threshold, &groups);
-                ehm_core::fsutil::write_atomic(&r, html.as_bytes())?;
+                ehm_core::files::write_atomic(&r, html.as_bytes())?;
                 eprintln!("report: {}", r.display());
             }
             Ok(0)
         }
         Cmd::MakeBench { out: dir, originals, seed } => {
-            let cache = ehm_core::fsutil::cache_dir();
+            let cache = ehm_core::files::cache_dir();
             let photos = ehm_core::data::photos::collect(&cache)?;
             let stamps = ehm_core::data::segdata::stamps_dir(&cache);
-            let s = retrieval::bench::make_bench(&photos, &stamps, &dir, originals, seed)?;
+            let s = retrieval::benchmark::make_bench(&photos, &stamps, &dir, originals, seed)?;
             writeln!(
                 out,
                 "wrote {} queries ({} originals × {} attack families) to {}; database: {} of {} photos (near-duplicates and {} collage backgrounds dropped) listed in {}",
                 s.queries,
                 s.originals,
-                retrieval::bench::FAMILIES.len(),
+                retrieval::benchmark::FAMILIES.len(),
                 dir.join("queries").display(),
                 s.database,
                 s.photos,
-                retrieval::bench::BACKGROUNDS,
+                retrieval::benchmark::BACKGROUNDS,
                 dir.join("database.txt").display()
             )
             .map_err(out_err)?;
@@ -436,7 +436,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             let ef = ef.unwrap_or(ix.meta.hnsw.ef_search);
             let exact = x.exact_copies == ExactCopies::Phash;
             let how = retrieval::QueryOptions { regions: query_regions, exact_copies: exact, verify, threads: c.threads, progress: true };
-            let r = retrieval::bench::evaluate(&c.index, &bench, model.as_deref(), ef, &how, scoring.scores == ScoreKind::Normalised)?;
+            let r = retrieval::benchmark::evaluate(&c.index, &bench, model.as_deref(), ef, &how, scoring.scores == ScoreKind::Normalised)?;
             if let Some(p) = &pr_curve {
                 let title = format!("{} on {}", c.index.display(), bench.display());
                 retrieval::report::pr_curve_png(&title, &r.curves, p)?;

@@ -43,7 +43,7 @@ struct Cli {
     #[arg(long, default_value_t = 0.55, value_parser = args::unit)]
     alpha: f32,
     /// Largest image file read, in MB (larger files are failed inputs)
-    #[arg(long, default_value_t = ehm_core::fsutil::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = ehm_core::files::DEFAULT_MAX_INPUT_MB, value_parser = clap::value_parser!(u64).range(1..))]
     max_file_mb: u64,
     #[arg(required = true)]
     inputs: Vec<std::ffi::OsString>,
@@ -65,7 +65,7 @@ fn unique_name(path: &std::path::Path, used: &mut HashSet<String>) -> String {
 }
 
 fn run(cli: Cli) -> ehm_core::Result<usize> {
-    ehm_core::fsutil::set_max_input_mb(cli.max_file_mb);
+    ehm_core::files::set_max_input_mb(cli.max_file_mb);
     let mut model = OrtModel::open_with(&cli.model, Parallelism::split(cli.threads, cli.sessions))?;
     pipeline::require_task(&model, Task::Segment, "ehm-segment")?;
     let labels = model.contract.labels.clone();
@@ -103,13 +103,10 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         let m = ClassMap::from_logits(output, shape[0], s, (w, h), &labels, &cli.model)?;
         let name = unique_name(&prepared.path, &mut used);
         let classes_png = cli.out.join(format!("{name}.classes.png"));
-        ehm_core::fsutil::write_png_atomic(&classes_png, &m.map)?;
+        ehm_core::files::write_png_atomic(&classes_png, &m.map)?;
         let img = prepared.image.as_ref().expect("kept for the overlay");
         let overlay_png = cli.out.join(format!("{name}.overlay.png"));
-        ehm_core::fsutil::write_png_atomic(
-            &overlay_png,
-            &m.overlay_sheet(img, &labels, cli.alpha),
-        )?;
+        ehm_core::files::write_png_atomic(&overlay_png, &m.overlay_sheet(img, &labels, cli.alpha))?;
         let fractions: serde_json::Map<String, serde_json::Value> = m
             .fractions()
             .into_iter()

@@ -47,7 +47,7 @@ enum Cmd {
     Bench(BenchArgs),
     /// Time the training data path (decode + RandomResizedCrop + flip) on a folder: images/s
     /// (compare with benches/py/loader_torchvision.py)
-    BenchLoader(ehm::train::bench::LoaderBenchOptions),
+    BenchLoader(ehm::train::speed::LoaderBenchOptions),
     /// Linear probe of a frozen backbone (BatchNorm without affine + linear, on cached features)
     Probe(ProbeArgs),
     /// Weighted kNN top-1 (k = 20, T = 0.07, as DINO) of a frozen backbone
@@ -329,11 +329,11 @@ fn masks(a: MasksArgs) -> ehm::Result<()> {
         .collect();
     // files first: a closed stdout ends the tool (quietly) at the first write
     if let Some(p) = &a.picture {
-        ehm::fsutil::write_png_atomic(p, &pic)?;
+        ehm::files::write_png_atomic(p, &pic)?;
         eprintln!("picture: {}", p.display());
     }
     match &a.jsonl {
-        Some(p) => ehm::fsutil::write_atomic(p, lines.as_bytes())?,
+        Some(p) => ehm::files::write_atomic(p, lines.as_bytes())?,
         None => {
             use std::io::Write as _;
             std::io::stdout()
@@ -932,7 +932,7 @@ fn dump_images(spec: &str, limit: usize, out: &std::path::Path) -> ehm::Result<(
             .map(|l| ds.classes()[l].replace(['/', ' '], "-"))
             .unwrap_or_else(|| "unlabelled".into());
         let p = out.join(format!("{i:05}_{class}.png"));
-        ehm::fsutil::write_png_atomic(&p, &ds.image(i)?)?;
+        ehm::files::write_png_atomic(&p, &ds.image(i)?)?;
     }
     say!("wrote {} images of {spec} to {}", ds.len(), out.display());
     Ok(())
@@ -947,7 +947,7 @@ fn make_segdata(
     objects_only: bool,
     seed: u64,
 ) -> ehm::Result<()> {
-    let cache = ehm::fsutil::cache_dir();
+    let cache = ehm::files::cache_dir();
     let cfg = ehm::data::segdata::SegDataConfig {
         out,
         stamps: ehm::data::segdata::stamps_dir(&cache),
@@ -980,7 +980,7 @@ fn make_segdata(
 }
 
 fn bench(a: BenchArgs) -> ehm::Result<()> {
-    let o = ehm::train::bench::BenchOptions {
+    let o = ehm::train::speed::BenchOptions {
         arch: format!("vit_{}", a.model),
         image_size: a.img,
         patch_size: a.patch,
@@ -997,7 +997,7 @@ fn bench(a: BenchArgs) -> ehm::Result<()> {
             e
         },
     };
-    let r = ehm::train::bench::bench(&o)?;
+    let r = ehm::train::speed::bench(&o)?;
     let line = serde_json::to_string(&r).unwrap();
     say!("{line}");
     if let Some(p) = a.json {
@@ -1057,7 +1057,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Pretrain(a) => pretrain(*a),
         Cmd::Bench(a) => bench(a),
-        Cmd::BenchLoader(o) => ehm::train::bench::loader_speed(&o).and_then(|r| {
+        Cmd::BenchLoader(o) => ehm::train::speed::loader_speed(&o).and_then(|r| {
             say!("{}", serde_json::to_string(&r).unwrap());
             Ok(())
         }),

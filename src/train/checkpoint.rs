@@ -2,7 +2,7 @@
 //! `resume.safetensors` (flat master, Adam moments, EMA, step). Every file is written
 //! atomically, so a kill at any moment leaves the previous set readable.
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
+use crate::files::write_atomic;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
 use std::path::Path;

@@ -10,7 +10,7 @@ use super::probe::Evaluation;
 use super::supervised::{self, BackboneWeights, Recipe};
 use crate::data::Augment;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
+use crate::files::write_atomic;
 use crate::model::Encoder;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -51,11 +51,11 @@ pub struct FinetuneReport {
     /// Mean training loss of the first and the last epoch run by this invocation.
     pub first_epoch_loss: Option<f64>,
     pub last_epoch_loss: Option<f64>,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub checkpoint: PathBuf,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub confusion_csv: PathBuf,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub confusion_png: PathBuf,
 }
 

@@ -125,7 +125,7 @@ pub fn chart(points: &[(u64, HierarchyReport)]) -> Option<image::RgbImage> {
     let (_, first) = points.first()?;
     let k = first.counts.len().checked_sub(1)? / 2;
     let c = first.counts[k];
-    let line = |name, f: fn(&Scores) -> f64, teacher: bool, colour| crate::picture::Series {
+    let line = |name, f: fn(&Scores) -> f64, teacher: bool, colour| crate::draw::Series {
         name,
         points: points
             .iter()
@@ -157,7 +157,7 @@ pub fn chart(points: &[(u64, HierarchyReport)]) -> Option<image::RgbImage> {
         ),
         line("grid: best IoU", |s| s.best_iou, false, [40, 60, 200]),
     ];
-    Some(crate::picture::line_chart(
+    Some(crate::draw::line_chart(
         &format!(
             "teacher's hierarchy vs a fixed grid, cut at {c} segments ({} val images)",
             first.images

@@ -7,7 +7,7 @@ use super::pretrain::{open_run, RunConfig};
 use crate::config::{MaskingKind, PretrainConfig, ZooEntry};
 use crate::data::Preprocess;
 use crate::error::Result;
-use crate::masking::picture::{render, Tile};
+use crate::masking::evolution::{render, Tile};
 use crate::masking::MaskBatch;
 use image::RgbImage;
 use serde::Serialize;
@@ -31,7 +31,7 @@ pub struct MasksOptions {
 /// One image at one t: which patches stay visible, and the cut the masks followed (EHM).
 #[derive(Clone, Debug, Serialize)]
 pub struct MaskRecord {
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub image: PathBuf,
     pub t: f64,
     pub masking: String,

@@ -1,5 +1,4 @@
 //! Training (libtorch): the pretraining engine, its data loader, checkpoints and benchmarks.
-pub mod bench;
 pub mod checkpoint;
 pub mod dist;
 pub mod engine;
@@ -15,6 +14,7 @@ pub mod pretrain;
 pub mod probe;
 pub mod schedule;
 pub mod segment;
+pub mod speed;
 pub mod supervised;
 
 pub use pretrain::{pretrain, PretrainOptions, Summary};

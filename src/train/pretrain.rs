@@ -8,7 +8,7 @@ use super::loader::Loader;
 use crate::config::{MaskingKind, PretrainConfig, VitConfig, ZooEntry};
 use crate::data::{self, DataSpec, Dataset, Preprocess};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
+use crate::files::write_atomic;
 use crate::masking::MaskBatch;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -57,7 +57,7 @@ pub struct RunConfig {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub out: PathBuf,
     pub device: String,
     pub masking: String,
@@ -74,9 +74,9 @@ pub struct Summary {
     pub seconds: f64,
     pub knn_top1: Option<f64>,
     pub resumed_from: Option<u64>,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub checkpoint: PathBuf,
-    #[serde(serialize_with = "crate::fsutil::lossy_opt_path")]
+    #[serde(serialize_with = "crate::files::lossy_opt_path")]
     pub mask_picture: Option<PathBuf>,
 }
 
@@ -237,7 +237,7 @@ fn mask_picture(
     let ts = [0.0, 0.25, 0.5, 0.75, 1.0];
     let when = format!("at step {step} (mask picture)");
     let batches = super::inspect::sample_at(engine, samples, &ts, &when)?;
-    crate::fsutil::png_bytes(&super::inspect::sheet(engine, images, &batches, &ts, 112))
+    crate::files::png_bytes(&super::inspect::sheet(engine, images, &batches, &ts, 112))
 }
 
 /// The masks of the step a resumed run starts with, as the uninterrupted run built them (from
@@ -481,7 +481,7 @@ fn write_hierarchy_chart(metrics: &Path, out: &Path) -> Result<()> {
         })
         .collect();
     match super::hierarchy::chart(&points) {
-        Some(png) => crate::fsutil::write_png_atomic(&out.join("hierarchy.png"), &png),
+        Some(png) => crate::files::write_png_atomic(&out.join("hierarchy.png"), &png),
         None => Ok(()),
     }
 }

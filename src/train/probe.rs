@@ -8,7 +8,7 @@ pub use super::features::{pool_tokens, Pool};
 use crate::config::VitConfig;
 use crate::data::{Dataset, Preprocess};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
+use crate::files::write_atomic;
 use crate::model::Encoder;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -39,11 +39,11 @@ pub struct ProbeReport {
     pub test_images: usize,
     pub epochs: usize,
     pub final_train_loss: f64,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub checkpoint: PathBuf,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub confusion_csv: PathBuf,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub confusion_png: PathBuf,
 }
 
@@ -96,7 +96,7 @@ impl Evaluation {
             crate::eval::confusion_csv(&self.confusion, classes).as_bytes(),
         )?;
         let png = out.join("confusion.png");
-        crate::fsutil::write_png_atomic(&png, &crate::eval::confusion_png(&self.confusion))?;
+        crate::files::write_png_atomic(&png, &crate::eval::confusion_png(&self.confusion))?;
         Ok((csv, png))
     }
 }

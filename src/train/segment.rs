@@ -13,7 +13,7 @@ use crate::data::segdata::{list_split, read_classes, read_pair};
 use crate::data::{Augment, Preprocess};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{SegMeter, SegScores};
-use crate::fsutil::{write_atomic, write_png_atomic};
+use crate::files::{write_atomic, write_png_atomic};
 use crate::model::Encoder;
 use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
@@ -56,9 +56,9 @@ pub struct SegmentReport {
     pub resumed_from: Option<u64>,
     pub first_epoch_loss: Option<f64>,
     pub last_epoch_loss: Option<f64>,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub checkpoint: PathBuf,
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub predictions_png: PathBuf,
 }
 
@@ -236,7 +236,7 @@ fn predictions_sheet(
     n: usize,
     classes: &[String],
 ) -> RgbImage {
-    use crate::picture::{colourise, legend, overlay, sheet};
+    use crate::draw::{colourise, legend, overlay, sheet};
     let rows: Vec<Vec<RgbImage>> = (0..n.min(val.images.len()))
         .map(|i| {
             vec![
@@ -260,8 +260,8 @@ fn predictions_sheet(
         grid.height() + key.height(),
         image::Rgb([255; 3]),
     );
-    crate::picture::paste(&mut out, &grid, 0, 0);
-    crate::picture::paste(&mut out, &key, 0, grid.height());
+    crate::draw::paste(&mut out, &grid, 0, 0);
+    crate::draw::paste(&mut out, &key, 0, grid.height());
     out
 }
 

@@ -177,7 +177,7 @@ pub fn write_head_checkpoint(
     cfg["preprocess"] = serde_json::to_value(pre).unwrap();
     cfg["labels"] = serde_json::json!(classes);
     cfg["head"] = head;
-    crate::fsutil::write_atomic(
+    crate::files::write_atomic(
         &out.join("config.json"),
         serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
     )?;

@@ -28,7 +28,7 @@ pub fn parse_f32_safetensors(
                 format!("tensor {name} is {:?}, expected F32", view.dtype()),
             ));
         }
-        let data = crate::fsutil::f32s_from_le(view.data());
+        let data = crate::files::f32s_from_le(view.data());
         out.insert(
             name,
             (view.shape().iter().map(|&d| d as i64).collect(), data),

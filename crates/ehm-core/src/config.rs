@@ -287,7 +287,7 @@ impl ZooEntry {
         }
         let zoo = std::env::var("EHM_MODELS")
             .map(Into::into)
-            .unwrap_or_else(|_| crate::fsutil::project_dir("models"));
+            .unwrap_or_else(|_| crate::files::project_dir("models"));
         let cand = zoo.join(format!("{name_or_path}.toml"));
         if cand.exists() {
             return Self::load(&cand);
@@ -358,7 +358,7 @@ mod tests {
     fn zoo_entries_parse() {
         let zoo = std::env::var("EHM_MODELS")
             .map(Into::into)
-            .unwrap_or_else(|_| crate::fsutil::project_dir("models"));
+            .unwrap_or_else(|_| crate::files::project_dir("models"));
         let mut n = 0;
         for e in std::fs::read_dir(&zoo).unwrap() {
             let p = e.unwrap().path();
@@ -376,10 +376,9 @@ mod tests {
 
     #[test]
     fn the_in1k_entry_is_maes_recipe() {
-        let z = ZooEntry::load(
-            &crate::fsutil::project_dir("models").join("vit_base_p16_224_in1k.toml"),
-        )
-        .unwrap();
+        let z =
+            ZooEntry::load(&crate::files::project_dir("models").join("vit_base_p16_224_in1k.toml"))
+                .unwrap();
         let p = &z.pretrain;
         p.validate().unwrap();
         // 8 processes make MAE's effective batch of 4096, lr = 1.5e-4 × 4096 / 256

@@ -12,7 +12,7 @@ static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>>
 pub fn runtime_path() -> PathBuf {
     std::env::var_os("ORT_DYLIB_PATH")
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::fsutil::cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"))
+        .unwrap_or_else(|| crate::files::cache_dir().join("onnxruntime/libonnxruntime.so.1.31.1"))
 }
 
 fn environment() -> Result<&'static ort::environment::Environment> {

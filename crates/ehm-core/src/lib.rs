@@ -5,20 +5,21 @@
 //!
 //! Layers (every arrow points down; no module imports one above it, none imports in a circle):
 //! - tools → {export, retrieval, segmentation}
-//! - segmentation → {pipeline, picture}
+//! - segmentation → {pipeline, draw}
 //! - retrieval → pipeline → infer → contract → onnx (the generated protobuf schema)
 //! - export → {checkpoint, infer, contract, onnx}; checkpoint → config → {masking, data}
-//! - masking → picture; data → fsutil → error
+//! - masking → draw; data → files → error
 //! - leaves used from anywhere: args, eval, output, progress
 pub mod args;
 pub mod checkpoint;
 pub mod config;
 pub mod contract;
 pub mod data;
+pub mod draw;
 pub mod error;
 pub mod eval;
 pub mod export;
-pub mod fsutil;
+pub mod files;
 pub mod infer;
 pub mod masking;
 /// The ONNX protobuf schema (prost types generated from the official onnx.proto by
@@ -26,7 +27,6 @@ pub mod masking;
 #[rustfmt::skip]
 pub mod onnx;
 pub mod output;
-pub mod picture;
 pub mod pipeline;
 pub mod progress;
 pub mod retrieval;

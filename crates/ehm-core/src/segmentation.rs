@@ -1,8 +1,8 @@
 //! What a `segment` model's output becomes for people and machines: the per-pixel class map at
 //! the input's size, each class's share of the pixels, and the colour overlay with a legend.
 //! `ehm-segment` writes these; the library does the work so other callers get the same maps.
+use crate::draw;
 use crate::error::{Error, Result};
-use crate::picture;
 use image::{GrayImage, Rgb, RgbImage};
 
 /// One image's segmentation: class indices at the image's size and the pixel count per class.
@@ -59,11 +59,11 @@ impl ClassMap {
             .filter(|&(c, _)| c > 0)
             .map(|(c, f)| (c as u8, format!("{} {:.1}%", labels[c], 100.0 * f)))
             .collect();
-        let over = picture::overlay(img, &self.map, alpha);
-        let key = picture::legend(&present, w.max(200));
+        let over = draw::overlay(img, &self.map, alpha);
+        let key = draw::legend(&present, w.max(200));
         let mut sheet = RgbImage::from_pixel(w.max(key.width()), h + key.height(), Rgb([255; 3]));
-        picture::paste(&mut sheet, &over, 0, 0);
-        picture::paste(&mut sheet, &key, 0, h);
+        draw::paste(&mut sheet, &over, 0, 0);
+        draw::paste(&mut sheet, &key, 0, h);
         sheet
     }
 }

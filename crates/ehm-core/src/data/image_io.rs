@@ -1,6 +1,6 @@
 //! Image decoding for every reader and tool: format sniffed from content, EXIF orientation
 //! applied, and hard limits so a file that declares 30000×30000 pixels is refused, not allocated;
-//! only regular files up to a size cap are read (`fsutil::read_input`), and a JPEG cut short
+//! only regular files up to a size cap are read (`files::read_input`), and a JPEG cut short
 //! is an error, not an image with a grey bottom.
 use crate::error::{Error, Result};
 use image::{ImageDecoder, ImageReader, RgbImage};
@@ -32,7 +32,7 @@ fn limits() -> image::Limits {
 
 /// Decode an image file to 8-bit RGB with EXIF orientation applied.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = crate::fsutil::read_input(path)?;
+    let bytes = crate::files::read_input(path)?;
     decode_rgb(&bytes, path)
 }
 

@@ -143,7 +143,7 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] = [
 
 /// Where set-up unpacks Fashion-MNIST.
 pub fn fashion_mnist_dir() -> PathBuf {
-    crate::fsutil::cache_dir().join("data/dataset-fashion-mnist/usr/share/datasets/fashion-mnist")
+    crate::files::cache_dir().join("data/dataset-fashion-mnist/usr/share/datasets/fashion-mnist")
 }
 
 /// Fashion-MNIST "train" (60k) or "test" (10k) from a folder of IDX files (gz or not).
@@ -260,7 +260,7 @@ impl DataSpec {
             DataSpec::Cifar { dir, split } => Arc::new(cifar::load(dir, split)?),
             DataSpec::Folder { dir } => Arc::new(folder::ImageFolder::open(dir)?),
             DataSpec::Photos => Arc::new(folder::ImageFolder::open(&photos::collect(
-                &crate::fsutil::cache_dir(),
+                &crate::files::cache_dir(),
             )?)?),
         })
     }

@@ -49,7 +49,7 @@ pub fn collect(cache: &Path) -> Result<PathBuf> {
                 continue;
             }
             let name = format!("gcompris_{stem}_{}", e.path.replace('/', "_"));
-            crate::fsutil::write_atomic(&out.join(name), &e.data)?;
+            crate::files::write_atomic(&out.join(name), &e.data)?;
             count += 1;
         }
     }
@@ -71,7 +71,7 @@ pub fn collect(cache: &Path) -> Result<PathBuf> {
                 .unwrap()
                 .to_string_lossy()
                 .replace('/', "_");
-            crate::fsutil::write_atomic(&out.join(format!("{pkg}_{rel}")), &bytes)?;
+            crate::files::write_atomic(&out.join(format!("{pkg}_{rel}")), &bytes)?;
             count += 1;
         }
     }
@@ -81,6 +81,6 @@ pub fn collect(cache: &Path) -> Result<PathBuf> {
             data.display()
         )));
     }
-    crate::fsutil::write_atomic(&out.join(".complete"), count.to_string().as_bytes())?;
+    crate::files::write_atomic(&out.join(".complete"), count.to_string().as_bytes())?;
     Ok(out)
 }

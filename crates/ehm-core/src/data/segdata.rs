@@ -7,7 +7,7 @@
 use super::folder::list_images;
 use super::preprocess::{random_resized_crop, resize_crop, Augment, Interpolation};
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{write_atomic, write_png_atomic};
+use crate::files::{write_atomic, write_png_atomic};
 use image::{GrayImage, RgbImage, RgbaImage};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -46,7 +46,7 @@ pub struct SplitRecord {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SegDataSummary {
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub out: PathBuf,
     pub classes: Vec<String>,
     pub train_images: usize,
@@ -386,7 +386,7 @@ mod tests {
     use super::*;
 
     fn cfg(out: &Path, seed: u64) -> SegDataConfig {
-        let cache = crate::fsutil::cache_dir();
+        let cache = crate::files::cache_dir();
         SegDataConfig {
             out: out.to_path_buf(),
             stamps: stamps_dir(&cache),

@@ -281,7 +281,7 @@ const TOKENS: &str = "ehm.tokens";
 
 /// Adopt the ViT in `src` as an ehm `task` model written (atomically) to `out`.
 pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ExportSummary> {
-    crate::fsutil::refuse_overwriting_inputs(out, &[src])?;
+    crate::files::refuse_overwriting_inputs(out, &[src])?;
     opts.preprocess.validate()?;
     let bytes = std::fs::read(src).at(src)?;
     let model = ModelProto::decode(&bytes[..])

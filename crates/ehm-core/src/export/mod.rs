@@ -127,7 +127,7 @@ pub fn resize_pos_grid(grid: &[f32], g: usize, d: usize, new: usize) -> Vec<f32>
 /// What an export produced.
 #[derive(Debug, serde::Serialize)]
 pub struct ExportSummary {
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub output: PathBuf,
     pub task: String,
     pub bytes: u64,
@@ -352,7 +352,7 @@ fn patch_tokens_output(g: &mut Graph, patches: &str, d: i64, opset: i64) -> Valu
 /// graph is otherwise unchanged: `embedding` stays bit for bit the same), written atomically
 /// to `out`. Refuses other tasks and files that already have it.
 pub fn add_patch_tokens(src: &Path, out: &Path) -> Result<ExportSummary> {
-    crate::fsutil::refuse_overwriting_inputs(out, &[src])?;
+    crate::files::refuse_overwriting_inputs(out, &[src])?;
     let bytes = std::fs::read(src).at(src)?;
     let mut model = ModelProto::decode(&bytes[..])
         .map_err(|e| Error::bad_file(src, format!("not an ONNX model ({e})")))?;
@@ -684,14 +684,14 @@ pub fn export_onnx(
 ) -> Result<ExportSummary> {
     let ck = Checkpoint::open(checkpoint)?;
     let config = ck.path.with_file_name("config.json");
-    crate::fsutil::refuse_overwriting_inputs(out, &[&ck.path, &config])?;
+    crate::files::refuse_overwriting_inputs(out, &[&ck.path, &config])?;
     write_model(&build_model(&ck, task, opts)?, task, out)
 }
 
 /// Write `model` to `out` atomically and summarise it.
 pub(crate) fn write_model(model: &ModelProto, task: Task, out: &Path) -> Result<ExportSummary> {
     let bytes = model.encode_to_vec();
-    crate::fsutil::write_atomic(out, &bytes)?;
+    crate::files::write_atomic(out, &bytes)?;
     Ok(ExportSummary {
         output: out.to_path_buf(),
         task: task.name().into(),

@@ -70,7 +70,7 @@ fn float_values(t: &crate::onnx::TensorProto) -> Option<Vec<f32>> {
     }
     let want = t.dims.iter().product::<i64>() as usize;
     let v: Vec<f32> = match &t.raw_data {
-        Some(raw) => crate::fsutil::f32s_from_le(raw),
+        Some(raw) => crate::files::f32s_from_le(raw),
         None => t.float_data.clone(),
     };
     (v.len() == want).then_some(v)

@@ -4,8 +4,8 @@
 //! Every strategy is expressed as per-patch *noise*; as in MAE, patches are sorted by noise
 //! and the `K = ⌊N·(1−r)⌋` lowest stay visible. So every image keeps exactly K patches, and a
 //! strategy only decides which patches share noise (grid cells, blocks, hierarchy segments).
+pub mod evolution;
 pub mod hierarchy;
-pub mod picture;
 pub mod quality;
 pub mod settings;
 

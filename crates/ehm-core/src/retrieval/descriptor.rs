@@ -180,7 +180,7 @@ impl Describer {
             kind: DescriptorKind::Embed,
             dim,
             model: Some(m),
-            model_sha256: Some(crate::fsutil::sha256_file(model)?),
+            model_sha256: Some(crate::files::sha256_file(model)?),
             model_path: Some(std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf())),
             model_name: name,
             same_embedding_as,

@@ -18,7 +18,7 @@ use super::graph::{FlatGraph, Scratch};
 use super::hnsw::{build_rows, HnswParams};
 use super::simd::dot;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::{sha256_file, write_atomic};
+use crate::files::{sha256_file, write_atomic};
 use crate::pipeline::View;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ const GRAPH_FILE: &str = "graph.bin";
 const LOCK_FILE: &str = "LOCK";
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelRef {
-    #[serde(with = "crate::fsutil::lossless_path")]
+    #[serde(with = "crate::files::lossless_path")]
     pub path: PathBuf,
     pub sha256: String,
     pub name: Option<String>,
@@ -87,7 +87,7 @@ impl IndexMeta {
 pub struct Item {
     pub id: u64,
     /// The file's path as bytes (`lossless_path`): names that are not UTF-8 are kept exactly.
-    #[serde(with = "crate::fsutil::lossless_path")]
+    #[serde(with = "crate::files::lossless_path")]
     pub path: PathBuf,
     pub sha256: String,
     pub bytes: u64,
@@ -219,7 +219,7 @@ impl Index {
                 ),
             ));
         }
-        let store = crate::fsutil::f32s_from_le(&bytes);
+        let store = crate::files::f32s_from_le(&bytes);
         let (graph, slot) = if meta.vectors == 0 {
             (None, Vec::new())
         } else {

@@ -1,7 +1,7 @@
 //! Partial-duplicate image search: descriptors (embed model or pHash, with regional views), an
 //! on-disk HNSW index with incremental adds, tombstones and compaction, queries aggregated per
 //! image (best view), duplicate groups, and the HTML report.
-pub mod bench;
+pub mod benchmark;
 pub mod descriptor;
 pub mod graph;
 pub mod hnsw;
@@ -221,7 +221,7 @@ pub fn add(
         if !seen.insert(c.clone()) {
             continue;
         }
-        let sha = match crate::fsutil::sha256_input(&c) {
+        let sha = match crate::files::sha256_input(&c) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("skipped: {e}");
@@ -403,7 +403,7 @@ pub fn normalise_all(sorted_raw: &[f32]) -> Vec<f32> {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Match {
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub path: PathBuf,
     /// The score thresholds apply to: `raw` normalised against the background level of the
     /// query (or of the query window that found it) when the searcher normalises

@@ -147,14 +147,14 @@ body{{font-family:sans-serif;margin:16px;background:#fafafa}}h1{{font-size:20px}
     h
 }
 
-/// Precision–recall curves (`bench::EvalReport::curves`: threshold, precision, recall) as a PNG,
+/// Precision–recall curves (`benchmark::EvalReport::curves`: threshold, precision, recall) as a PNG,
 /// with the threshold of every tenth of recall printed along each curve.
 pub fn pr_curve_png(
     title: &str,
-    curves: &[(String, super::bench::PrCurve)],
+    curves: &[(String, super::benchmark::PrCurve)],
     out: &std::path::Path,
 ) -> crate::error::Result<()> {
-    use crate::picture::{line_chart, palette, Series};
+    use crate::draw::{line_chart, palette, Series};
     // x = recall, y = precision; thinned to at most 400 points per curve
     let series: Vec<Series> = curves
         .iter()
@@ -180,5 +180,5 @@ pub fn pr_curve_png(
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| crate::error::Error::Other(e.to_string()))?;
-    crate::fsutil::write_atomic(out, &png)
+    crate::files::write_atomic(out, &png)
 }

@@ -9,7 +9,7 @@
 use super::{Match, Searcher};
 use crate::data::image_io::load_rgb;
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
+use crate::files::write_atomic;
 use crate::pipeline::View;
 use image::{Rgb, RgbImage, RgbaImage};
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -52,7 +52,7 @@ pub struct Material {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GroundTruth {
-    #[serde(with = "crate::fsutil::lossless_path")]
+    #[serde(with = "crate::files::lossless_path")]
     pub query: PathBuf,
     pub family: String,
     /// What was done, e.g. "crop 23% area".
@@ -61,7 +61,7 @@ pub struct GroundTruth {
     /// fractions of the query).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<crate::pipeline::View>,
-    #[serde(with = "crate::fsutil::lossless_path")]
+    #[serde(with = "crate::files::lossless_path")]
     pub original: PathBuf,
 }
 
@@ -151,7 +151,7 @@ fn overlay_text(img: &mut RgbImage, r: &mut ChaCha8Rng) {
         let x = r.random_range(0..img.width().max(2) / 2) as i64;
         let y = r.random_range(0..img.height().max(2)) as i64;
         let col = [r.random(), r.random(), r.random()];
-        crate::picture::draw_text(img, x, y, &text, col, scale);
+        crate::draw::draw_text(img, x, y, &text, col, scale);
     }
 }
 
@@ -444,7 +444,7 @@ pub fn unique_photos(paths: &[PathBuf]) -> Vec<PathBuf> {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchSummary {
-    #[serde(serialize_with = "crate::fsutil::lossy_path")]
+    #[serde(serialize_with = "crate::files::lossy_path")]
     pub out: PathBuf,
     /// Photos found, and those kept as the database (near-duplicates dropped).
     pub photos: usize,

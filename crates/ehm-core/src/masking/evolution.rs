@@ -3,7 +3,7 @@
 //! patches in their own colours, and the hierarchy cut outlined in yellow — readable at a
 //! glance: whole grey groups late in training are the groups the model found.
 use super::hierarchy::Grid;
-use crate::picture::{draw_text, text_width};
+use crate::draw::{draw_text, text_width};
 use image::{Rgb, RgbImage};
 
 /// One tile's content.
