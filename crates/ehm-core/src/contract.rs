@@ -21,7 +21,8 @@ pub const INPUT: &str = "pixel_values";
 /// adds it).
 pub const PATCH_TOKENS: &str = "patch_tokens";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
     /// `last_hidden_state` [N, 1+P, D]

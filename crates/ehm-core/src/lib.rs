@@ -10,6 +10,9 @@
 //! - export → {checkpoint, infer, contract, onnx}; checkpoint → config → {masking, data}
 //! - masking → draw; data → files → error
 //! - leaves used from anywhere: args, eval, output, progress
+//!
+//! The library knows nothing of clap: the tools' `ValueEnum`s on its enums are behind the
+//! default `cli` feature (`tests/layers.rs` checks it).
 pub mod args;
 pub mod checkpoint;
 pub mod config;

@@ -13,7 +13,8 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 /// Output format of the tools.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Format {
     /// Aligned columns for people
     Table,

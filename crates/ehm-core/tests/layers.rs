@@ -88,3 +88,31 @@ fn no_module_reaches_back_up() {
     assert!(!g["infer"].contains("export"));
     assert!(!g["masking"].contains("config"));
 }
+
+#[test]
+fn the_library_knows_nothing_of_the_command_line() {
+    // clap is for the tools: in the library it appears only behind the `cli` feature (so
+    // `cargo check -p ehm-core --lib --no-default-features` builds without it)
+    let mut files = Vec::new();
+    rust_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let mut bare = Vec::new();
+    for f in &files {
+        let s = std::fs::read_to_string(f).unwrap();
+        for (i, l) in non_test_code(&s).lines().enumerate() {
+            if l.contains("clap")
+                && !l.contains("cfg_attr(feature = \"cli\"")
+                && !l.trim_start().starts_with("//")
+            {
+                bare.push(format!("{}:{}: {}", f.display(), i + 1, l.trim()));
+            }
+        }
+    }
+    assert!(
+        bare.is_empty(),
+        "clap outside the cli feature:\n{}",
+        bare.join("\n")
+    );
+}

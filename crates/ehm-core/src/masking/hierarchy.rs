@@ -43,9 +43,8 @@ pub struct MergeTree {
 }
 
 /// How the symmetrised attention is turned into the affinity the tree merges on.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum AffinityNorm {
     /// Use `S = (A + Aᵀ)/2` as is.
@@ -57,9 +56,8 @@ pub enum AffinityNorm {
 }
 
 /// Which segments may merge.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum Merge {
     /// Only 4-adjacent segments: every level is a partition into contiguous groups.

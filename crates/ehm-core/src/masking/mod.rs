@@ -83,9 +83,8 @@ pub fn keep_count(n: usize, mask_ratio: f64) -> usize {
 }
 
 /// What the EHM affinity is made of (the teacher computes it; see `model::Encoder::affinity`).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum AffinitySource {
     /// Softmax attention summed over heads and the chosen blocks: how much i attends to j.
@@ -98,9 +97,8 @@ pub enum AffinitySource {
 }
 
 /// How the grid noise is laid out (`grid` masking, and EHM's t = 0 end).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum GridNoise {
     /// EPM: one random value per parity class (row % cell, col % cell). At mask ratio
@@ -113,9 +111,8 @@ pub enum GridNoise {
 }
 
 /// How the number of segments of the cut falls over training.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum ScheduleShape {
     /// c(t) = start · (end/start)^t: the same factor per unit of t.
