@@ -683,22 +683,20 @@ fn patch_tokens_upgrade_keeps_the_embedding_and_refuses_twice() {
         assert!((n - 1.0).abs() < 1e-4, "{n}");
     }
     // a second upgrade, and an upgrade of a non-embed model, are refused with the reason
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("patch-tokens")
-        .arg(&up)
-        .arg("-o")
-        .arg(d.path().join("twice.onnx"))
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("already has a patch_tokens output"));
-    let o = Command::new(common::tool("ehm-export"))
-        .arg("patch-tokens")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/fmnist_tiny_classify.onnx"))
-        .arg("-o")
-        .arg(d.path().join("cls.onnx"))
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("only embed models get patch tokens"));
+    let refused = |src: &Path, why: &str| {
+        let o = Command::new(common::tool("ehm-export"))
+            .arg("patch-tokens")
+            .arg(src)
+            .arg("-o")
+            .arg(d.path().join("refused.onnx"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(why), "{err}");
+    };
+    refused(&up, "already has a patch_tokens output");
+    refused(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/fmnist_tiny_classify.onnx"),
+        "only embed models get patch tokens",
+    );
 }

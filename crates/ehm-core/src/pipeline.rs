@@ -167,11 +167,7 @@ where
         .num_threads(o.threads.max(1))
         .build()
         .map_err(|e| Error::Other(e.to_string()))?;
-    let bar = if o.progress && paths.len() > 40 {
-        crate::progress::bar(paths.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::progress::inputs_bar(paths.len(), o.progress);
     let (tx, rx) =
         crossbeam_channel::bounded::<Vec<std::result::Result<Prepared, (PathBuf, String)>>>(1);
     let batch = o.batch.max(1);

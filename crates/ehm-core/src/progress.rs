@@ -24,3 +24,9 @@ pub fn bar_from(total: u64, start: u64, show: bool) -> indicatif::ProgressBar {
 pub fn bar(total: u64) -> indicatif::ProgressBar {
     bar_from(total, 0, true)
 }
+
+/// A bar over `inputs` files: shown when `show` and there are more of them than a screenful of
+/// per-file lines (40), so a handful of inputs does not flash a bar.
+pub fn inputs_bar(inputs: usize, show: bool) -> indicatif::ProgressBar {
+    bar_from(inputs as u64, 0, show && inputs > 40)
+}

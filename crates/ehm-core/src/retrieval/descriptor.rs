@@ -259,11 +259,7 @@ impl Describer {
                 })
             }
             None => {
-                let bar = if progress && paths.len() > 40 {
-                    crate::progress::bar(paths.len() as u64)
-                } else {
-                    indicatif::ProgressBar::hidden()
-                };
+                let bar = crate::progress::inputs_bar(paths.len(), progress);
                 let mut failed = 0;
                 for chunk in paths.chunks(batch.max(1) * 4) {
                     let done: Vec<_> = chunk

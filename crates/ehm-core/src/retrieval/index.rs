@@ -258,6 +258,15 @@ impl Index {
     }
 
     /// Number of vector rows.
+    /// Item id → position in `items`.
+    pub fn positions_by_id(&self) -> std::collections::HashMap<u64, usize> {
+        self.items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| (it.id, i))
+            .collect()
+    }
+
     pub fn rows(&self) -> usize {
         self.slot.len()
     }

@@ -741,17 +741,8 @@ pub fn run_queries(
         threads: o.threads,
         progress: false,
     };
-    let bar = if o.progress && paths.len() > 40 {
-        crate::progress::bar(paths.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let by_id: HashMap<u64, usize> = ix
-        .items
-        .iter()
-        .enumerate()
-        .map(|(i, it)| (it.id, i))
-        .collect();
+    let bar = crate::progress::inputs_bar(paths.len(), o.progress);
+    let by_id = ix.positions_by_id();
     let mut cache: HashMap<u64, Option<Vec<f32>>> = HashMap::new();
     let mut prior = grid.map(|(side, dim)| verify::PositionPrior::new(side, dim));
     let mut failed = 0;
@@ -931,12 +922,7 @@ pub fn dedup(root: &Path, threshold: f32, normalised: bool, ef: usize) -> Result
     let live: Vec<usize> = (0..ix.items.len())
         .filter(|&i| !ix.items[i].deleted)
         .collect();
-    let by_id: HashMap<u64, usize> = ix
-        .items
-        .iter()
-        .enumerate()
-        .map(|(i, it)| (it.id, i))
-        .collect();
+    let by_id = ix.positions_by_id();
     let mut parent: Vec<usize> = (0..ix.items.len()).collect();
     fn find(p: &mut [usize], mut x: usize) -> usize {
         while p[x] != x {
