@@ -47,6 +47,13 @@ EMBED=models/shipped/photos64_tiny_embed.onnx
 rm -rf "$OUT/retrieval/index"
 $T/ehm-retrieve index -i "$OUT/retrieval/index" -m "$EMBED" - < "$OUT/retrieval/bench/database.txt"
 $T/ehm-retrieve query -i "$OUT/retrieval/index" -k 3 "$OUT"/retrieval/bench/queries/{crop,text,strong}/0000.jpg
+# local verification needs the model's patch tokens: the same embedding with that output added
+# (the index accepts it); the match sheet shows where each copy sits in its query
+rm -f "$OUT/retrieval/shipped_patch_tokens.onnx"
+$T/ehm-export patch-tokens "$EMBED" -o "$OUT/retrieval/shipped_patch_tokens.onnx"
+$T/ehm-retrieve query -i "$OUT/retrieval/index" -m "$OUT/retrieval/shipped_patch_tokens.onnx" -k 3 --verify 10 \
+  --report "$OUT/retrieval/matches.html" --format jsonl "$OUT"/retrieval/bench/queries/{collage,inset,crop}/000{0,1}.jpg \
+  > "$OUT/retrieval/verified.jsonl"
 $T/ehm-retrieve eval -i "$OUT/retrieval/index" --bench "$OUT/retrieval/bench" | tee "$OUT/retrieval/eval.txt"
 # near-identical copies inside the collection (the same wallpaper in other aspect ratios): pHash
 # scores are calibrated (1 − 2·hamming/64); the demo-scale embedder's are not, see docs/retrieve.md
@@ -67,5 +74,6 @@ cat <<TXT
   segmentation head         $OUT/segment/segment.json, predictions.png (a Fashion-MNIST backbone
                             trained for 30 steps knows nothing of photos: expect mostly background)
   ehm-segment outputs       $OUT/segment_out/*.classes.png, *.overlay.png, $OUT/segment.jsonl
-  retrieval                 $OUT/retrieval/index/, eval.txt; duplicates (pHash): dedup.jsonl, dedup.html
+  retrieval                 $OUT/retrieval/index/, eval.txt; verified matches: verified.jsonl,
+                            match sheet matches.html; duplicates (pHash): dedup.jsonl, dedup.html
 TXT
