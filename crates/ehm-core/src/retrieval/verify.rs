@@ -150,8 +150,8 @@ pub const RATIO: f32 = 0.9;
 /// Transforms tried: every pair of pairs up to this many, else this many random ones.
 const HYPOTHESES: usize = 500;
 /// The transform's scale (candidate patches per query patch): a query that is a crop of the
-/// candidate has scale < 1 (down to a quarter-side crop), a window wider than the copy it
-/// frames > 1 (up to a copy a third of the window's side).
+/// candidate has scale < 1 (down to a crop of 40 % of its side), a window wider than the copy
+/// it frames > 1 (up to a copy 40 % of the window's side).
 const SCALES: std::ops::RangeInclusive<f32> = 0.4..=2.5;
 
 /// How far (candidate patches) a pair may lie from where the transform of scale `s` puts it:
