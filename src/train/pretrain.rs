@@ -527,6 +527,28 @@ fn gather_masks(d: &Dist, m: &MaskBatch) -> Result<MaskBatch> {
     })
 }
 
+/// The data-parallel engine: the one asked for, else NCCL on GPUs when its plugin is there,
+/// else Gloo. NCCL needs a GPU of its own per rank (two ranks on a one-GPU H200 got "invalid
+/// usage" at the first all-reduce): where this machine's ranks outnumber its GPUs the default
+/// is Gloo and an explicit NCCL is refused here.
+fn choose_backend(
+    asked: Option<DistBackend>,
+    plugin: bool,
+    ranks_here: usize,
+    gpus: usize,
+) -> Result<DistBackend> {
+    let own_gpu = gpus > 0 && ranks_here <= gpus;
+    match asked {
+        Some(DistBackend::Nccl) if gpus > 0 && !own_gpu => Err(Error::Config(format!(
+            "--dist-backend nccl needs one GPU per rank, but {ranks_here} ranks share this \
+             machine's {gpus} GPU(s): use --dist-backend gloo or at most {gpus} ranks here"
+        ))),
+        Some(b) => Ok(b),
+        None if own_gpu && plugin => Ok(DistBackend::Nccl),
+        None => Ok(DistBackend::Gloo),
+    }
+}
+
 pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     let cfg = entry.vit()?;
     let pre = entry.preprocess.clone();
@@ -543,15 +565,24 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
         }
         d => d,
     };
+    // processes of this job on this machine
+    let ranks_here = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(launch.world)
+        .max(1);
     let dist = if launch.world > 1 {
-        // NCCL on GPUs when its plugin is there, else Gloo (unless chosen)
-        let backend = opts.dist_backend.unwrap_or(
-            if device.is_cuda() && super::dist::nccl_plugin_path().is_some() {
-                DistBackend::Nccl
-            } else {
-                DistBackend::Gloo
-            },
-        );
+        let gpus = if device.is_cuda() {
+            tch::Cuda::device_count().max(0) as usize
+        } else {
+            0
+        };
+        let backend = choose_backend(
+            opts.dist_backend,
+            super::dist::nccl_plugin_path().is_some(),
+            ranks_here,
+            gpus,
+        )?;
         Some(Arc::new(Dist::connect(
             &launch,
             opts.dist_timeout,
@@ -586,11 +617,6 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     if matches!(spec, DataSpec::Folder { .. } | DataSpec::Photos) {
         // Keep decoded photos in memory at a little above the training size (up to 4 GiB).
         // every rank keeps its own copy: share the 4 GiB between the ranks of a machine
-        let ranks_here = std::env::var("LOCAL_WORLD_SIZE")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(launch.world)
-            .max(1);
         ds = data::DecodedCache::wrap_if_fits(
             ds,
             pre.image_size * 5 / 4,
@@ -1006,4 +1032,29 @@ pub fn write_initial_checkpoint(entry: &ZooEntry, out: &Path) -> Result<PathBuf>
     save_all(&engine, &run, out, (0, 0), None)?;
     let _ = std::fs::remove_file(out.join("resume.safetensors"));
     Ok(out.join("checkpoint.safetensors"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nccl_only_where_every_rank_has_its_own_gpu() {
+        use DistBackend::{Gloo, Nccl};
+        // default: NCCL with the plugin and a GPU per rank, else Gloo
+        assert_eq!(choose_backend(None, true, 2, 2).unwrap(), Nccl);
+        assert_eq!(choose_backend(None, true, 2, 8).unwrap(), Nccl);
+        assert_eq!(choose_backend(None, false, 2, 2).unwrap(), Gloo);
+        assert_eq!(choose_backend(None, true, 2, 1).unwrap(), Gloo);
+        assert_eq!(choose_backend(None, true, 2, 0).unwrap(), Gloo);
+        // asked for: given, unless NCCL would put two ranks on one GPU
+        assert_eq!(choose_backend(Some(Gloo), true, 4, 1).unwrap(), Gloo);
+        assert_eq!(choose_backend(Some(Nccl), true, 2, 2).unwrap(), Nccl);
+        let e = choose_backend(Some(Nccl), true, 2, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 ranks share") && e.contains("1 GPU"), "{e}");
+        // CPU ranks: left to Dist::connect, which refuses NCCL in its own words
+        assert_eq!(choose_backend(Some(Nccl), true, 2, 0).unwrap(), Nccl);
+    }
 }
