@@ -8,10 +8,12 @@
 # returns the seeds it completed. A mean ± std table is printed at the end.
 # Usage (device tool, after benches/gpu_prepare.sh staged gpu/):
 #   EPOCHS=2 SEEDS="0 1 2" BUDGET=200 bash benches/gpu_compare.sh
+#   (MASKINGS="random grid block ehm" WARMUP=0.5 WORKERS=3; the 2026-11-26 H100 run, one seed of
+#   EHM and random for 10 epochs, is EPOCHS=10 SEEDS=0 MASKINGS="ehm random" WARMUP=1 WORKERS=12)
 set -u
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 EPOCHS=${EPOCHS:-2}; SEEDS=${SEEDS:-"0 1 2"}; BUDGET=${BUDGET:-200}
-MASKINGS=${MASKINGS:-"random grid block ehm"}
+MASKINGS=${MASKINGS:-"random grid block ehm"}; WARMUP=${WARMUP:-0.5}; WORKERS=${WORKERS:-3}
 export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__)+"/lib")')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export EHM_CACHE=${EHM_CACHE:-$PWD/gpu/cache}
 BIN=${BIN:-gpu/ehm-train}
@@ -27,7 +29,7 @@ for s in $SEEDS; do
   t0=$(date +%s)
   for m in $MASKINGS; do
     ( if RAYON_NUM_THREADS=4 timeout "$left" "$BIN" pretrain --model vit_tiny_p4_fmnist --masking "$m" --seed "$s" \
-          --epochs "$EPOCHS" --warmup-epochs 0.5 --workers 3 --out "$W/${m}_$s" --save-every 100000 \
+          --epochs "$EPOCHS" --warmup-epochs "$WARMUP" --workers "$WORKERS" --out "$W/${m}_$s" --save-every 100000 \
           --log-every 100 --knn-train-limit "${KNN_TRAIN:-60000}" --knn-test-limit "${KNN_TEST:-10000}" --no-progress --json \
           > "$W/${m}_$s.json" 2> "$W/${m}_$s.log"; then
         python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); r["seed"]=int(sys.argv[2]); print(json.dumps(r))' \

@@ -402,3 +402,118 @@ fn segment_writes_maps_equal_to_tch_and_overlays() {
         "{e}"
     );
 }
+
+#[test]
+fn a_segment_head_on_an_onnx_backbone_exports_and_segments_as_it_was_evaluated() {
+    let d = tempfile::tempdir().unwrap();
+    let run = common::pretrained_micro(d.path());
+    let seg = d.path().join("seg");
+    common::write_segset(&seg, 32, 6);
+    // the backbone as the only thing the head sees: an ONNX file
+    let backbone = d.path().join("backbone.onnx");
+    export(&run, "backbone", &backbone);
+    let segrun = d.path().join("segrun");
+    let train = |extra: &[&str]| {
+        ehm("train")
+            .arg("segment")
+            .arg(&backbone)
+            .arg("--data")
+            .arg(&seg)
+            .arg("-o")
+            .arg(&segrun)
+            .args([
+                "--epochs",
+                "30",
+                "--batch-size",
+                "16",
+                "--blr",
+                "2",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // an ONNX backbone cannot be fine-tuned: one line, before any work
+    let o = train(&[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("--freeze-backbone") && e.trim().lines().count() == 1,
+        "{e}"
+    );
+    let o = ok(train(&["--freeze-backbone"]));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        segrun.join("features.safetensors").exists(),
+        "features cached"
+    );
+    let miou = report["miou"].as_f64().unwrap();
+    // the squares are easy: a head on even a micro backbone finds them
+    assert!(miou > 0.4, "mIoU {miou}");
+
+    let model = d.path().join("seg.onnx");
+    export(&segrun, "segment", &model);
+    let c = ehm::contract::ModelContract::read(&model).unwrap();
+    assert_eq!(c.labels, ["background", "red", "blue"]);
+    let val: Vec<PathBuf> = (0..6)
+        .map(|i| seg.join(format!("images/val/{i:03}.png")))
+        .collect();
+    let out = d.path().join("out");
+    let o = ok(ehm("segment")
+        .arg("-m")
+        .arg(&model)
+        .arg("-o")
+        .arg(&out)
+        .args(&val)
+        .output()
+        .unwrap());
+    // the tool's maps score what the training evaluation scored, pixel for pixel but for ties
+    let mut meter = ehm::eval::SegMeter::new(3, Some(255));
+    for (line, f) in String::from_utf8_lossy(&o.stdout).lines().zip(&val) {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        let map = image::open(line["classes_png"].as_str().unwrap())
+            .unwrap()
+            .to_luma8();
+        let name = f.file_name().unwrap();
+        let truth = image::open(seg.join("masks/val").join(name))
+            .unwrap()
+            .to_luma8();
+        meter.add(truth.as_raw(), map.as_raw());
+    }
+    let tool = meter.scores().miou;
+    assert!((tool - miou).abs() < 0.01, "tool {tool} vs training {miou}");
+
+    // the run names its backbone by sha256: another file in its place is refused
+    export(&run, "embed", &backbone);
+    let o = ehm("export")
+        .arg("onnx")
+        .arg(&segrun)
+        .args(["--task", "segment", "-o"])
+        .arg(d.path().join("again.onnx"))
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("not the model the head was trained on") && e.trim().lines().count() == 1,
+        "{e}"
+    );
+    // an embed model without patch tokens (the shipped one predates them) cannot carry a head
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/photos64_tiny_embed.onnx");
+    let o = ehm("train")
+        .arg("segment")
+        .arg(&shipped)
+        .arg("--data")
+        .arg(&seg)
+        .arg("-o")
+        .arg(d.path().join("segrun2"))
+        .arg("--freeze-backbone")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("patch-tokens") && e.trim().lines().count() == 1,
+        "{e}"
+    );
+}

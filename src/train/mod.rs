@@ -14,6 +14,7 @@ pub mod pretrain;
 pub mod probe;
 pub mod schedule;
 pub mod segment;
+pub mod segment_onnx;
 pub mod speed;
 pub mod supervised;
 

@@ -94,7 +94,7 @@ impl SegSplit {
         })
     }
 
-    fn max_label(&self) -> u8 {
+    pub(super) fn max_label(&self) -> u8 {
         self.masks
             .iter()
             .flat_map(|m| m.as_raw().iter().copied().filter(|&v| v != IGNORE))
@@ -230,7 +230,7 @@ pub fn evaluate(
 }
 
 /// Rows of image | truth | prediction for the first `n` val images.
-fn predictions_sheet(
+pub(super) fn predictions_sheet(
     val: &SegSplit,
     preds: &[GrayImage],
     n: usize,
@@ -266,6 +266,9 @@ fn predictions_sheet(
 }
 
 pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
+    if super::segment_onnx::is_onnx(&o.checkpoint) {
+        return super::segment_onnx::segment_onnx(o);
+    }
     let r = &o.recipe;
     let device = crate::model::default_device();
     let bb = BackboneWeights::open(&o.checkpoint, o.image_size)?;

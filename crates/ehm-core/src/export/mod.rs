@@ -2,6 +2,7 @@
 //! written with prost types generated from the official onnx.proto. No libtorch needed.
 pub mod graph;
 pub mod import;
+pub mod on_onnx;
 pub mod quantize;
 
 use crate::checkpoint::{parse_f32_safetensors, CheckpointConfig, F32Tensors};
@@ -682,6 +683,23 @@ pub fn export_onnx(
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportSummary> {
+    if on_onnx::backbone_of(checkpoint).is_some() {
+        if task != Task::Segment {
+            return Err(Error::Config(format!(
+                "{}: a segmentation head on an ONNX backbone exports as --task segment (for the \
+                 backbone itself, use that ONNX file)",
+                checkpoint.display()
+            )));
+        }
+        if opts.fp16_weights || opts.int8 || opts.image_size.is_some() {
+            return Err(Error::Config(format!(
+                "{}: the head is appended to its ONNX backbone as that file is: --fp16, --int8 \
+                 and --image-size apply to the backbone's own export (or ehm-export import)",
+                checkpoint.display()
+            )));
+        }
+        return on_onnx::segment_on_onnx(checkpoint, out);
+    }
     let ck = Checkpoint::open(checkpoint)?;
     let config = ck.path.with_file_name("config.json");
     crate::files::refuse_overwriting_inputs(out, &[&ck.path, &config])?;
