@@ -452,6 +452,19 @@ fn a_segment_head_on_an_onnx_backbone_exports_and_segments_as_it_was_evaluated()
     assert!(miou > 0.4, "mIoU {miou}");
 
     let model = d.path().join("seg.onnx");
+    // the head is appended to the backbone as it is: int8 belongs to the backbone's own export
+    let o = ehm("export")
+        .arg("onnx")
+        .arg(&segrun)
+        .args(["--task", "segment", "--int8", "-o"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("--int8") && !model.exists(),
+        "{e}"
+    );
     export(&segrun, "segment", &model);
     let c = ehm::contract::ModelContract::read(&model).unwrap();
     assert_eq!(c.labels, ["background", "red", "blue"]);
