@@ -19,6 +19,8 @@ pub fn export_onnx(ckpt: &Path, task: &str, extra: &[&str], out: &Path) -> std::
 /// A serving tool (ehm-export, ehm-classify, ehm-segment, ehm-retrieve). They belong to the
 /// ehm-core package, so that they never link libtorch; `cargo test` at the top builds them into
 /// the same folder as this package's ehm-train (ehm-core's own CLI test makes cargo build them).
+/// A tool older than the newest ehm-core source stops the test with that message: `cargo test
+/// -p ehm` does not rebuild ehm-core's binaries, and a stale one would test old code.
 pub fn tool(name: &str) -> PathBuf {
     let exe = Path::new(env!("CARGO_BIN_EXE_ehm-train")).with_file_name(name);
     assert!(
@@ -26,7 +28,42 @@ pub fn tool(name: &str) -> PathBuf {
         "{} is not built: run `cargo test` at the top of the workspace (it builds ehm-core's tools too)",
         exe.display()
     );
+    let built = std::fs::metadata(&exe).and_then(|m| m.modified()).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = [
+        root.join("crates/ehm-core/src"),
+        root.join(format!("tools/{name}.rs")),
+    ];
+    if let Some(newer) = sources.iter().flat_map(|p| newer_files(p, built)).next() {
+        panic!(
+            "{} is older than {}: rebuild it (`cargo build --release -p ehm-core --bins`, or \
+             `cargo test` at the top of the workspace)",
+            exe.display(),
+            newer.display()
+        );
+    }
     exe
+}
+
+/// Files under `path` (a file or a folder) modified after `t`.
+fn newer_files(path: &Path, t: std::time::SystemTime) -> Vec<PathBuf> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return vec![];
+    };
+    if meta.is_file() {
+        return if meta.modified().is_ok_and(|m| m > t) {
+            vec![path.to_path_buf()]
+        } else {
+            vec![]
+        };
+    }
+    std::fs::read_dir(path)
+        .map(|rd| {
+            rd.flatten()
+                .flat_map(|e| newer_files(&e.path(), t))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// 320 CIFAR-10 records (256 distinct): simple shapes (bars at class-dependent positions) so MAE can learn.
