@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Args)]
 struct Common {
-    /// Index folder
+    /// Index folder, or a Milvus collection: milvus://HOST:PORT/COLLECTION (docs/retrieve.md)
     #[arg(long, short)]
     index: PathBuf,
     /// Threads for decoding and for inference (each)
@@ -248,6 +248,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a local index into a new Milvus collection (stored vectors: nothing is embedded again)
+    Export {
+        #[command(flatten)]
+        c: Common,
+        /// The new collection: milvus://HOST:PORT/COLLECTION
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// What the index holds
     Info {
         #[command(flatten)]
@@ -460,6 +468,15 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
                 )
                 .map_err(out_err)?;
             }
+            Ok(0)
+        }
+        Cmd::Export { c, to } => {
+            if retrieval::milvus::is_uri(&c.index) {
+                return Err(ehm_core::Error::Config(format!("{}: export reads a local index folder", c.index.display())));
+            }
+            let ix = Index::open(&c.index)?;
+            let (n, v) = retrieval::milvus::export(&ix, &to, true)?;
+            writeln!(out, "{}: exported {n} images, {v} vectors to {}", c.index.display(), to.display()).map_err(out_err)?;
             Ok(0)
         }
         Cmd::Info { c } => {

@@ -727,7 +727,7 @@ pub fn evaluate(
     normalised: bool,
 ) -> Result<EvalReport> {
     let truth = read_truth(bench)?;
-    let ix = super::index::Index::open(root)?;
+    let ix = super::index::Index::open_with_vectors(root)?;
     let mut d = super::describer_for(
         &ix,
         root,
