@@ -28,9 +28,15 @@ pub fn request(
     let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(5)).map_err(t)?;
     s.set_read_timeout(Some(timeout)).map_err(t)?;
     s.set_write_timeout(Some(timeout)).map_err(t)?;
+    // JSON headers only with a body: Milvus's /healthz answers a JSON Accept differently
+    let json = if body.is_some() {
+        "Content-Type: application/json\r\nAccept: application/json\r\n"
+    } else {
+        ""
+    };
     let body = body.unwrap_or(&[]);
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{json}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).map_err(t)?;

@@ -39,6 +39,9 @@ const MAX_ROWS: usize = 16384;
 /// Attempts of a request whose transport failed (connection refused or reset, timeout) or
 /// whose server answered 5xx, with 0.5, 1, 2 … s between them.
 const ATTEMPTS: usize = 4;
+/// How long a request waits for a collection that the server is still loading (after a
+/// restart) before giving up.
+const LOAD_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether `-i` names a Milvus collection.
 pub fn is_uri(root: &Path) -> bool {
@@ -114,10 +117,11 @@ impl Client {
     /// A request, retried while the transport fails or the server answers 5xx.
     fn call(&self, what: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let bytes = body.map(|b| serde_json::to_vec(b).expect("serialisable"));
-        let mut last = String::new();
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                std::thread::sleep(Duration::from_millis(500 << (attempt - 1)));
+        let (mut last, mut waited, mut attempt) = (String::new(), Duration::ZERO, 0);
+        while attempt < ATTEMPTS {
+            attempt += 1;
+            if attempt > 1 && waited == Duration::ZERO {
+                std::thread::sleep(Duration::from_millis(500 << (attempt - 2)));
             }
             match http::request(&self.uri.addr, method, path, bytes.as_deref(), self.timeout) {
                 Err(http::Transport(e)) => last = format!("server not reachable ({e})"),
@@ -140,6 +144,14 @@ impl Client {
                     let code = v["code"].as_i64().unwrap_or(-1);
                     if code != 200 && code != 0 {
                         let msg = v["message"].as_str().unwrap_or("no message");
+                        // a restarted server loads its collections again: wait for that
+                        if msg.contains("not loaded") && waited < LOAD_WAIT {
+                            last = format!("refused (code {code}: {msg})");
+                            std::thread::sleep(Duration::from_secs(1));
+                            waited += Duration::from_secs(1);
+                            attempt -= 1;
+                            continue;
+                        }
                         return Err(self.fail(what, format!("refused (code {code}: {msg})")));
                     }
                     return Ok(v["data"].clone());
@@ -462,6 +474,15 @@ fn write_images_per_batch() -> Option<usize> {
         .filter(|&n| n > 0)
 }
 
+/// A pause after each write batch (`EHM_MILVUS_WRITE_PAUSE_MS`): lets a test stop the server
+/// mid-run at a known point.
+fn write_pause_ms() -> Option<u64> {
+    std::env::var("EHM_MILVUS_WRITE_PAUSE_MS")
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Write `pending` in batches: each batch's view rows, then its item rows (which make its
 /// images visible). Returns how many images were written.
 fn write(c: &Client, dim: usize, pending: &[Pending], progress: bool) -> Result<usize> {
@@ -491,6 +512,9 @@ fn write(c: &Client, dim: usize, pending: &[Pending], progress: bool) -> Result<
         done += batch.len();
         if progress {
             eprintln!("{}: wrote {done} of {} images", uri.text, pending.len());
+        }
+        if let Some(ms) = write_pause_ms() {
+            std::thread::sleep(Duration::from_millis(ms));
         }
         i = j;
     }
