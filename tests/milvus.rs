@@ -19,6 +19,11 @@ fn ok(o: Output) -> Output {
     o
 }
 
+/// Where the time goes (stderr; `--nocapture` shows it).
+fn step(t0: std::time::Instant, what: &str) {
+    eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
+}
+
 fn model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shipped/photos64_tiny_embed.onnx")
 }
@@ -143,7 +148,9 @@ fn info(ix: &str) -> serde_json::Value {
 
 #[test]
 fn milvus_backend_gives_the_local_index_results() {
+    let t0 = std::time::Instant::now();
     let Some(srv) = server() else { return };
+    step(t0, "server started");
     let d = tempfile::tempdir().unwrap();
     let photos = write_images(&d.path().join("db"), 24, 11);
     let db = d.path().join("db");
@@ -158,6 +165,7 @@ fn milvus_backend_gives_the_local_index_results() {
     );
     index(&local, &[&db], &["-m", &m]);
 
+    step(t0, "indexed (Milvus and local)");
     // an exact copy at another path finds its original at rank 1, with the local results
     let copy = d.path().join("copy.png");
     std::fs::copy(&photos[5], &copy).unwrap();
@@ -173,6 +181,7 @@ fn milvus_backend_gives_the_local_index_results() {
     let raw = ["--scores", "raw", "--query-regions", "none"];
     assert_same(&query(&remote, &qs, &raw), &query(&local, &qs, &raw));
 
+    step(t0, "queries compared");
     // the same description as the local index, counts included
     let (ri, li) = (info(&remote), info(&local));
     for k in [
@@ -188,6 +197,7 @@ fn milvus_backend_gives_the_local_index_results() {
         assert_eq!(ri[k], li[k], "{k}");
     }
 
+    step(t0, "info compared");
     // a re-run adds nothing; a new file is added, a changed one replaced
     let s = index(&remote, &[&db], &[]);
     assert_eq!(
@@ -205,6 +215,7 @@ fn milvus_backend_gives_the_local_index_results() {
     );
     assert_eq!(info(&remote)["items"].as_u64(), Some(25));
 
+    step(t0, "re-runs");
     // remove hides the image from queries
     let o = ok(retrieve()
         .args(["remove", "-i", &remote])
@@ -225,6 +236,7 @@ fn milvus_backend_gives_the_local_index_results() {
         (Some(24), Some(2))
     );
 
+    step(t0, "remove");
     // another model's vectors are refused with one line, before any write
     common::write_model(d.path());
     ok(Command::new(env!("CARGO_BIN_EXE_ehm-train"))
@@ -252,6 +264,7 @@ fn milvus_backend_gives_the_local_index_results() {
     assert!(e.contains("another model") && e.lines().count() == 1, "{e}");
     assert_eq!(info(&remote)["items"].as_u64(), Some(24));
 
+    step(t0, "model refused");
     // export moves the local index (with an exact copy added, for dedup) without describing
     // again: the same results and duplicate groups
     index(&local, &[&copy], &[]);
@@ -262,6 +275,7 @@ fn milvus_backend_gives_the_local_index_results() {
         .unwrap());
     assert_same(&query(&exported, &qs, &[]), &query(&local, &qs, &[]));
 
+    step(t0, "exported");
     let dd = |ix: &str| {
         let o = retrieve()
             .args(["dedup", "--format", "csv", "-i", ix])
@@ -276,6 +290,7 @@ fn milvus_backend_gives_the_local_index_results() {
     );
     assert_eq!(dd(&exported), groups);
 
+    step(t0, "dedup");
     // a server that does not answer: exit 2, one line naming the address
     let dead = "milvus://127.0.0.1:9/photos";
     let o = retrieve()
@@ -289,11 +304,14 @@ fn milvus_backend_gives_the_local_index_results() {
         e.contains("127.0.0.1:9") && e.contains("not reachable") && e.lines().count() == 1,
         "{e}"
     );
+    step(t0, "dead server refused");
 }
 
 #[test]
 fn milvus_stopped_mid_index_then_a_rerun_completes() {
+    let t0 = std::time::Instant::now();
     let Some(mut srv) = server() else { return };
+    step(t0, "server started");
     let d = tempfile::tempdir().unwrap();
     let photos = write_images(&d.path().join("db"), 30, 900);
     let db = d.path().join("db");
@@ -329,8 +347,10 @@ fn milvus_stopped_mid_index_then_a_rerun_completes() {
         "{rest:?}"
     );
 
+    step(t0, "killed mid-index");
     // the same server again (its data folder and ports): the re-run writes the rest
     let mut srv = MilvusServer::start_in(srv.dir(), Some(srv.ports())).expect("restart");
+    step(t0, "restarted");
     let s = index(&remote, &[&db], &[]);
     let (added, unchanged) = (
         s["added"].as_u64().unwrap(),
@@ -338,6 +358,7 @@ fn milvus_stopped_mid_index_then_a_rerun_completes() {
     );
     assert_eq!(added + unchanged, 30, "{s}");
     assert!(added >= 20 && unchanged >= 4, "{s}");
+    step(t0, "restarted, re-run");
     let ri = info(&remote);
     assert_eq!(
         (ri["items"].as_u64(), ri["vectors"].as_u64()),
@@ -356,6 +377,7 @@ fn milvus_stopped_mid_index_then_a_rerun_completes() {
     .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
     assert_eq!(v["data"][0]["count(*)"].as_str(), Some("180"), "{v}");
+    step(t0, "counted rows");
     // every image finds itself first
     let qs: Vec<&Path> = photos.iter().map(|p| p.as_path()).collect();
     for (q, r) in qs
@@ -364,5 +386,6 @@ fn milvus_stopped_mid_index_then_a_rerun_completes() {
     {
         assert_eq!(r[0]["path"].as_str(), q.to_str(), "{r:?}");
     }
+    step(t0, "queried");
     srv.stop();
 }

@@ -232,9 +232,21 @@ impl Client {
         Ok(rows)
     }
 
-    /// Every row of `coll` with `item` in `from..`, read in ranges of item ids until 16
-    /// ranges in a row are empty (ids are allocated one after another; removed images of an
-    /// exported index leave gaps).
+    /// How many rows match `filter`.
+    fn count(&self, coll: &str, filter: &str) -> Result<usize> {
+        let body = json!({"collectionName": coll, "filter": filter,
+            "outputFields": ["count(*)"], "limit": 0});
+        let v = self.call("count", "POST", "/v1/vector/query", Some(&body))?;
+        let n = &v[0]["count(*)"];
+        n.as_str()
+            .and_then(|s| s.parse().ok())
+            .or(n.as_u64().map(|x| x as usize))
+            .ok_or_else(|| self.fail("count", format!("unexpected reply {v}")))
+    }
+
+    /// Every row of `coll` with `item >= from`, read in ranges of `span` item ids until as
+    /// many rows as counted first came back (ids are allocated one after another, but
+    /// removed images of an exported index leave gaps; 64 empty ranges in a row end it too).
     fn query_items_from(
         &self,
         coll: &str,
@@ -242,9 +254,10 @@ impl Client {
         span: i64,
         fields: &[&str],
     ) -> Result<Vec<Value>> {
+        let total = self.count(coll, &format!("item >= {from}"))?;
         let mut out = Vec::new();
         let (mut lo, mut empty) = (from, 0);
-        while empty < 16 {
+        while out.len() < total && empty < 64 {
             let rows = self.query(
                 coll,
                 &format!("item >= {lo} and item < {}", lo + span),
@@ -255,6 +268,19 @@ impl Client {
             lo += span;
         }
         Ok(out)
+    }
+
+    /// Wait until `cond` holds (what this run wrote is visible to reads: Milvus's default
+    /// bounded consistency lets a read lag behind writes), at most 60 s.
+    fn wait_until(&self, what: &str, cond: impl Fn() -> Result<bool>) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        while !cond()? {
+            if t0.elapsed() > Duration::from_secs(60) {
+                return Err(self.fail(what, "writes not visible to reads after 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     fn delete_ids(&self, coll: &str, ids: &[i64]) -> Result<()> {
@@ -572,7 +598,13 @@ fn mark_deleted(c: &Client, items: &[Item], keys: &HashMap<u64, Vec<i64>>) -> Re
         .collect();
     c.delete_ids(&c.uri.items(), &old)?;
     let ids: Vec<u64> = items.iter().map(|i| i.id).collect();
-    delete_views(c, &ids)
+    delete_views(c, &ids)?;
+    // visible before returning: the next run must not see these images alive
+    let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    let f = format!("item in [{}] and deleted == false", list.join(","));
+    c.wait_until("wait for the deletes", || {
+        Ok(c.count(&c.uri.items(), &f)? == 0)
+    })
 }
 
 /// `ehm-retrieve index -i milvus://…`: as `retrieval::add`.
@@ -740,6 +772,11 @@ pub fn add(
         next += 1;
     }
     let written = write(&c, dim, &pending, o.progress)?;
+    // the next run (or query) must see this one's images, or it would write them again
+    if let Some(last) = pending.last() {
+        let f = format!("item == {}", last.item.id);
+        c.wait_until("wait for the writes", || Ok(c.count(&uri.items(), &f)? > 0))?;
+    }
     // a changed file's old entry is retired only when its new version made it in
     let new_paths: std::collections::HashSet<&PathBuf> =
         pending.iter().map(|p| &p.item.path).collect();
@@ -838,5 +875,9 @@ pub fn export(local: &Index, to: &Path, progress: bool) -> Result<(usize, usize)
         &serde_json::to_string(&meta).expect("serialisable"),
     )?;
     let n = write(&c, dim, &pending, progress)?;
+    if let Some(last) = pending.last() {
+        let f = format!("item == {}", last.item.id);
+        c.wait_until("wait for the writes", || Ok(c.count(&uri.items(), &f)? > 0))?;
+    }
     Ok((n, pending.iter().map(|p| p.item.count).sum()))
 }

@@ -112,9 +112,6 @@ impl MilvusServer {
             ),
             1,
         );
-        // reads see every write at once (the default lets them lag up to 5 s behind), so a
-        // test (or a user's script) that queries right after indexing sees what it wrote
-        yaml = yaml.replacen("gracefulTime: 5000", "gracefulTime: 0", 1);
         std::fs::write(dir.join("configs/milvus.yaml"), yaml).at(dir.join("configs/milvus.yaml"))?;
         let glog = inst.join("glog.conf");
         std::fs::copy(&glog, dir.join("configs/glog.conf")).at(&glog)?;
