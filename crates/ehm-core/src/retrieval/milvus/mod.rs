@@ -763,13 +763,11 @@ pub fn add(
             &serde_json::to_string(&m).expect("serialisable"),
         )?;
     }
-    let mut next = meta.next_id;
-    for p in &mut pending {
+    for (id, p) in (meta.next_id..).zip(pending.iter_mut()) {
         if let Some(cen) = &meta.center {
             super::index::center_rows(&mut p.rows, cen);
         }
-        p.item.id = next;
-        next += 1;
+        p.item.id = id;
     }
     let written = write(&c, dim, &pending, o.progress)?;
     // the next run (or query) must see this one's images, or it would write them again

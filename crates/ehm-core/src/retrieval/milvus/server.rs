@@ -80,6 +80,8 @@ impl MilvusServer {
         for sub in ["configs", "logs", "data", "run"] {
             std::fs::create_dir_all(dir.join(sub)).at(dir.join(sub))?;
         }
+        // the server runs in `dir` and reads every path of its config from there
+        let dir = &std::fs::canonicalize(dir).at(dir)?;
         let tpl_path = inst.join("milvus.yaml.template");
         let tpl = std::fs::read_to_string(&tpl_path).at(&tpl_path)?;
         let d = |s: &str| dir.join(s).display().to_string();
