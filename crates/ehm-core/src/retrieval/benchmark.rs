@@ -768,6 +768,8 @@ pub fn evaluate(
         }
         overlap / vecs.iter().flatten().count().max(1) as f64
     };
+    // a remote index whose server failed mid-way: its error, not a low recall
+    ix.take_remote_error()?;
     // the ranking asked for gives the per-family figures; µAP and the curves are given for
     // both kinds of score (raw: the same matches re-ranked by cosine)
     let (overall, _, per_family) = score(&truth, &results);
