@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Args)]
 struct Common {
-    /// Index folder
+    /// Index folder, or a Milvus collection: milvus://HOST:PORT/COLLECTION (docs/retrieve.md)
     #[arg(long, short)]
     index: PathBuf,
     /// Threads for decoding and for inference (each)
@@ -248,6 +248,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a local index into a new Milvus collection (stored vectors: nothing is embedded again)
+    Export {
+        #[command(flatten)]
+        c: Common,
+        /// The new collection: milvus://HOST:PORT/COLLECTION
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Run a local Milvus server (tools/setup.sh milvus) on loopback until interrupted; prints
+    /// its address (milvus://127.0.0.1:PORT) on stdout once it is healthy
+    MilvusServer {
+        /// Folder for its config, logs and data (default: a temporary one, removed at the end);
+        /// the same folder again serves the same collections
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// What the index holds
     Info {
         #[command(flatten)]
@@ -462,6 +478,34 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
             }
             Ok(0)
         }
+        Cmd::Export { c, to } => {
+            if retrieval::milvus::is_uri(&c.index) {
+                return Err(ehm_core::Error::Config(format!("{}: export reads a local index folder", c.index.display())));
+            }
+            let ix = Index::open(&c.index)?;
+            let (n, v) = retrieval::milvus::export(&ix, &to, true)?;
+            writeln!(out, "{}: exported {n} images, {v} vectors to {}", c.index.display(), to.display()).map_err(out_err)?;
+            Ok(0)
+        }
+        Cmd::MilvusServer { dir } => {
+            use retrieval::milvus::server::MilvusServer;
+            let mut srv = match &dir {
+                Some(d) => {
+                    std::fs::create_dir_all(d).map_err(|e| ehm_core::Error::io(d, e))?;
+                    MilvusServer::start_in(d, None)?
+                }
+                None => MilvusServer::start()?,
+            };
+            writeln!(out, "milvus://127.0.0.1:{}", srv.port).map_err(out_err)?;
+            out.flush().map_err(out_err)?;
+            eprintln!("Milvus server running (data and logs: {}); Ctrl-C or SIGTERM stops it", srv.dir().display());
+            stop_on_signal();
+            while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            srv.stop();
+            Ok(0)
+        }
         Cmd::Info { c } => {
             let ix = Index::open(&c.index)?;
             let mut meta = serde_json::to_value(&ix.meta).unwrap();
@@ -474,6 +518,21 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         out.flush().map_err(out_err)?;
         Ok(n)
     })
+}
+
+/// Set by SIGINT / SIGTERM: `milvus-server` stops its server before it exits.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn stop_on_signal() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
 }
 
 fn main() -> ExitCode {

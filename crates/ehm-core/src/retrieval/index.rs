@@ -114,6 +114,17 @@ pub struct Index {
     /// Row → position in `store`.
     slot: Vec<u32>,
     graph: Option<FlatGraph>,
+    /// An index kept by a vector database (`milvus://…`): the nearest-row search goes there,
+    /// and `store` holds vectors only when they were asked for (`open_with_vectors`).
+    remote: Option<Box<dyn RemoteSearch>>,
+    /// The first error of a remote search (searches return no rows then): `take_remote_error`.
+    remote_error: std::sync::Mutex<Option<Error>>,
+}
+
+/// A vector search kept elsewhere (`retrieval::milvus`): the `k` rows (this index's row
+/// numbers) nearest to `q` by inner product, with their similarity.
+pub trait RemoteSearch: Send + Sync {
+    fn search(&self, q: &[f32], k: usize) -> Result<Vec<(usize, f32)>>;
 }
 
 fn current_gen(root: &Path) -> Result<Option<PathBuf>> {
@@ -137,17 +148,67 @@ impl Index {
             store: Vec::new(),
             slot: Vec::new(),
             graph: None,
+            remote: None,
+            remote_error: Default::default(),
         }
     }
 
-    /// Whether `root` holds an index.
+    /// An index whose search is `search` (rows numbered by `items`' `first`/`count`);
+    /// `store`: every row's vector in row order, or empty when not loaded.
+    pub fn remote(
+        meta: IndexMeta,
+        items: Vec<Item>,
+        rows: usize,
+        store: Vec<f32>,
+        search: Box<dyn RemoteSearch>,
+    ) -> Self {
+        Index {
+            meta,
+            items,
+            store,
+            slot: (0..rows as u32).collect(),
+            graph: None,
+            remote: Some(search),
+            remote_error: Default::default(),
+        }
+    }
+
+    /// Whether its vectors are here (a remote index's may not be).
+    pub fn has_vectors(&self) -> bool {
+        self.store.len() == self.rows() * self.meta.dim
+    }
+
+    /// The first error of a remote search since the last call.
+    pub fn take_remote_error(&self) -> Result<()> {
+        match self.remote_error.lock().map(|mut e| e.take()) {
+            Ok(Some(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `root` holds an index (a `milvus://` address: whether the collection exists;
+    /// when the server cannot tell, `open` says why).
     pub fn exists(root: &Path) -> bool {
+        if super::milvus::is_uri(root) {
+            return super::milvus::exists(root).unwrap_or(true);
+        }
         root.join("CURRENT").exists()
+    }
+
+    /// `open`, with every vector in memory also for a remote index (dedup, eval).
+    pub fn open_with_vectors(root: &Path) -> Result<Self> {
+        if super::milvus::is_uri(root) {
+            return super::milvus::open(root, true);
+        }
+        Self::open(root)
     }
 
     /// Open the live generation, checking every file against its recorded sha256. A writer
     /// may make another generation live (and remove this one) while we read: then read that.
     pub fn open(root: &Path) -> Result<Self> {
+        if super::milvus::is_uri(root) {
+            return super::milvus::open(root, false);
+        }
         let mut tries = 0;
         loop {
             let gen = current_gen(root)?.ok_or_else(|| {
@@ -254,6 +315,8 @@ impl Index {
             store,
             slot,
             graph,
+            remote: None,
+            remote_error: Default::default(),
         })
     }
 
@@ -297,6 +360,21 @@ impl Index {
         keep: &K,
         scratch: &mut Scratch,
     ) -> Option<Vec<(usize, f32)>> {
+        if let Some(r) = &self.remote {
+            return Some(match r.search(q, k) {
+                Ok(hits) => hits
+                    .into_iter()
+                    .filter(|&(row, _)| keep(row))
+                    .map(|(row, sim)| (row, 1.0 - sim))
+                    .collect(),
+                Err(e) => {
+                    if let Ok(mut slot) = self.remote_error.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    Vec::new()
+                }
+            });
+        }
         let g = self.graph.as_ref()?;
         // the graph covers the rows of the last save (node order = the start of `store`)
         let table = &self.store[..g.order().len() * self.meta.dim];
@@ -326,6 +404,10 @@ impl Index {
     }
 
     pub fn vector(&self, row: usize) -> &[f32] {
+        assert!(
+            self.has_vectors(),
+            "vectors of a remote index not loaded (open_with_vectors)"
+        );
         let s = self.slot[row] as usize * self.meta.dim;
         &self.store[s..s + self.meta.dim]
     }

@@ -6,6 +6,7 @@ pub mod descriptor;
 pub mod graph;
 pub mod hnsw;
 pub mod index;
+pub mod milvus;
 pub mod proposals;
 pub mod report;
 pub mod simd;
@@ -65,7 +66,7 @@ pub fn canonical(p: &Path) -> PathBuf {
 }
 
 /// Check that `d` describes images the way the index at `root` was built.
-fn check_same_descriptor(ix: &Index, d: &Describer, root: &Path) -> Result<()> {
+pub(crate) fn check_same_descriptor(ix: &Index, d: &Describer, root: &Path) -> Result<()> {
     if ix.meta.descriptor != d.kind {
         return Err(Error::Config(format!(
             "{} holds {:?} descriptors, not {:?}; use another --index",
@@ -91,7 +92,7 @@ fn check_same_descriptor(ix: &Index, d: &Describer, root: &Path) -> Result<()> {
 
 /// Refuse creation settings in `o.asked` that differ from the existing index's (each is fixed
 /// when the index is created; silently ignoring them would mislead).
-fn check_fixed_settings(meta: &IndexMeta, o: &BuildOptions, root: &Path) -> Result<()> {
+pub(crate) fn check_fixed_settings(meta: &IndexMeta, o: &BuildOptions, root: &Path) -> Result<()> {
     let name = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
     let asked = &o.asked;
     let differs = [
@@ -170,6 +171,9 @@ pub fn add(
     inputs: &[PathBuf],
     o: &BuildOptions,
 ) -> Result<AddSummary> {
+    if milvus::is_uri(root) {
+        return milvus::add(root, d, inputs, o);
+    }
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     // held until the new generation is live: no other writer reads the old one meanwhile
@@ -324,6 +328,9 @@ pub fn add(
 
 /// `ehm-retrieve remove`: mark the items of these paths deleted. Returns how many were found.
 pub fn remove(root: &Path, paths: &[PathBuf], wait: bool) -> Result<(usize, Vec<PathBuf>)> {
+    if milvus::is_uri(root) {
+        return milvus::remove(root, paths);
+    }
     let _lock = index::WriteLock::acquire(root, wait)?;
     let mut ix = Index::open(root)?;
     let (mut n, mut missing) = (0, Vec::new());
@@ -352,6 +359,11 @@ pub fn remove(root: &Path, paths: &[PathBuf], wait: bool) -> Result<(usize, Vec<
 
 /// `ehm-retrieve compact`: rewrite the index without deleted items (ids are kept).
 pub fn compact(root: &Path, wait: bool) -> Result<(usize, usize)> {
+    if milvus::is_uri(root) {
+        // deleted images' vectors are deleted at once; Milvus compacts its segments itself
+        let ix = Index::open(root)?;
+        return Ok((ix.meta.items, 0));
+    }
     let _lock = index::WriteLock::acquire(root, wait)?;
     let ix = Index::open(root)?;
     let mut out = Index::empty(ix.meta.clone());
@@ -772,6 +784,8 @@ pub fn run_queries(
                 Err(e) => order.push(Err(e)),
             }
         }
+        // a remote index whose server failed: stop with its error, not with empty results
+        ix.take_remote_error()?;
         let mut verify_ms = vec![0.0; results.len()];
         if let Some((side, dim)) = grid {
             let t0 = std::time::Instant::now();
@@ -917,7 +931,7 @@ const DEDUP_NORMALISED_PHASH: f32 = 0.56;
 /// other's whole-image descriptor reach `threshold` (normalised scores if asked), joined
 /// transitively (union-find).
 pub fn dedup(root: &Path, threshold: f32, normalised: bool, ef: usize) -> Result<Vec<Vec<Match>>> {
-    let ix = Index::open(root)?;
+    let ix = Index::open_with_vectors(root)?;
     let s = Searcher::new(&ix).normalised(normalised);
     let live: Vec<usize> = (0..ix.items.len())
         .filter(|&i| !ix.items[i].deleted)
@@ -953,6 +967,7 @@ pub fn dedup(root: &Path, threshold: f32, normalised: bool, ef: usize) -> Result
             }
         }
     }
+    ix.take_remote_error()?;
     let mut groups: HashMap<usize, Vec<Match>> = HashMap::new();
     for &i in &live {
         let r = find(&mut parent, i);
