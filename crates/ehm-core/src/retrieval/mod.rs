@@ -165,6 +165,31 @@ pub fn describer_for(
 
 /// `ehm-retrieve index`: add new and changed files (by content hash) to the index at `root`,
 /// creating it with `d` and `o` if there is none.
+/// The description of a new, empty index (`format` names its storage) for `d`'s vectors.
+pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> IndexMeta {
+    IndexMeta {
+        format: format.into(),
+        descriptor: d.kind,
+        model: d.model_sha256.as_ref().map(|sha| ModelRef {
+            path: d.model_path.clone().unwrap_or_default(),
+            sha256: sha.clone(),
+            name: d.model_name.clone(),
+        }),
+        dim: d.dim,
+        metric: "dot".into(),
+        regions: o.regions,
+        views: views(o.regions),
+        hnsw: o.hnsw.clone(),
+        items: 0,
+        deleted: 0,
+        vectors: 0,
+        next_id: 0,
+        files: Default::default(),
+        center: None,
+        checksum: None,
+    }
+}
+
 pub fn add(
     root: &Path,
     d: &mut Describer,
@@ -186,27 +211,7 @@ pub fn add(
         ix
     } else {
         o.hnsw.validate()?;
-        Index::empty(IndexMeta {
-            format: index::FORMAT.into(),
-            descriptor: d.kind,
-            model: d.model_sha256.as_ref().map(|sha| ModelRef {
-                path: d.model_path.clone().unwrap_or_default(),
-                sha256: sha.clone(),
-                name: d.model_name.clone(),
-            }),
-            dim: d.dim,
-            metric: "dot".into(),
-            regions: o.regions,
-            views: views(o.regions),
-            hnsw: o.hnsw.clone(),
-            items: 0,
-            deleted: 0,
-            vectors: 0,
-            next_id: 0,
-            files: Default::default(),
-            center: None,
-            checksum: None,
-        })
+        Index::empty(new_meta(index::FORMAT, d, o))
     };
     // decide per file: unchanged (same path, same content), replaced (same path, new content), new
     let live: HashMap<PathBuf, usize> = ix

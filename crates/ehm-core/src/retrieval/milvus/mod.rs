@@ -17,8 +17,8 @@
 pub mod http;
 pub mod server;
 
-use super::descriptor::{views, Describer, DescriptorKind};
-use super::index::{Index, IndexMeta, Item, ModelRef, RemoteSearch};
+use super::descriptor::{Describer, DescriptorKind};
+use super::index::{Index, IndexMeta, Item, RemoteSearch};
 use super::{canonical, AddSummary, BuildOptions};
 use crate::error::{Error, Result};
 use serde_json::{json, Value};
@@ -639,27 +639,7 @@ pub fn add(
     }
     let mut meta = match &loaded {
         Some(l) => l.meta.clone(),
-        None => IndexMeta {
-            format: FORMAT.into(),
-            descriptor: d.kind,
-            model: d.model_sha256.as_ref().map(|sha| ModelRef {
-                path: d.model_path.clone().unwrap_or_default(),
-                sha256: sha.clone(),
-                name: d.model_name.clone(),
-            }),
-            dim: d.dim,
-            metric: "dot".into(),
-            regions: o.regions,
-            views: views(o.regions),
-            hnsw: o.hnsw.clone(),
-            items: 0,
-            deleted: 0,
-            vectors: 0,
-            next_id: 0,
-            files: Default::default(),
-            center: None,
-            checksum: None,
-        },
+        None => super::new_meta(FORMAT, d, o),
     };
     let items = loaded.as_ref().map(|l| l.items.clone()).unwrap_or_default();
     let live: HashMap<PathBuf, usize> = items
