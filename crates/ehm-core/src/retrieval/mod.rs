@@ -165,6 +165,64 @@ pub fn describer_for(
 
 /// `ehm-retrieve index`: add new and changed files (by content hash) to the index at `root`,
 /// creating it with `d` and `o` if there is none.
+/// What an `index` run has to do with its inputs, given the items already indexed.
+pub(crate) struct InputPlan {
+    /// Files to describe: new paths, and known paths whose content changed.
+    pub todo: Vec<PathBuf>,
+    /// Content sha256 of every file in `todo`.
+    pub hashes: HashMap<PathBuf, String>,
+    /// Known paths with the same content (nothing to do).
+    pub unchanged: usize,
+    /// Items whose path is in `todo` with new content (to be marked deleted).
+    pub replaced_idx: Vec<usize>,
+    /// Inputs that could not be read (reported on stderr).
+    pub failed: usize,
+}
+
+/// Decide per input file (canonical path, each once): unchanged (same path, same content),
+/// replaced (same path, new content) or new — content hashes decide, on every backend.
+pub(crate) fn plan_inputs(inputs: &[PathBuf], items: &[index::Item]) -> InputPlan {
+    let live: HashMap<PathBuf, usize> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| !it.deleted)
+        .map(|(i, it)| (it.path.clone(), i))
+        .collect();
+    let mut plan = InputPlan {
+        todo: Vec::new(),
+        hashes: HashMap::new(),
+        unchanged: 0,
+        replaced_idx: Vec::new(),
+        failed: 0,
+    };
+    let mut seen = std::collections::HashSet::new();
+    for p in inputs {
+        let c = canonical(p);
+        if !seen.insert(c.clone()) {
+            continue;
+        }
+        let sha = match crate::files::sha256_input(&c) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                plan.failed += 1;
+                continue;
+            }
+        };
+        match live.get(&c) {
+            Some(&i) if items[i].sha256 == sha => {
+                plan.unchanged += 1;
+                continue;
+            }
+            Some(&i) => plan.replaced_idx.push(i),
+            None => {}
+        }
+        plan.todo.push(c.clone());
+        plan.hashes.insert(c, sha);
+    }
+    plan
+}
+
 /// The description of a new, empty index (`format` names its storage) for `d`'s vectors.
 pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> IndexMeta {
     IndexMeta {
@@ -213,44 +271,13 @@ pub fn add(
         o.hnsw.validate()?;
         Index::empty(new_meta(index::FORMAT, d, o))
     };
-    // decide per file: unchanged (same path, same content), replaced (same path, new content), new
-    let live: HashMap<PathBuf, usize> = ix
-        .items
-        .iter()
-        .enumerate()
-        .filter(|(_, it)| !it.deleted)
-        .map(|(i, it)| (it.path.clone(), i))
-        .collect();
-    let (mut todo, mut hashes, mut unchanged, mut replaced_idx) =
-        (Vec::new(), HashMap::new(), 0, Vec::new());
-    let mut failed = 0;
-    let mut seen = std::collections::HashSet::new();
-    for p in inputs {
-        let c = canonical(p);
-        if !seen.insert(c.clone()) {
-            continue;
-        }
-        let sha = match crate::files::sha256_input(&c) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                failed += 1;
-                continue;
-            }
-        };
-        match live.get(&c) {
-            Some(&i) if ix.items[i].sha256 == sha => unchanged += 1,
-            Some(&i) => {
-                replaced_idx.push(i);
-                todo.push(c.clone());
-                hashes.insert(c, sha);
-            }
-            None => {
-                todo.push(c.clone());
-                hashes.insert(c, sha);
-            }
-        }
-    }
+    let InputPlan {
+        todo,
+        hashes,
+        unchanged,
+        replaced_idx,
+        mut failed,
+    } = plan_inputs(inputs, &ix.items);
     let view_list = ix.meta.views.clone();
     let nv = view_list.len();
     let fresh_rows = ix.rows();

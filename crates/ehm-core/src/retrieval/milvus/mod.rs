@@ -427,17 +427,22 @@ fn load(c: &Client) -> Result<Option<Loaded>> {
     Ok(Some(Loaded { meta, items, keys }))
 }
 
+/// `load`, where a missing collection is an error.
+fn load_existing(c: &Client, uri: &Uri) -> Result<Loaded> {
+    load(c)?.ok_or_else(|| {
+        Error::MissingData(format!(
+            "{}: no such collection (build one with ehm-retrieve index)",
+            uri.text
+        ))
+    })
+}
+
 /// Open the collection of `root` as an `Index` whose search runs in Milvus (`with_vectors`:
 /// also read every vector, for dedup and eval).
 pub fn open(root: &Path, with_vectors: bool) -> Result<Index> {
     let uri = Uri::parse(root)?;
     let c = Client::new(uri.clone());
-    let l = load(&c)?.ok_or_else(|| {
-        Error::MissingData(format!(
-            "{}: no such collection (build one with ehm-retrieve index)",
-            uri.text
-        ))
-    })?;
+    let l = load_existing(&c, &uri)?;
     let rows: usize = l.items.iter().map(|i| i.count).sum();
     let first: HashMap<u64, (usize, usize)> =
         l.items.iter().map(|i| (i.id, (i.first, i.count))).collect();
@@ -642,41 +647,13 @@ pub fn add(
         None => super::new_meta(FORMAT, d, o),
     };
     let items = loaded.as_ref().map(|l| l.items.clone()).unwrap_or_default();
-    let live: HashMap<PathBuf, usize> = items
-        .iter()
-        .enumerate()
-        .filter(|(_, it)| !it.deleted)
-        .map(|(i, it)| (it.path.clone(), i))
-        .collect();
-    let (mut todo, mut hashes, mut unchanged, mut replaced_idx, mut failed) =
-        (Vec::new(), HashMap::new(), 0, Vec::new(), 0);
-    let mut seen = std::collections::HashSet::new();
-    for p in inputs {
-        let cp = canonical(p);
-        if !seen.insert(cp.clone()) {
-            continue;
-        }
-        let sha = match crate::files::sha256_input(&cp) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                failed += 1;
-                continue;
-            }
-        };
-        match live.get(&cp) {
-            Some(&i) if items[i].sha256 == sha => unchanged += 1,
-            Some(&i) => {
-                replaced_idx.push(i);
-                todo.push(cp.clone());
-                hashes.insert(cp, sha);
-            }
-            None => {
-                todo.push(cp.clone());
-                hashes.insert(cp, sha);
-            }
-        }
-    }
+    let super::InputPlan {
+        todo,
+        hashes,
+        unchanged,
+        replaced_idx,
+        mut failed,
+    } = super::plan_inputs(inputs, &items);
     let nv = meta.views.len();
     let dim = meta.dim;
     let how = super::descriptor::DescribeOptions {
@@ -788,12 +765,7 @@ pub fn add(
 pub fn remove(root: &Path, paths: &[PathBuf]) -> Result<(usize, Vec<PathBuf>)> {
     let uri = Uri::parse(root)?;
     let c = Client::new(uri.clone());
-    let l = load(&c)?.ok_or_else(|| {
-        Error::MissingData(format!(
-            "{}: no such collection (build one with ehm-retrieve index)",
-            uri.text
-        ))
-    })?;
+    let l = load_existing(&c, &uri)?;
     let (mut n, mut missing, mut gone) = (0, Vec::new(), Vec::new());
     for p in paths {
         let cp = canonical(p);
