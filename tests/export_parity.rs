@@ -493,6 +493,8 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     assert_eq!(c.task, ehm::contract::Task::Embed);
     assert_eq!(c.config.embedding_dim, Some(128));
     assert_eq!(c.source.unwrap().name, "foreign_micro");
+    // its position embedding is fixed: the adopted input keeps its size
+    assert!(!c.any_input_size);
     assert_eq!(
         c.parameters,
         ModelContract::read(&ours).unwrap().parameters,

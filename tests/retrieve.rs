@@ -700,3 +700,240 @@ fn patch_tokens_upgrade_keeps_the_embedding_and_refuses_twice() {
         "only embed models get patch tokens",
     );
 }
+
+/// A ViT-like graph that runs at any input size, as another framework exports it (DINOv2
+/// interpolates its position embedding to the input; this one has none): patch Conv →
+/// tokens, the mean token in the class slot, a nonlinearity. Declared input 3×16×16.
+fn write_any_size_vit(path: &Path) {
+    use ehm::export::graph::{attr_int, attr_ints, Graph};
+    use ehm::onnx::{self, type_proto, ModelProto, TensorShapeProto, TypeProto, ValueInfoProto};
+    use prost::Message;
+    let (d, p) = (8i64, 4i64);
+    let mut g = Graph::new(false);
+    let w: Vec<f32> = (0..d * 3 * p * p)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 40.0)
+        .collect();
+    let w = g.init_f32("patch.weight", &[d, 3, p, p], &w);
+    let b = g.init_f32(
+        "patch.bias",
+        &[d],
+        &(0..d).map(|i| i as f32 / 10.0).collect::<Vec<_>>(),
+    );
+    let x = g.op(
+        "Conv",
+        &["input_image", &w, &b],
+        vec![attr_ints("strides", &[p, p])],
+        "patch",
+    );
+    let shape = g.init_i64("flat", &[3], &[0, d, -1]);
+    let x = g.op("Reshape", &[&x, &shape], vec![], "patch");
+    let x = g.op(
+        "Transpose",
+        &[&x],
+        vec![attr_ints("perm", &[0, 2, 1])],
+        "patch",
+    );
+    let x = g.op("Tanh", &[&x], vec![], "patch");
+    let cls = g.op("ReduceMean", &[&x], vec![attr_ints("axes", &[1])], "cls");
+    g.op_named("Concat", &[&cls, &x], vec![attr_int("axis", 1)], "/tokens");
+    let vi = |name: &str, dims: &[Option<i64>]| ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|v| onnx::tensor_shape_proto::Dimension {
+                            value: Some(match v {
+                                Some(v) => onnx::tensor_shape_proto::dimension::Value::DimValue(*v),
+                                None => {
+                                    onnx::tensor_shape_proto::dimension::Value::DimParam("n".into())
+                                }
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![onnx::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(onnx::GraphProto {
+            name: Some("any_size_vit".into()),
+            node: g.nodes,
+            initializer: g.initializers,
+            input: vec![vi("input_image", &[None, Some(3), Some(32), Some(32)])],
+            output: vec![vi("/tokens", &[None, None, Some(d)])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, m.encode_to_vec()).unwrap();
+}
+
+/// A model that runs at any size is adopted with its input size open, and an index runs its
+/// regional views at their own size when asked (`--view-size fit`): every view's
+/// vector is the model's output for that crop at that size, in the right order across a batch
+/// that mixes sizes. A fixed-size model refuses `fit` in one line.
+#[test]
+fn crops_run_at_their_own_size_on_models_that_take_any_size() {
+    use ehm::data::Preprocess;
+    use ehm::infer::{OrtModel, Parallelism};
+    use ehm::pipeline::{crop_view, fit_size, ViewSize, FULL};
+    use ehm::retrieval::descriptor::{DescribeOptions, Describer};
+    let d = tempfile::tempdir().unwrap();
+    let foreign = d.path().join("foreign.onnx");
+    write_any_size_vit(&foreign);
+    let model = d.path().join("any.onnx");
+    let o = ok(Command::new(common::tool("ehm-export"))
+        .arg("import")
+        .arg(&foreign)
+        .args([
+            "--tokens",
+            "/tokens",
+            "--patch-size",
+            "4",
+            "--image-size",
+            "32",
+            "-o",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("any multiple of its patch size"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let mut m = OrtModel::open(&model, 1).unwrap();
+    assert!(m.contract.any_input_size);
+    let px = |s: usize| vec![0.25f32; 3 * s * s];
+    let (shape, _) = m
+        .run_outputs_at(&px(8), 1, 8, &["embedding"])
+        .unwrap()
+        .remove(0);
+    assert_eq!(shape, vec![1, 16]);
+    let e = m
+        .run_outputs_at(&px(10), 1, 10, &["embedding"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("patch size 4"), "{e}");
+
+    // every view of every image, batched across images with mixed sizes, against the
+    // model run on that one crop at its fitted size
+    let images = write_images(&d.path().join("db"), 5);
+    let views = vec![
+        FULL,
+        [0.0, 0.0, 0.6, 0.6],
+        [0.5, 0.4, 0.5, 0.6],
+        [0.1, 0.2, 0.55, 0.3],
+        [0.0, 0.0, 0.9, 0.95],
+    ];
+    let sizes: Vec<u32> = views
+        .iter()
+        .map(|v| if *v == FULL { 32 } else { fit_size(v, 32, 4) })
+        .collect();
+    assert_eq!(sizes, vec![32, 20, 16, 16, 28]);
+    let mut describer = Describer::embed(&model, Parallelism::single(1)).unwrap();
+    let how = DescribeOptions {
+        views: views.clone(),
+        extra_views: None,
+        hashes: false,
+        patch_tokens: false,
+        view_size: ViewSize::Fit,
+        batch: 2,
+        threads: 1,
+        progress: false,
+    };
+    let mut got = Vec::new();
+    describer
+        .describe(&images, &how, |r| {
+            got.push(r.unwrap());
+            Ok(())
+        })
+        .unwrap();
+    let pre = m.contract.config.preprocess.clone();
+    let mut checked = 0;
+    for (desc, path) in got.iter().zip(&images) {
+        assert_eq!(&desc.path, path);
+        let img = image::open(path).unwrap().to_rgb8();
+        for (k, (v, &s)) in views.iter().zip(&sizes).enumerate() {
+            let part = if *v == FULL {
+                img.clone()
+            } else {
+                crop_view(&img, v)
+            };
+            let x = Preprocess {
+                image_size: s,
+                ..pre.clone()
+            }
+            .eval(&part);
+            let (_, want) = m
+                .run_outputs_at(&x, 1, s, &["embedding"])
+                .unwrap()
+                .remove(0);
+            let have = &desc.vectors[k * 16..(k + 1) * 16];
+            let diff = have
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{} view {k} at {s}²: {diff}", path.display());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 25);
+
+    // the index records it; an existing index refuses the other size; a fixed-size model
+    // cannot fit
+    let ix = d.path().join("ix");
+    ok(retrieve()
+        .args(["index", "-i"])
+        .arg(&ix)
+        .arg("-m")
+        .arg(&model)
+        .args(["--regions", "standard", "--view-size", "fit"])
+        .args(&images)
+        .output()
+        .unwrap());
+    let meta = std::fs::read_to_string(ix.join("gen-000001/index.json")).unwrap();
+    assert!(meta.contains("\"view_size\": \"fit\""), "{meta}");
+    let o = retrieve()
+        .args(["index", "-i"])
+        .arg(&ix)
+        .args(["--view-size", "input"])
+        .arg(&images[0])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--view-size"), "{err}");
+    let run = common::pretrained_micro(d.path());
+    let fixed = d.path().join("fixed.onnx");
+    export_embed(&run, &fixed);
+    let o = retrieve()
+        .args(["index", "-i"])
+        .arg(d.path().join("ix_fixed"))
+        .arg("-m")
+        .arg(&fixed)
+        .args(["--view-size", "fit"])
+        .args(&images)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.trim().lines().count() == 1 && err.contains("own input size"),
+        "{err}"
+    );
+    assert!(
+        !d.path().join("ix_fixed/CURRENT").exists(),
+        "nothing written"
+    );
+}

@@ -91,6 +91,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         extra_views: None,
         view_hash: None,
         patch_tokens: false,
+        view_size: pipeline::ViewSize::Input,
     };
     let failed = pipeline::run(&mut model, &paths, &opts, |item| {
         let Item::Done {

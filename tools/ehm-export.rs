@@ -135,6 +135,11 @@ fn print_summary(
             0 => String::new(),
             k => format!(", {k} weight matrices int8"),
         };
+        let int8 = if s.any_input_size {
+            format!("{int8}, runs at any multiple of its patch size")
+        } else {
+            int8
+        };
         say!(
             out,
             "wrote {} ({} task, {:.1} MB, {:.2} M parameters, opset {}{int8}) in {:.1} s",

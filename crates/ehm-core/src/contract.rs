@@ -175,6 +175,10 @@ pub struct ModelContract {
     pub parameters: u64,
     /// `ehm.same_embedding_as`: the files whose embedding this one is (empty if none).
     pub same_embedding_as: Vec<String>,
+    /// The input's height and width are open: the model runs on any multiple of the patch
+    /// size (ViTs that interpolate their position embedding, e.g. adopted DINOv2), so a small
+    /// crop can run at its own size instead of being upsampled (`pipeline::ViewSize::Fit`).
+    pub any_input_size: bool,
 }
 
 impl ModelContract {
@@ -221,9 +225,10 @@ impl ModelContract {
         let g = m.graph.as_ref().ok_or("model has no graph")?;
         let inputs: Vec<String> = g.input.iter().filter_map(|v| v.name.clone()).collect();
         let outputs: Vec<String> = g.output.iter().filter_map(|v| v.name.clone()).collect();
-        if !inputs.iter().any(|i| i == INPUT) {
+        let Some(input) = g.input.iter().find(|v| v.name.as_deref() == Some(INPUT)) else {
             return Err(format!("no '{INPUT}' input (inputs: {inputs:?})"));
-        }
+        };
+        let any_input_size = matches!(dims(input)[..], [_, _, None, None]);
         let Some(out) = g
             .output
             .iter()
@@ -266,6 +271,7 @@ impl ModelContract {
             outputs,
             parameters,
             same_embedding_as,
+            any_input_size,
         })
     }
 }

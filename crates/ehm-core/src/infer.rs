@@ -136,7 +136,35 @@ impl OrtModel {
         n: usize,
         outputs: &[&str],
     ) -> Result<Vec<Tensor>> {
-        let s = self.contract.config.preprocess.image_size as usize;
+        let s = self.contract.config.preprocess.image_size;
+        self.run_outputs_at(pixels, n, s, outputs)
+    }
+
+    /// `run_outputs` for images of `size`×`size`: the model's input size, or any multiple of
+    /// its patch size when the model takes any (`ModelContract::any_input_size`).
+    pub fn run_outputs_at(
+        &mut self,
+        pixels: &[f32],
+        n: usize,
+        size: u32,
+        outputs: &[&str],
+    ) -> Result<Vec<Tensor>> {
+        let cfg = &self.contract.config;
+        if size != cfg.preprocess.image_size
+            && !(self.contract.any_input_size && size > 0 && size.is_multiple_of(cfg.patch_size))
+        {
+            return Err(Error::Shape(format!(
+                "{}: cannot run at {size}×{size}: the model takes {s}×{s}{}",
+                self.path.display(),
+                if self.contract.any_input_size {
+                    format!(" or a multiple of its patch size {}", cfg.patch_size)
+                } else {
+                    String::new()
+                },
+                s = cfg.preprocess.image_size
+            )));
+        }
+        let s = size as usize;
         let per = 3 * s * s;
         if pixels.len() != n * per {
             return Err(Error::Shape(format!(

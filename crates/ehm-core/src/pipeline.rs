@@ -6,7 +6,7 @@
 use crate::data::image_io::{has_image_extension, load_rgb};
 use crate::data::Preprocess;
 use crate::error::{Error, Result};
-use crate::infer::OrtModel;
+use crate::infer::{OrtModel, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
 use std::io::BufRead;
@@ -91,11 +91,39 @@ pub type View = [f32; 4];
 /// The whole image.
 pub const FULL: View = [0.0, 0.0, 1.0, 1.0];
 
+/// At what size a view other than the whole image is run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum ViewSize {
+    /// At the model's input size: a 60 % crop is upsampled to the full size.
+    #[default]
+    Input,
+    /// At the size the view has in the whole image at the model's input size, in whole
+    /// patches (`fit_size`): a 60 % crop of a 224² ViT-S/14 input runs at 140², ≈ 0.4 of the
+    /// work. Only models that take any input size (`ModelContract::any_input_size`) can.
+    Fit,
+}
+
+/// Fewest patches a side of a fitted view gets (smaller windows are upsampled to this).
+const FIT_MIN_PATCHES: f32 = 4.0;
+
+/// The side a view runs at under `ViewSize::Fit`: its geometric-mean side at the input size
+/// `image_size`, rounded to a multiple of `patch`, at least `FIT_MIN_PATCHES` patches and at
+/// most the input size.
+pub fn fit_size(v: &View, image_size: u32, patch: u32) -> u32 {
+    let side = (v[2] * v[3]).max(0.0).sqrt() * image_size as f32;
+    let patches = (side / patch as f32).round().max(FIT_MIN_PATCHES) as u32;
+    (patches * patch).min(image_size)
+}
+
 /// One decoded, preprocessed image.
 pub struct Prepared {
     pub path: PathBuf,
-    /// CHW fp32, `views × 3 × S × S` (one tensor per view, in `views` order).
+    /// CHW fp32, one `3 × S × S` tensor per view in `views` order (S: `sizes`).
     pub pixels: Vec<f32>,
+    /// The side S each view was prepared at (the model's input size unless `ViewSize::Fit`).
+    pub sizes: Vec<u32>,
     /// The views this image was run as: `RunOptions::views`, then its own extra windows.
     pub views: Vec<View>,
     /// `RunOptions::view_hash` of each view (empty when not asked for).
@@ -143,6 +171,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Also read the model's `patch_tokens` output (embed models that have it).
     pub patch_tokens: bool,
+    /// At what size views other than the whole image run. `Fit` needs a model that takes any
+    /// input size and is taken as `Input` with patch tokens (whose grid must be the model's).
+    pub view_size: ViewSize,
 }
 
 /// Run `paths` through `model`'s main output, calling `each` in input order. Returns the
@@ -178,6 +209,16 @@ where
         &o.views
     };
     let (extra, hash) = (o.extra_views, o.view_hash);
+    let fit = match o.view_size {
+        ViewSize::Fit if !model.contract.any_input_size => {
+            return Err(Error::bad_file(
+                &model.path,
+                "the model takes only its own input size, so views cannot run at a fitted size",
+            ))
+        }
+        ViewSize::Fit => (!o.patch_tokens).then_some(model.contract.config.patch_size),
+        ViewSize::Input => None,
+    };
     let mut failed = 0;
     std::thread::scope(|scope| -> Result<()> {
         let pre = &pre;
@@ -187,7 +228,7 @@ where
                     chunk
                         .par_iter()
                         .map(|p| {
-                            prepare(p, pre, keep, views, extra, hash)
+                            prepare(p, pre, keep, (views, extra, fit), hash)
                                 .map_err(|e| (p.clone(), e.to_string()))
                         })
                         .collect()
@@ -197,18 +238,12 @@ where
                 }
             }
         });
-        let len = pre.tensor_len();
         for items in rx.iter() {
             let ok: Vec<&Prepared> = items.iter().filter_map(|r| r.as_ref().ok()).collect();
-            let rows: usize = ok.iter().map(|p| p.views.len()).sum();
             let results = if ok.is_empty() {
                 vec![(vec![0], vec![]); outputs.len()]
             } else {
-                let mut px = Vec::with_capacity(rows * len);
-                for p in &ok {
-                    px.extend_from_slice(&p.pixels);
-                }
-                model.run_outputs(&px, rows, &outputs)?
+                run_by_size(model, &ok, &outputs)?
             };
             let (shape, values) = &results[0];
             let (tokens, per_view_tokens) = match results.get(1) {
@@ -248,12 +283,68 @@ where
     Ok(failed)
 }
 
+/// The rows of `ok` (every view of every image) through the model, one call per size; the
+/// outputs joined in row order.
+fn run_by_size(model: &mut OrtModel, ok: &[&Prepared], outputs: &[&str]) -> Result<Vec<Tensor>> {
+    let mut rows: Vec<(u32, &[f32])> = Vec::new();
+    for p in ok {
+        let mut at = 0;
+        for &s in &p.sizes {
+            let len = 3 * (s as usize).pow(2);
+            rows.push((s, &p.pixels[at..at + len]));
+            at += len;
+        }
+    }
+    let mut sizes: Vec<u32> = rows.iter().map(|r| r.0).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    sizes.dedup();
+    if let [s] = sizes[..] {
+        let px: Vec<f32> = rows.iter().flat_map(|r| r.1.iter().copied()).collect();
+        return model.run_outputs_at(&px, rows.len(), s, outputs);
+    }
+    // several sizes: each output row goes back to its place; rows must agree in shape
+    let mut joined: Vec<(Vec<usize>, Vec<Vec<f32>>)> =
+        vec![(Vec::new(), vec![Vec::new(); rows.len()]); outputs.len()];
+    for s in sizes {
+        let at: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].0 == s).collect();
+        let px: Vec<f32> = at.iter().flat_map(|&i| rows[i].1.iter().copied()).collect();
+        for ((shape, values), (joint, slots)) in model
+            .run_outputs_at(&px, at.len(), s, outputs)?
+            .into_iter()
+            .zip(&mut joined)
+        {
+            if !joint.is_empty() && joint[1..] != shape[1..] {
+                return Err(Error::Shape(format!(
+                    "{}: output rows of shape {:?} at {s}² but {:?} at another size",
+                    model.path.display(),
+                    &shape[1..],
+                    &joint[1..]
+                )));
+            }
+            *joint = shape.clone();
+            let row: usize = shape[1..].iter().product();
+            for (&i, v) in at.iter().zip(values.chunks(row.max(1))) {
+                slots[i] = v.to_vec();
+            }
+        }
+    }
+    Ok(joined
+        .into_iter()
+        .map(|(mut shape, slots)| {
+            shape[0] = slots.len();
+            (shape, slots.concat())
+        })
+        .collect())
+}
+
+/// What chooses an image's extra windows from its pixels (`RunOptions::extra_views`).
+type ViewFinder = fn(&RgbImage) -> Vec<View>;
+
 fn prepare(
     path: &std::path::Path,
     pre: &Preprocess,
     keep: bool,
-    views: &[View],
-    extra: Option<fn(&RgbImage) -> Vec<View>>,
+    (views, extra, fit): (&[View], Option<ViewFinder>, Option<u32>),
     hash: Option<fn(&RgbImage) -> u64>,
 ) -> Result<Prepared> {
     let img = load_rgb(path)?;
@@ -261,10 +352,16 @@ fn prepare(
     if let Some(f) = extra {
         views.extend(f(&img));
     }
-    let len = pre.tensor_len();
-    let mut pixels = vec![0f32; len * views.len()];
+    let sizes: Vec<u32> = views
+        .iter()
+        .map(|v| match fit {
+            Some(patch) if *v != FULL => fit_size(v, pre.image_size, patch),
+            _ => pre.image_size,
+        })
+        .collect();
+    let mut pixels = Vec::with_capacity(sizes.iter().map(|&s| 3 * (s as usize).pow(2)).sum());
     let mut hashes = Vec::new();
-    for (v, out) in views.iter().zip(pixels.chunks_mut(len)) {
+    for (v, &s) in views.iter().zip(&sizes) {
         let crop;
         let part = if *v == FULL {
             &img
@@ -272,12 +369,23 @@ fn prepare(
             crop = crop_view(&img, v);
             &crop
         };
-        pre.eval_into(part, out);
+        let at = pixels.len();
+        pixels.resize(at + 3 * (s as usize).pow(2), 0.0);
+        if s == pre.image_size {
+            pre.eval_into(part, &mut pixels[at..]);
+        } else {
+            let sized = Preprocess {
+                image_size: s,
+                ..pre.clone()
+            };
+            sized.eval_into(part, &mut pixels[at..]);
+        }
         hashes.extend(hash.map(|f| f(part)));
     }
     Ok(Prepared {
         path: path.to_path_buf(),
         pixels,
+        sizes,
         views,
         hashes,
         width: img.width(),
@@ -442,5 +550,16 @@ mod tests {
             bad[0].contains("nope.png") && bad[0].contains("no such"),
             "{bad:?}"
         );
+    }
+
+    #[test]
+    fn a_fitted_view_keeps_its_scale_in_whole_patches() {
+        // ViT-S/14 at 224²: a 60 % crop is 134 px wide in the full view → 10 patches
+        assert_eq!(fit_size(&[0.4, 0.4, 0.6, 0.6], 224, 14), 140);
+        assert_eq!(fit_size(&FULL, 224, 14), 224);
+        // a non-square window by its geometric-mean side; never below 4 patches
+        assert_eq!(fit_size(&[0.0, 0.0, 0.9, 0.1], 224, 14), 70);
+        assert_eq!(fit_size(&[0.0, 0.0, 0.05, 0.05], 224, 14), 56);
+        assert_eq!(fit_size(&[0.0, 0.0, 0.97, 0.99], 224, 16), 224);
     }
 }

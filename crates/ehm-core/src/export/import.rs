@@ -138,14 +138,15 @@ fn image_input(
 }
 
 /// Build the adopted model for `task` around the kept nodes; `tokens` = (count, width), the
-/// width −1 only for the probe build that finds it.
+/// width −1 only for the probe build that finds it, the count `None` for a model that takes
+/// any input size (its height and width are then left open too).
 #[allow(clippy::too_many_arguments)]
 fn assemble(
     src_model: &ModelProto,
     nodes: &[onnx::NodeProto],
     prefix: usize,
     task: Task,
-    tokens: (i64, i64),
+    tokens: (Option<i64>, i64),
     config: &ContractConfig,
     source: &Source,
     src: &Path,
@@ -254,7 +255,7 @@ fn assemble(
         .cloned()
         .chain(head.initializers)
         .collect();
-    let s = config.preprocess.image_size as i64;
+    let side = tokens.0.map(|_| config.preprocess.image_size as i64);
     Ok(ModelProto {
         ir_version: src_model.ir_version,
         producer_name: Some("ehm-export import".into()),
@@ -266,12 +267,56 @@ fn assemble(
             name: Some(format!("{}_{}", source.name, task.name())),
             node: nodes.iter().cloned().chain(head.nodes).collect(),
             initializer,
-            input: vec![value_info(INPUT, &[None, Some(3), Some(s), Some(s)])],
+            input: vec![value_info(INPUT, &[None, Some(3), side, side])],
             output: outputs,
             ..Default::default()
         }),
         ..Default::default()
     })
+}
+
+/// Whether the cut graph also runs at another multiple of the patch size and gives one token
+/// per patch there (a ViT that interpolates its position embedding to the input, as
+/// Hugging Face's DINOv2 does): then the adopted model leaves its input size open, and small
+/// crops can run at their own size (`pipeline::ViewSize::Fit`).
+fn takes_any_size(
+    model: &ModelProto,
+    nodes: &[onnx::NodeProto],
+    prefix: usize,
+    config: &ContractConfig,
+    source: &Source,
+    src: &Path,
+    width: i64,
+) -> Result<bool> {
+    let (size, patch) = (config.preprocess.image_size, config.patch_size);
+    let grid = size / patch;
+    let other = if grid > 2 { grid / 2 } else { grid + 1 };
+    let open = assemble(
+        model,
+        nodes,
+        prefix,
+        Task::Backbone,
+        (None, width),
+        config,
+        source,
+        src,
+    )?;
+    let Ok(mut session) = OrtModel::from_bytes(src, &open.encode_to_vec(), 1) else {
+        return Ok(false);
+    };
+    let s = (other * patch) as usize;
+    // a graph with a fixed position embedding fails here (shapes do not broadcast)
+    Ok(
+        match session.run_outputs_at(
+            &vec![0.0; 3 * s * s],
+            1,
+            s as u32,
+            &[Task::Backbone.output()],
+        ) {
+            Ok(out) => out[0].0 == [1, 1 + (other * other) as usize, width as usize],
+            Err(_) => false,
+        },
+    )
 }
 
 /// The cut tensor's name inside the adopted graph, and (when register tokens are dropped or
@@ -360,7 +405,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         &nodes,
         prefix,
         Task::Backbone,
-        (1 + grid * grid, -1),
+        (Some(1 + grid * grid), -1),
         &config,
         &source,
         src,
@@ -388,6 +433,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         )));
     }
     let width = shape[2] as i64;
+    let any_size = takes_any_size(&model, &nodes, prefix, &config, &source, src, width)?;
     config.embed_dim = width;
     config.embedding_dim = (opts.task == Task::Embed).then_some(2 * width);
     config.quantization = opts.int8.then(|| super::quantize::INT8_DYNAMIC.into());
@@ -396,7 +442,7 @@ pub fn import_onnx(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Expor
         &nodes,
         prefix,
         opts.task,
-        (1 + grid * grid, width),
+        ((!any_size).then_some(1 + grid * grid), width),
         &config,
         &source,
         src,

@@ -136,6 +136,8 @@ pub struct ExportSummary {
     pub opset: i64,
     /// Weight matrices stored as int8 (`--int8`); 0 for a float model.
     pub int8_matmuls: usize,
+    /// The model runs at any multiple of its patch size (`ModelContract::any_input_size`).
+    pub any_input_size: bool,
 }
 
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -258,10 +260,16 @@ fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
     let shape = TensorShapeProto {
         dim: dims
             .iter()
-            .map(|d| Dimension {
+            .enumerate()
+            .map(|(k, d)| Dimension {
                 value: Some(match d {
                     Some(v) => Dim::DimValue(*v),
-                    None => Dim::DimParam("batch".into()),
+                    None if k == 0 => Dim::DimParam("batch".into()),
+                    // an open image side, or token count (models that take any size)
+                    None if dims.len() == 4 && k >= 2 => {
+                        Dim::DimParam(["height", "width"][k - 2].into())
+                    }
+                    None => Dim::DimParam(format!("{name}_dim{k}")),
                 }),
                 ..Default::default()
             })
@@ -281,9 +289,14 @@ fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
 }
 
 /// `last_hidden_state` [N, tokens, d]: the tokens as they are.
-pub(crate) fn backbone_output(g: &mut Graph, x: &str, tokens: i64, d: i64) -> ValueInfoProto {
+pub(crate) fn backbone_output(
+    g: &mut Graph,
+    x: &str,
+    tokens: Option<i64>,
+    d: i64,
+) -> ValueInfoProto {
     g.op_named("Identity", &[x], vec![], "last_hidden_state");
-    value_info("last_hidden_state", &[None, Some(tokens), Some(d)])
+    value_info("last_hidden_state", &[None, tokens, Some(d)])
 }
 
 /// A reduction over `axes` in the form `opset` wants (attribute before opset 18, input after).
@@ -619,7 +632,7 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
                 None,
             )
         }
-        Task::Backbone => (vec![backbone_output(&mut g, &x, 1 + np, d)], None),
+        Task::Backbone => (vec![backbone_output(&mut g, &x, Some(1 + np), d)], None),
         Task::Embed => (embed_head(&mut g, &x, d, OPSET), Some(2 * d)),
     };
     let s = size as i64;
@@ -722,5 +735,7 @@ pub(crate) fn write_model(model: &ModelProto, task: Task, out: &Path) -> Result<
                 .filter(|n| n.op_type.as_deref() == Some("DynamicQuantizeMatMul"))
                 .count()
         }),
+        any_input_size: crate::contract::ModelContract::from_model(model)
+            .is_ok_and(|c| c.any_input_size),
     })
 }

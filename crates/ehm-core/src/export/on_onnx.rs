@@ -7,7 +7,7 @@
 use super::graph::{attr_ints, attr_string, Graph};
 use super::{value_info, write_model, ExportSummary};
 use crate::checkpoint::parse_f32_safetensors;
-use crate::contract::{contract_metadata, ModelContract, Source, Task, PATCH_TOKENS};
+use crate::contract::{contract_metadata, ModelContract, Source, Task, INPUT, PATCH_TOKENS};
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
 use crate::onnx::ModelProto;
@@ -171,6 +171,14 @@ pub fn segment_on_onnx(run: &Path, out: &Path) -> Result<ExportSummary> {
         Task::Segment.output(),
         &[None, Some(classes), Some(s), Some(s)],
     )];
+    // the head's token grid is the input size's: a backbone that took any size no longer does
+    for v in g
+        .input
+        .iter_mut()
+        .filter(|v| v.name.as_deref() == Some(INPUT))
+    {
+        *v = value_info(INPUT, &[None, Some(3), Some(s), Some(s)]);
+    }
     keep_only_what_outputs_need(g);
 
     let mut config = contract.config.clone();

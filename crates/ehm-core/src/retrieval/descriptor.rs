@@ -7,7 +7,7 @@ use crate::contract::Task;
 use crate::data::image_io::load_rgb;
 use crate::error::{Error, Result};
 use crate::infer::{OrtModel, Parallelism};
-use crate::pipeline::{self, crop_view, Item, RunOptions, View, FULL};
+use crate::pipeline::{self, crop_view, Item, RunOptions, View, ViewSize, FULL};
 use image::RgbImage;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -133,6 +133,8 @@ pub struct DescribeOptions {
     /// Also the patch tokens of every window (embed models with `patch_tokens`; for
     /// `verify`).
     pub patch_tokens: bool,
+    /// At what size windows other than the whole image run (pHash ignores it).
+    pub view_size: ViewSize,
     pub batch: usize,
     pub threads: usize,
     pub progress: bool,
@@ -202,6 +204,14 @@ impl Describer {
         })
     }
 
+    /// Whether the model runs at any multiple of its patch size (so windows can run at a
+    /// fitted size, `ViewSize::Fit`); false for pHash.
+    pub fn any_input_size(&self) -> bool {
+        self.model
+            .as_ref()
+            .is_some_and(|m| m.contract.any_input_size)
+    }
+
     pub fn phash() -> Self {
         Describer {
             kind: DescriptorKind::Phash,
@@ -239,6 +249,7 @@ impl Describer {
                     extra_views,
                     view_hash,
                     patch_tokens: o.patch_tokens,
+                    view_size: o.view_size,
                 };
                 pipeline::run(model, paths, &opts, |item| match item {
                     Item::Done {

@@ -19,7 +19,7 @@ use super::hnsw::{build_rows, HnswParams};
 use super::simd::dot;
 use crate::error::{Error, IoContext, Result};
 use crate::files::{sha256_file, write_atomic};
-use crate::pipeline::View;
+use crate::pipeline::{View, ViewSize};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,9 @@ pub struct IndexMeta {
     pub metric: String,
     pub regions: Regions,
     pub views: Vec<View>,
+    /// At what size the regional views were run (absent: `input`, as before it existed).
+    #[serde(default, skip_serializing_if = "is_input_size")]
+    pub view_size: ViewSize,
     pub hnsw: HnswParams,
     pub items: usize,
     pub deleted: usize,
@@ -61,6 +64,10 @@ pub struct IndexMeta {
     /// sha256 of this description written without the checksum (`describe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
+}
+
+fn is_input_size(v: &ViewSize) -> bool {
+    *v == ViewSize::Input
 }
 
 impl IndexMeta {

@@ -14,7 +14,7 @@ pub mod verify;
 
 use crate::error::{Error, Result};
 use crate::infer::Parallelism;
-use crate::pipeline::View;
+use crate::pipeline::{View, ViewSize};
 use descriptor::{views, Describer, DescriptorKind, Regions};
 use hnsw::HnswParams;
 use index::{Index, IndexMeta, ModelRef};
@@ -42,6 +42,7 @@ pub struct BuildOptions {
 pub struct AskedSettings {
     pub descriptor: Option<DescriptorKind>,
     pub regions: Option<Regions>,
+    pub view_size: Option<ViewSize>,
     pub m: Option<usize>,
     pub ef_construction: Option<usize>,
     pub ef_search: Option<usize>,
@@ -103,6 +104,10 @@ pub(crate) fn check_fixed_settings(meta: &IndexMeta, o: &BuildOptions, root: &Pa
         (
             "--regions",
             asked.regions.map(|r| (name(&r), name(&meta.regions))),
+        ),
+        (
+            "--view-size",
+            asked.view_size.map(|v| (name(&v), name(&meta.view_size))),
         ),
         (
             "--m",
@@ -223,9 +228,31 @@ pub(crate) fn plan_inputs(inputs: &[PathBuf], items: &[index::Item]) -> InputPla
     plan
 }
 
+/// How the images added to an index described by `meta` are described.
+pub(crate) fn indexing(meta: &IndexMeta, o: &BuildOptions) -> descriptor::DescribeOptions {
+    descriptor::DescribeOptions {
+        views: meta.views.clone(),
+        extra_views: descriptor::extra_views(meta.regions),
+        hashes: meta.descriptor == DescriptorKind::Embed,
+        patch_tokens: false,
+        view_size: meta.view_size,
+        batch: o.batch,
+        threads: o.threads,
+        progress: o.progress,
+    }
+}
+
 /// The description of a new, empty index (`format` names its storage) for `d`'s vectors.
-pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> IndexMeta {
-    IndexMeta {
+pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> Result<IndexMeta> {
+    if o.asked.view_size == Some(ViewSize::Fit) && !d.any_input_size() {
+        return Err(Error::Config(format!(
+            "--view-size fit: {} runs only at its own input size; use --view-size input",
+            d.model_path
+                .as_ref()
+                .map_or("pHash".into(), |p| p.display().to_string())
+        )));
+    }
+    Ok(IndexMeta {
         format: format.into(),
         descriptor: d.kind,
         model: d.model_sha256.as_ref().map(|sha| ModelRef {
@@ -237,6 +264,9 @@ pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> IndexMe
         metric: "dot".into(),
         regions: o.regions,
         views: views(o.regions),
+        // `fit` is asked for, not the default: 1.5× faster indexing with DINOv2-S, but the crop
+        // family loses 0.12 mAP (docs/benchmarks.md)
+        view_size: o.asked.view_size.unwrap_or(ViewSize::Input),
         hnsw: o.hnsw.clone(),
         items: 0,
         deleted: 0,
@@ -245,7 +275,7 @@ pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> IndexMe
         files: Default::default(),
         center: None,
         checksum: None,
-    }
+    })
 }
 
 pub fn add(
@@ -269,7 +299,7 @@ pub fn add(
         ix
     } else {
         o.hnsw.validate()?;
-        Index::empty(new_meta(index::FORMAT, d, o))
+        Index::empty(new_meta(index::FORMAT, d, o)?)
     };
     let InputPlan {
         todo,
@@ -283,15 +313,7 @@ pub fn add(
     let fresh_rows = ix.rows();
     let mut added = 0;
     let mut new_paths = std::collections::HashSet::new();
-    let how = descriptor::DescribeOptions {
-        views: view_list,
-        extra_views: descriptor::extra_views(ix.meta.regions),
-        hashes: ix.meta.descriptor == DescriptorKind::Embed,
-        patch_tokens: false,
-        batch: o.batch,
-        threads: o.threads,
-        progress: o.progress,
-    };
+    let how = indexing(&ix.meta, o);
     failed += d.describe(&todo, &how, |r| {
         if let Ok(desc) = r {
             let first = ix.rows();
@@ -781,6 +803,8 @@ pub fn run_queries(
         extra_views: descriptor::extra_views(o.regions),
         hashes: o.exact_copies && ix.meta.descriptor == DescriptorKind::Embed,
         patch_tokens: grid.is_some(),
+        // the query's windows at full size (their patch tokens are verified on the full grid)
+        view_size: ViewSize::Input,
         batch: QUERY_BATCH,
         threads: o.threads,
         progress: false,
@@ -927,6 +951,7 @@ fn candidate_tokens(
         extra_views: None,
         hashes: false,
         patch_tokens: true,
+        view_size: ViewSize::Input,
         batch: QUERY_BATCH,
         threads,
         progress: false,
@@ -1058,6 +1083,7 @@ mod tests {
             metric: "dot".into(),
             regions: Regions::None,
             views: views(Regions::None),
+            view_size: ViewSize::Input,
             hnsw: HnswParams {
                 m: 8,
                 ef_construction: 64,

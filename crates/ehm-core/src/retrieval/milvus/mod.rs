@@ -644,7 +644,7 @@ pub fn add(
     }
     let mut meta = match &loaded {
         Some(l) => l.meta.clone(),
-        None => super::new_meta(FORMAT, d, o),
+        None => super::new_meta(FORMAT, d, o)?,
     };
     let items = loaded.as_ref().map(|l| l.items.clone()).unwrap_or_default();
     let super::InputPlan {
@@ -656,15 +656,7 @@ pub fn add(
     } = super::plan_inputs(inputs, &items);
     let nv = meta.views.len();
     let dim = meta.dim;
-    let how = super::descriptor::DescribeOptions {
-        views: meta.views.clone(),
-        extra_views: super::descriptor::extra_views(meta.regions),
-        hashes: meta.descriptor == DescriptorKind::Embed,
-        patch_tokens: false,
-        batch: o.batch,
-        threads: o.threads,
-        progress: o.progress,
-    };
+    let how = super::indexing(&meta, o);
     let mut pending: Vec<Pending> = Vec::new();
     failed += d.describe(&todo, &how, |r| {
         if let Ok(desc) = r {
