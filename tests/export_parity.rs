@@ -27,11 +27,8 @@ fn onnx_matches_tch_for_backbone_and_embed() {
     let d = tempfile::tempdir().unwrap();
     let run = common::pretrained_micro(d.path());
     // tch model from the same checkpoint
-    let CheckpointConfig {
-        vit,
-        preprocess: pre,
-        ..
-    } = CheckpointConfig::read(&run).unwrap();
+    let c = CheckpointConfig::read(&run).unwrap().config;
+    let (vit, pre) = (c.model, c.preprocess);
     let vs = nn::VarStore::new(Device::Cpu);
     let enc = ehm::model::Encoder::new(&vs.root(), &vit);
     let (tensors, _) =
@@ -177,7 +174,7 @@ fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
     let d = tempfile::tempdir().unwrap();
     let run = common::pretrained_micro(d.path());
     let fm = data::fashion_mnist(&data::fashion_mnist_dir(), "test").unwrap();
-    let pre = CheckpointConfig::read(&run).unwrap().preprocess;
+    let pre = CheckpointConfig::read(&run).unwrap().config.preprocess;
     let mut x = Vec::new();
     for i in 0..4 {
         x.extend(pre.eval(&fm.image(i * 31).unwrap()));
@@ -252,7 +249,7 @@ fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
     let c = ModelContract::read(&file).unwrap();
     assert_eq!(c.config.preprocess.image_size, 24);
     // tch reference: the same weights, pos_embed resized by PyTorch's own bicubic upsampling
-    let mut vit = CheckpointConfig::read(&run).unwrap().vit;
+    let mut vit = CheckpointConfig::read(&run).unwrap().config.model;
     let (g0, dim) = (vit.grid() as i64, vit.embed_dim);
     vit.image_size = 24;
     let g1 = vit.grid() as i64;
@@ -360,7 +357,11 @@ fn probe_head_learns_and_exports_as_a_classifier() {
     let file8 = d.path().join("cls8.onnx");
     let o = common::export_onnx(&probe_dir, "classify", &["--int8"], &file8);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let depth = CheckpointConfig::read(&probe_dir).unwrap().vit.depth as usize;
+    let depth = CheckpointConfig::read(&probe_dir)
+        .unwrap()
+        .config
+        .model
+        .depth as usize;
     assert!(
         String::from_utf8_lossy(&o.stdout).contains(&format!("{} weight matrices int8", 4 * depth)),
         "{}",
@@ -641,11 +642,8 @@ fn int8_export_is_small_close_to_fp32_and_batch_independent() {
     use prost::Message;
     let d = tempfile::tempdir().unwrap();
     let run = common::pretrained_micro(d.path());
-    let CheckpointConfig {
-        vit,
-        preprocess: pre,
-        ..
-    } = CheckpointConfig::read(&run).unwrap();
+    let c = CheckpointConfig::read(&run).unwrap().config;
+    let (vit, pre) = (c.model, c.preprocess);
     let (fp32, int8) = (d.path().join("fp32.onnx"), d.path().join("int8.onnx"));
     assert!(export(&run, "embed", &fp32).status.success());
     let o = common::export_onnx(&run, "embed", &["--int8"], &int8);

@@ -350,20 +350,23 @@ fn save_all(
         &engine.named_weights(),
         meta,
     )?;
-    let cfg = serde_json::json!({
-        "architecture": run.model.arch,
-        "model": run.model,
-        "preprocess": run.preprocess,
-        "pretrain": run.pretrain,
-        "name": run.name,
-        "step": step,
-        "total_steps": total,
-        "timm_model": format!("{}_patch{}_{}", run.model.arch, run.model.patch_size, run.model.image_size),
-    });
-    write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
-    )
+    crate::checkpoint::RunFolderConfig {
+        model: run.model.clone(),
+        preprocess: run.preprocess.clone(),
+        name: run.name.clone(),
+        architecture: Some(run.model.arch.clone()),
+        timm_model: Some(format!(
+            "{}_patch{}_{}",
+            run.model.arch, run.model.patch_size, run.model.image_size
+        )),
+        pretrain: serde_json::to_value(&run.pretrain).expect("serialisable"),
+        step: Some(step),
+        total_steps: Some(total),
+        labels: Vec::new(),
+        head: None,
+        other: Default::default(),
+    }
+    .write(out)
 }
 
 /// Load resume state; returns the step to continue from.

@@ -107,7 +107,7 @@ pub struct Backbone {
     pub encoder: Encoder,
     pub vit: VitConfig,
     pub preprocess: Preprocess,
-    pub config: serde_json::Value,
+    pub config: crate::checkpoint::RunFolderConfig,
     pub tensors: HashMap<String, Tensor>,
     pub dir: PathBuf,
 }
@@ -117,7 +117,8 @@ impl Backbone {
         let cfg = crate::checkpoint::CheckpointConfig::read(path)?;
         let file = cfg.weights.clone();
         let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let (vit, preprocess, config) = (cfg.vit, cfg.preprocess, cfg.json);
+        let config = cfg.config;
+        let (vit, preprocess) = (config.model.clone(), config.preprocess.clone());
         let vs = nn::VarStore::new(device);
         let encoder = Encoder::new(&vs.root(), &vit);
         let (tensors, _) = load_tensors(&file)?;
@@ -251,12 +252,13 @@ pub fn probe(o: &ProbeOptions) -> Result<ProbeReport> {
         HashMap::new(),
     )?;
     let mut cfg = bb.config.clone();
-    cfg["labels"] = serde_json::json!(classes);
-    cfg["head"] = serde_json::json!({"kind": "linear_probe", "pool": o.pool, "train": o.train, "epochs": o.epochs, "top1": ev.top1});
-    write_atomic(
-        &o.out.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
-    )?;
+    cfg.labels = classes.clone();
+    cfg.head = Some(crate::checkpoint::HeadRecord::from_json(
+        serde_json::json!({
+        "kind": "linear_probe", "pool": o.pool, "train": o.train, "epochs": o.epochs,
+        "top1": ev.top1}),
+    ));
+    cfg.write(&o.out)?;
     let (csv, png) = ev.write_confusion(&o.out, &classes)?;
     let report = ProbeReport {
         top1: ev.top1,

@@ -325,19 +325,17 @@ pub fn segment_onnx(o: &SegmentOptions) -> Result<SegmentReport> {
 
     let ckpt = o.out.join("checkpoint.safetensors");
     save_tensors(&ckpt, &flat.named_weights(&vs), HashMap::new())?;
-    let config = serde_json::json!({
-        "task": "segment",
-        "backbone_onnx": std::path::absolute(&o.checkpoint).unwrap_or(o.checkpoint.clone()),
-        "backbone_sha256": sha,
-        "preprocess": pre,
-        "labels": classes,
-        "head": {"kind": "segment", "data": o.data, "frozen_backbone": true, "recipe": r,
-                 "miou": scores.miou},
-    });
-    write_atomic(
-        &o.out.join("config.json"),
-        serde_json::to_string_pretty(&config).unwrap().as_bytes(),
-    )?;
+    crate::checkpoint::OnnxHeadConfig {
+        task: "segment".into(),
+        backbone_onnx: std::path::absolute(&o.checkpoint).unwrap_or(o.checkpoint.clone()),
+        backbone_sha256: sha.clone(),
+        preprocess: pre.clone(),
+        labels: classes.clone(),
+        head: crate::checkpoint::HeadRecord::from_json(serde_json::json!({
+            "kind": "segment", "data": o.data, "frozen_backbone": true, "recipe": r,
+            "miou": scores.miou})),
+    }
+    .write(&o.out)?;
     let png = o.out.join("predictions.png");
     write_png_atomic(&png, &predictions_sheet(&val, &preds, o.sheet, &classes))?;
     let report = SegmentReport {

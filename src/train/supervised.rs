@@ -66,7 +66,7 @@ pub fn layer_scale(name: &str, depth: usize, decay: f64) -> f64 {
 pub struct BackboneWeights {
     pub vit: VitConfig,
     pub preprocess: Preprocess,
-    pub config: serde_json::Value,
+    pub config: crate::checkpoint::RunFolderConfig,
     /// Encoder tensors only (no decoder, no heads), pos-embeds resized to `vit.image_size`.
     pub tensors: HashMap<String, Tensor>,
     pub path: PathBuf,
@@ -83,7 +83,7 @@ impl BackboneWeights {
                 || k.starts_with("head.")
                 || k.starts_with("seg_head."))
         });
-        let (mut vit, mut preprocess) = (cfg.vit, cfg.preprocess);
+        let (mut vit, mut preprocess) = (cfg.vit().clone(), cfg.preprocess().clone());
         if let Some(size) = image_size.filter(|&s| s != vit.image_size) {
             if size % vit.patch_size != 0 {
                 return Err(Error::Config(format!(
@@ -119,7 +119,7 @@ impl BackboneWeights {
         Ok(BackboneWeights {
             vit,
             preprocess,
-            config: cfg.json,
+            config: cfg.config,
             tensors,
             path: cfg.weights,
         })
@@ -173,14 +173,11 @@ pub fn write_head_checkpoint(
     let ckpt = out.join("checkpoint.safetensors");
     save_tensors(&ckpt, &flat.named_weights(vs), HashMap::new())?;
     let mut cfg = bb.config.clone();
-    cfg["model"] = serde_json::to_value(&bb.vit).unwrap();
-    cfg["preprocess"] = serde_json::to_value(pre).unwrap();
-    cfg["labels"] = serde_json::json!(classes);
-    cfg["head"] = head;
-    crate::files::write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
-    )?;
+    cfg.model = bb.vit.clone();
+    cfg.preprocess = pre.clone();
+    cfg.labels = classes.to_vec();
+    cfg.head = Some(crate::checkpoint::HeadRecord::from_json(head));
+    cfg.write(out)?;
     Ok(ckpt)
 }
 

@@ -45,20 +45,19 @@ impl Checkpoint {
         let file = cfg.weights.clone();
         let bytes = std::fs::read(&file).at(&file)?;
         let (tensors, _) = parse_f32_safetensors(&bytes, &file)?;
-        let labels = cfg.labels();
         use sha2::Digest;
         let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
-        let cfg_json = cfg.json;
+        let c = cfg.config;
         Ok(Checkpoint {
             path: file,
             tensors,
-            name: cfg_json["name"].as_str().unwrap_or("").to_string(),
-            training: serde_json::json!({"pretrain": cfg_json["pretrain"], "step": cfg_json["step"]}),
-            vit: cfg.vit,
-            preprocess: cfg.preprocess,
-            labels,
+            name: c.name,
+            training: serde_json::json!({"pretrain": c.pretrain, "step": c.step}),
+            vit: c.model,
+            preprocess: c.preprocess,
+            labels: c.labels,
             sha256,
-            head_pool: cfg_json["head"]["pool"].as_str().map(String::from),
+            head_pool: c.head.and_then(|h| h.pool),
         })
     }
 

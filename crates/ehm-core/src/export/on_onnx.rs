@@ -6,9 +6,8 @@
 //! without its class token, or `patch_tokens`).
 use super::graph::{attr_ints, attr_string, Graph};
 use super::{value_info, write_model, ExportSummary};
-use crate::checkpoint::parse_f32_safetensors;
+use crate::checkpoint::{parse_f32_safetensors, OnnxHeadConfig};
 use crate::contract::{contract_metadata, ModelContract, Source, Task, INPUT, PATCH_TOKENS};
-use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
 use crate::onnx::ModelProto;
 use prost::Message;
@@ -18,13 +17,8 @@ use std::path::{Path, PathBuf};
 /// The ONNX model a run folder's head was trained on, if it was (`config.json`'s
 /// `backbone_onnx`); `path` is the run folder or its checkpoint.
 pub fn backbone_of(path: &Path) -> Option<PathBuf> {
-    let cfg = if path.is_dir() {
-        path.join("config.json")
-    } else {
-        path.with_file_name("config.json")
-    };
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(cfg).ok()?).ok()?;
-    v.get("backbone_onnx")?.as_str().map(PathBuf::from)
+    let dir = if path.is_dir() { path } else { path.parent()? };
+    OnnxHeadConfig::find(dir).map(|c| c.backbone_onnx)
 }
 
 /// `run` (a segment run on an ONNX backbone) → a `segment` model at `out`.
@@ -35,19 +29,9 @@ pub fn segment_on_onnx(run: &Path, out: &Path) -> Result<ExportSummary> {
         run.parent().map(Path::to_path_buf).unwrap_or_default()
     };
     let (cfg_path, ckpt) = (dir.join("config.json"), dir.join("checkpoint.safetensors"));
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&cfg_path).at(&cfg_path)?)
-            .map_err(|e| Error::bad_file(&cfg_path, format!("not JSON ({e})")))?;
-    let field = |k: &str| {
-        cfg.get(k)
-            .ok_or_else(|| Error::bad_file(&cfg_path, format!("missing '{k}'")))
-    };
-    let src = PathBuf::from(field("backbone_onnx")?.as_str().unwrap_or_default());
-    let want_sha = field("backbone_sha256")?.as_str().unwrap_or_default();
-    let labels: Vec<String> = serde_json::from_value(field("labels")?.clone())
-        .map_err(|e| Error::bad_file(&cfg_path, format!("labels: {e}")))?;
-    let pre: Preprocess = serde_json::from_value(field("preprocess")?.clone())
-        .map_err(|e| Error::bad_file(&cfg_path, format!("preprocess: {e}")))?;
+    let cfg = OnnxHeadConfig::read(&dir)?;
+    let (src, want_sha) = (cfg.backbone_onnx.clone(), cfg.backbone_sha256.as_str());
+    let (labels, pre) = (cfg.labels.clone(), cfg.preprocess.clone());
     crate::files::refuse_overwriting_inputs(out, &[&ckpt, &cfg_path, &src])?;
 
     let bytes = std::fs::read(&src).map_err(|e| {
@@ -194,7 +178,7 @@ pub fn segment_on_onnx(run: &Path, out: &Path) -> Result<ExportSummary> {
             .as_ref()
             .map_or(String::new(), |s| s.name.clone()),
         training: serde_json::json!({"backbone_onnx": src, "backbone_sha256": sha,
-            "head": cfg.get("head")}),
+            "head": cfg.head}),
     };
     model.metadata_props = contract_metadata(Task::Segment, &config, &labels, &source);
     write_model(&model, Task::Segment, out)
