@@ -333,6 +333,17 @@ fn probe_head_learns_and_exports_as_a_classifier() {
     );
     let (tensors, _) =
         ehm::train::checkpoint::load_tensors(&probe_dir.join("checkpoint.safetensors")).unwrap();
+    // the encoder and the head only: no MAE decoder, one head.weight
+    assert!(
+        tensors.contains_key("head.weight") && tensors.contains_key("blocks.0.attn.qkv.weight")
+    );
+    assert!(
+        !tensors
+            .keys()
+            .any(|k| k.starts_with("decoder") || k == "mask_token"),
+        "{:?}",
+        tensors.keys().collect::<Vec<_>>()
+    );
     let bb = ehm::train::probe::Backbone::open(&probe_dir, Device::Cpu).unwrap();
     tch::manual_seed(9);
     let x = Tensor::randn([3, 3, 16, 16], (Kind::Float, Device::Cpu));

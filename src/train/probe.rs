@@ -2,7 +2,7 @@
 //! affine before a linear layer), on features extracted once. The result is a checkpoint with
 //! a timm-named classifier `head.{weight,bias}` (the BatchNorm folded in), class names and
 //! the pooling rule, which `ehm-export onnx --task classify` turns into a classifier.
-use super::checkpoint::{load_into_varstore, load_tensors, save_tensors};
+use super::checkpoint::{load_into_varstore, save_tensors};
 use super::features::{knn_top1, pooled_features, Labelled, TEST_SUBSET_SEED, TRAIN_SUBSET_SEED};
 pub use super::features::{pool_tokens, Pool};
 use crate::config::VitConfig;
@@ -101,36 +101,34 @@ impl Evaluation {
     }
 }
 
-/// A backbone loaded from a checkpoint folder (or its .safetensors).
+/// A backbone loaded from a checkpoint folder (or its .safetensors) into an encoder on
+/// `device`: the checkpoint's encoder as `supervised::BackboneWeights` reads it (no MAE decoder,
+/// no old head).
 pub struct Backbone {
     pub vs: nn::VarStore,
     pub encoder: Encoder,
     pub vit: VitConfig,
     pub preprocess: Preprocess,
     pub config: crate::checkpoint::RunFolderConfig,
+    /// The encoder's tensors (CPU), for the probe's own checkpoint.
     pub tensors: HashMap<String, Tensor>,
     pub dir: PathBuf,
 }
 
 impl Backbone {
     pub fn open(path: &Path, device: Device) -> Result<Self> {
-        let cfg = crate::checkpoint::CheckpointConfig::read(path)?;
-        let file = cfg.weights.clone();
-        let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let config = cfg.config;
-        let (vit, preprocess) = (config.model.clone(), config.preprocess.clone());
+        let w = super::supervised::BackboneWeights::open(path, None)?;
         let vs = nn::VarStore::new(device);
-        let encoder = Encoder::new(&vs.root(), &vit);
-        let (tensors, _) = load_tensors(&file)?;
-        load_into_varstore(&vs, &tensors, &file, &[])?;
+        let encoder = Encoder::new(&vs.root(), &w.vit);
+        load_into_varstore(&vs, &w.tensors, &w.path, &[])?;
         Ok(Backbone {
             vs,
             encoder,
-            vit,
-            preprocess,
-            config,
-            tensors,
-            dir,
+            dir: w.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            vit: w.vit,
+            preprocess: w.preprocess,
+            config: w.config,
+            tensors: w.tensors,
         })
     }
 
