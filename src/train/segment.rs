@@ -385,29 +385,54 @@ pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
         serde_json::json!({"kind": "segment", "data": o.data, "frozen_backbone": o.freeze_backbone,
         "recipe": r, "miou": scores.miou}),
     )?;
-    let png = o.out.join("predictions.png");
-    write_png_atomic(&png, &predictions_sheet(&val, &preds, o.sheet, &classes))?;
-    let report = SegmentReport {
-        miou: scores.miou,
-        pixel_accuracy: scores.pixel_accuracy,
-        per_class_iou: classes.iter().cloned().zip(scores.per_class_iou).collect(),
-        train_images: train.images.len(),
-        val_images: val.images.len(),
-        image_size: pre.image_size,
-        epochs: r.epochs,
-        steps: total,
-        frozen_backbone: o.freeze_backbone,
-        resumed_from: (start > 0).then_some(start),
-        first_epoch_loss: log.first,
-        last_epoch_loss: log.last,
-        checkpoint: ckpt,
-        predictions_png: png,
-    };
-    write_atomic(
-        &o.out.join("segment.json"),
-        serde_json::to_string_pretty(&report).unwrap().as_bytes(),
-    )?;
-    Ok(report)
+    SegmentReport::write(
+        o,
+        (train.images.len(), &val, &preds),
+        &classes,
+        scores,
+        (&log, start),
+        pre.image_size,
+        ckpt,
+    )
+}
+
+impl SegmentReport {
+    /// Close a run whose training loop `log` started at step `start`: the first `o.sheet`
+    /// validation predictions drawn into `predictions.png`, the report written as
+    /// `segment.json` (both atomically) and returned.
+    pub(super) fn write(
+        o: &SegmentOptions,
+        (train_images, val, preds): (usize, &SegSplit, &[GrayImage]),
+        classes: &[String],
+        scores: SegScores,
+        (log, start): (&supervised::TrainingLoop, u64),
+        image_size: u32,
+        checkpoint: PathBuf,
+    ) -> Result<Self> {
+        let png = o.out.join("predictions.png");
+        write_png_atomic(&png, &predictions_sheet(val, preds, o.sheet, classes))?;
+        let report = SegmentReport {
+            miou: scores.miou,
+            pixel_accuracy: scores.pixel_accuracy,
+            per_class_iou: classes.iter().cloned().zip(scores.per_class_iou).collect(),
+            train_images,
+            val_images: val.images.len(),
+            image_size,
+            epochs: log.recipe.epochs,
+            steps: log.total,
+            frozen_backbone: o.freeze_backbone,
+            resumed_from: (start > 0).then_some(start),
+            first_epoch_loss: log.first,
+            last_epoch_loss: log.last,
+            checkpoint,
+            predictions_png: png,
+        };
+        write_atomic(
+            &o.out.join("segment.json"),
+            serde_json::to_string_pretty(&report).unwrap().as_bytes(),
+        )?;
+        Ok(report)
+    }
 }
 
 #[cfg(test)]

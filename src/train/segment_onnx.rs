@@ -13,9 +13,7 @@
 //! (`export::segment_on_onnx`), so `ehm-segment` computes what the evaluation here computed.
 use super::checkpoint::{load_tensors, save_tensors};
 use super::optim::FlatParams;
-use super::segment::{
-    mask_crop, predictions_sheet, SegSplit, SegmentOptions, SegmentReport, IGNORE,
-};
+use super::segment::{mask_crop, SegSplit, SegmentOptions, SegmentReport, IGNORE};
 use super::supervised::{self, Recipe};
 use crate::contract::{ModelContract, Task, PATCH_TOKENS};
 use crate::data::preprocess::{Crop, ResizeRule};
@@ -23,7 +21,6 @@ use crate::data::segdata::read_classes;
 use crate::data::Preprocess;
 use crate::error::{Error, IoContext, Result};
 use crate::eval::SegMeter;
-use crate::files::{write_atomic, write_png_atomic};
 use crate::infer::OrtModel;
 use image::GrayImage;
 use rand::{Rng, SeedableRng};
@@ -336,27 +333,13 @@ pub fn segment_onnx(o: &SegmentOptions) -> Result<SegmentReport> {
             "miou": scores.miou})),
     }
     .write(&o.out)?;
-    let png = o.out.join("predictions.png");
-    write_png_atomic(&png, &predictions_sheet(&val, &preds, o.sheet, &classes))?;
-    let report = SegmentReport {
-        miou: scores.miou,
-        pixel_accuracy: scores.pixel_accuracy,
-        per_class_iou: classes.iter().cloned().zip(scores.per_class_iou).collect(),
-        train_images: train.images.len(),
-        val_images: val.images.len(),
-        image_size: pre.image_size,
-        epochs: r.epochs,
-        steps: total,
-        frozen_backbone: true,
-        resumed_from: (start > 0).then_some(start),
-        first_epoch_loss: log.first,
-        last_epoch_loss: log.last,
-        checkpoint: ckpt,
-        predictions_png: png,
-    };
-    write_atomic(
-        &o.out.join("segment.json"),
-        serde_json::to_string_pretty(&report).unwrap().as_bytes(),
-    )?;
-    Ok(report)
+    SegmentReport::write(
+        o,
+        (train.images.len(), &val, &preds),
+        &classes,
+        scores,
+        (&log, start),
+        pre.image_size,
+        ckpt,
+    )
 }
