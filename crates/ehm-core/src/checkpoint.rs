@@ -92,13 +92,18 @@ impl HeadRecord {
 impl RunFolderConfig {
     /// Write it as `dir/config.json` (atomically).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::files::write_atomic(
-            &dir.join("config.json"),
-            serde_json::to_string_pretty(self)
-                .expect("serialisable")
-                .as_bytes(),
-        )
+        write_config(dir, self)
     }
+}
+
+/// `dir/config.json`, pretty-printed, written atomically.
+fn write_config(dir: &Path, config: &impl Serialize) -> Result<()> {
+    crate::files::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(config)
+            .expect("serialisable")
+            .as_bytes(),
+    )
 }
 
 /// `config.json` of a head trained on the frozen tokens of an ONNX model (`ehm-train segment
@@ -133,12 +138,7 @@ impl OnnxHeadConfig {
 
     /// Write it as `dir/config.json` (atomically).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        crate::files::write_atomic(
-            &dir.join("config.json"),
-            serde_json::to_string_pretty(self)
-                .expect("serialisable")
-                .as_bytes(),
-        )
+        write_config(dir, self)
     }
 }
 
