@@ -229,6 +229,19 @@ pub fn evaluate(
     Ok((meter.scores(), preds))
 }
 
+/// The training loss of a segmentation head: per-pixel cross-entropy of `logits` [B, C, H, W]
+/// against `target` [B, H, W], ignoring `IGNORE` (object borders), with the recipe's label
+/// smoothing.
+pub(super) fn pixel_loss(logits: &Tensor, target: &Tensor, r: &Recipe) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(
+        target,
+        None,
+        tch::Reduction::Mean,
+        IGNORE as i64,
+        r.label_smoothing,
+    )
+}
+
 /// Rows of image | truth | prediction for the first `n` val images.
 pub(super) fn predictions_sheet(
     val: &SegSplit,
@@ -361,13 +374,7 @@ pub fn segment(o: &SegmentOptions) -> Result<SegmentReport> {
             .to_kind(Kind::Int64)
             .to_device(device);
         let logits = model.logits(&imgs, r.drop_path, o.freeze_backbone);
-        let loss = logits.cross_entropy_loss::<Tensor>(
-            &target,
-            None,
-            tch::Reduction::Mean,
-            IGNORE as i64,
-            r.label_smoothing,
-        );
+        let loss = pixel_loss(&logits, &target, r);
         let lv = log.step(&mut flat, &loss, step)?;
         bar.set_position(step + 1);
         bar.set_message(format!("loss {lv:.4}"));

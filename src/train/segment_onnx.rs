@@ -13,7 +13,7 @@
 //! (`export::segment_on_onnx`), so `ehm-segment` computes what the evaluation here computed.
 use super::checkpoint::{load_tensors, save_tensors};
 use super::optim::FlatParams;
-use super::segment::{mask_crop, SegSplit, SegmentOptions, SegmentReport, IGNORE};
+use super::segment::{mask_crop, pixel_loss, SegSplit, SegmentOptions, SegmentReport, IGNORE};
 use super::supervised::{self, Recipe};
 use crate::contract::{ModelContract, Task, PATCH_TOKENS};
 use crate::data::preprocess::{Crop, ResizeRule};
@@ -287,13 +287,7 @@ pub fn segment_onnx(o: &SegmentOptions) -> Result<SegmentReport> {
         let idx: Vec<i64> = (0..batch).map(|_| rng.random_range(0..n)).collect();
         let idx = Tensor::from_slice(&idx).to_device(device);
         let logits = head_logits(&head, &tr_tokens.index_select(0, &idx), loss_size as i64);
-        let loss = logits.cross_entropy_loss::<Tensor>(
-            &tr_targets.index_select(0, &idx),
-            None,
-            tch::Reduction::Mean,
-            IGNORE as i64,
-            r.label_smoothing,
-        );
+        let loss = pixel_loss(&logits, &tr_targets.index_select(0, &idx), r);
         let lv = log.step(&mut flat, &loss, step)?;
         bar.set_position(step + 1);
         bar.set_message(format!("loss {lv:.4}"));

@@ -163,7 +163,7 @@ pub struct RunOptions {
     pub views: Vec<View>,
     /// More views chosen per image from its pixels (e.g. the rectangles a collage is made
     /// of), after `views`; the model runs them in the same batch.
-    pub extra_views: Option<fn(&RgbImage) -> Vec<View>>,
+    pub extra_views: Option<ViewFinder>,
     /// A 64-bit fingerprint of each view's pixels (e.g. pHash), computed while the decoded
     /// image is at hand.
     pub view_hash: Option<fn(&RgbImage) -> u64>,
@@ -338,7 +338,7 @@ fn run_by_size(model: &mut OrtModel, ok: &[&Prepared], outputs: &[&str]) -> Resu
 }
 
 /// What chooses an image's extra windows from its pixels (`RunOptions::extra_views`).
-type ViewFinder = fn(&RgbImage) -> Vec<View>;
+pub type ViewFinder = fn(&RgbImage) -> Vec<View>;
 
 fn prepare(
     path: &std::path::Path,

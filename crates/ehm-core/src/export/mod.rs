@@ -287,6 +287,30 @@ fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
     }
 }
 
+/// `seg_logits` [N, classes, grid·p, grid·p] from per-patch class scores `l` [N, grid², classes]:
+/// the scores laid out on the patch grid, resized bilinearly (half-pixel) to the input size.
+/// Shared by our export and a head appended to an ONNX backbone (`on_onnx`).
+pub(crate) fn class_maps(g: &mut Graph, l: &str, classes: i64, grid: i64, p: i64) {
+    let l = g.op(
+        "Transpose",
+        &[l],
+        vec![attr_ints("perm", &[0, 2, 1])],
+        "seg_head",
+    );
+    let shape = g.init_i64("seg_head.grid_shape", &[4], &[0, classes, grid, grid]);
+    let l = g.op("Reshape", &[&l, &shape], vec![], "seg_head");
+    let scales = g.init_f32("seg_head.scales", &[4], &[1.0, 1.0, p as f32, p as f32]);
+    g.op_named(
+        "Resize",
+        &[&l, "", &scales],
+        vec![
+            attr_string("mode", "linear"),
+            attr_string("coordinate_transformation_mode", "half_pixel"),
+        ],
+        Task::Segment.output(),
+    );
+}
+
 /// `last_hidden_state` [N, tokens, d]: the tokens as they are.
 pub(crate) fn backbone_output(
     g: &mut Graph,
@@ -604,24 +628,7 @@ pub fn build_model(ck: &Checkpoint, task: Task, opts: &ExportOptions) -> Result<
             let axes = g.init_i64("const.axis1", &[1], &[1]);
             let pt = g.op("Slice", &[&x, &starts, &ends, &axes], vec![], "seg_head");
             let l = linear(&mut g, ck, &pt, "seg_head", d, classes)?;
-            let l = g.op(
-                "Transpose",
-                &[&l],
-                vec![attr_ints("perm", &[0, 2, 1])],
-                "seg_head",
-            );
-            let grid = g.init_i64("seg_head.grid_shape", &[4], &[0, classes, gsz, gsz]);
-            let l = g.op("Reshape", &[&l, &grid], vec![], "seg_head");
-            let scales = g.init_f32("seg_head.scales", &[4], &[1.0, 1.0, p as f32, p as f32]);
-            g.op_named(
-                "Resize",
-                &[&l, "", &scales],
-                vec![
-                    attr_string("mode", "linear"),
-                    attr_string("coordinate_transformation_mode", "half_pixel"),
-                ],
-                "seg_logits",
-            );
+            class_maps(&mut g, &l, classes, gsz, p);
             let s = size as i64;
             (
                 vec![value_info(

@@ -4,7 +4,7 @@
 //! the tch segment export writes (class logits per patch token → `[N, C, g, g]` → bilinear,
 //! half-pixel, to the input size), read from the model's patch tokens (`last_hidden_state`
 //! without its class token, or `patch_tokens`).
-use super::graph::{attr_ints, attr_string, Graph};
+use super::graph::Graph;
 use super::{value_info, write_model, ExportSummary};
 use crate::checkpoint::{parse_f32_safetensors, OnnxHeadConfig};
 use crate::contract::{contract_metadata, ModelContract, Source, Task, INPUT, PATCH_TOKENS};
@@ -108,24 +108,7 @@ pub fn segment_on_onnx(run: &Path, out: &Path) -> Result<ExportSummary> {
     let bias = h.init_f32("seg_head.bias", &[classes], b);
     let l = h.op("MatMul", &[&x, &wt], vec![], "seg_head");
     let l = h.op("Add", &[&l, &bias], vec![], "seg_head");
-    let l = h.op(
-        "Transpose",
-        &[&l],
-        vec![attr_ints("perm", &[0, 2, 1])],
-        "seg_head",
-    );
-    let shape = h.init_i64("seg_head.grid_shape", &[4], &[0, classes, grid, grid]);
-    let l = h.op("Reshape", &[&l, &shape], vec![], "seg_head");
-    let scales = h.init_f32("seg_head.scales", &[4], &[1.0, 1.0, p as f32, p as f32]);
-    h.op_named(
-        "Resize",
-        &[&l, "", &scales],
-        vec![
-            attr_string("mode", "linear"),
-            attr_string("coordinate_transformation_mode", "half_pixel"),
-        ],
-        Task::Segment.output(),
-    );
+    super::class_maps(&mut h, &l, classes, grid, p);
 
     let g = model
         .graph

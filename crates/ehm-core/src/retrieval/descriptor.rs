@@ -7,7 +7,7 @@ use crate::contract::Task;
 use crate::data::image_io::load_rgb;
 use crate::error::{Error, Result};
 use crate::infer::{OrtModel, Parallelism};
-use crate::pipeline::{self, crop_view, Item, RunOptions, View, ViewSize, FULL};
+use crate::pipeline::{self, crop_view, Item, RunOptions, View, ViewFinder, ViewSize, FULL};
 use image::RgbImage;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -41,11 +41,11 @@ pub enum Regions {
 }
 
 /// Windows found per image for `r` (after the fixed `views(r)`).
-pub fn extra_views(r: Regions) -> Option<fn(&RgbImage) -> Vec<View>> {
+pub fn extra_views(r: Regions) -> Option<ViewFinder> {
     fn six(img: &RgbImage) -> Vec<View> {
         super::proposals::rectangles(img, 10)
     }
-    (r == Regions::Auto).then_some(six as fn(&RgbImage) -> Vec<View>)
+    (r == Regions::Auto).then_some(six as ViewFinder)
 }
 
 /// The views an indexed image is described by.
@@ -127,7 +127,7 @@ pub struct DescribeOptions {
     /// Fixed windows of every image (the whole image first).
     pub views: Vec<View>,
     /// Windows chosen per image after those (`extra_views`).
-    pub extra_views: Option<fn(&RgbImage) -> Vec<View>>,
+    pub extra_views: Option<ViewFinder>,
     /// Also the pHash bits of every window (exact-copy evidence besides the embedding).
     pub hashes: bool,
     /// Also the patch tokens of every window (embed models with `patch_tokens`; for
