@@ -1,6 +1,8 @@
 //! `ehm-train pretrain`: MAE pretraining with random / block / grid / EHM masking.
 //! Checkpoints atomically every N steps; re-running the same command resumes.
-use super::checkpoint::{load_tensors, save_tensors};
+use super::checkpoint::{
+    load_resume, load_tensors, read_resume, save_resume, save_tensors, Resume, RESUME_FILE,
+};
 use super::dist::{Dist, DistBackend};
 use super::engine::{Engine, MaskJob};
 use super::features::{self, Labelled, Pool};
@@ -317,34 +319,38 @@ fn save_all(
     (step, total): (u64, u64),
     pending: Option<PendingMasks>,
 ) -> Result<()> {
-    let cfg_json = serde_json::to_string(run).expect("serialisable");
-    let mut meta = HashMap::from([
+    let mut extra = Vec::new();
+    if let Some(t) = &engine.teacher {
+        extra.push(("ema".to_string(), t.ema.shallow_clone()));
+    }
+    let mut extra_meta = HashMap::from([("total_steps".to_string(), total.to_string())]);
+    if let Some(p) = &pending {
+        let m = p.masks;
+        extra_meta.insert(
+            "next_masks".into(),
+            format!("{},{},{},{}", p.step, m.batch, m.n, m.keep),
+        );
+        extra.extend(pending_tensors(p));
+    }
+    // The resume file is the one source of truth; write it first, then the user-facing files.
+    save_resume(
+        out,
+        &engine.flat,
+        (step, engine.world()),
+        run,
+        extra,
+        extra_meta,
+    )?;
+    let meta = HashMap::from([
         ("step".to_string(), step.to_string()),
         ("world".to_string(), engine.world().to_string()),
         ("adam_step".to_string(), engine.flat.adam_step.to_string()),
         ("total_steps".to_string(), total.to_string()),
-        ("run_config".to_string(), cfg_json.clone()),
+        (
+            "ehm.config".to_string(),
+            serde_json::to_string(run).expect("serialisable"),
+        ),
     ]);
-    let mut state = vec![
-        ("master".to_string(), engine.flat.master.shallow_clone()),
-        ("adam_m".to_string(), engine.flat.m.shallow_clone()),
-        ("adam_v".to_string(), engine.flat.v.shallow_clone()),
-    ];
-    if let Some(t) = &engine.teacher {
-        state.push(("ema".to_string(), t.ema.shallow_clone()));
-    }
-    if let Some(p) = &pending {
-        let m = p.masks;
-        meta.insert(
-            "next_masks".into(),
-            format!("{},{},{},{}", p.step, m.batch, m.n, m.keep),
-        );
-        state.extend(pending_tensors(p));
-    }
-    // The resume file is the one source of truth; write it first, then the user-facing files.
-    save_tensors(&out.join("resume.safetensors"), &state, meta.clone())?;
-    meta.remove("run_config");
-    meta.insert("ehm.config".into(), cfg_json);
     save_tensors(
         &out.join("checkpoint.safetensors"),
         &engine.named_weights(),
@@ -369,63 +375,31 @@ fn save_all(
     .write(out)
 }
 
-/// Load resume state; returns the step to continue from.
+/// Load resume state; returns the step to continue from and the masks it was to use.
 fn try_resume(
     engine: &mut Engine,
     run: &RunConfig,
     out: &Path,
 ) -> Result<Option<(u64, Option<MaskBatch>)>> {
-    let path = out.join("resume.safetensors");
-    if !path.exists() {
+    let world = engine.world();
+    let Some(r) = load_resume(out, run, world, &mut engine.flat)? else {
         return Ok(None);
-    }
-    let (t, meta) = load_tensors(&path)?;
-    let text = meta
-        .get("run_config")
-        .ok_or_else(|| Error::bad_file(&path, "no run configuration in the resume file"))?;
-    let saved: RunConfig = serde_json::from_str(text).map_err(|e| {
-        Error::bad_file(
-            &path,
-            format!("a run of another ehm version ({e}); pass --fresh to start over or choose another --out"),
-        )
-    })?;
-    if &saved != run {
-        return Err(Error::Config(format!(
-            "{} holds a different run (model, data or recipe differ); pass --fresh to start over or choose another --out",
-            out.display()
-        )));
-    }
-    // the global batch, hence the data order, masks and lr, depend on the number of processes
-    let saved_world: usize = meta.get("world").and_then(|w| w.parse().ok()).unwrap_or(1);
-    if saved_world != engine.world() {
-        return Err(Error::Config(format!(
-            "{} was trained by {saved_world} process(es), this launch has {}: resume it with {saved_world} (or pass --fresh)",
-            out.display(),
-            engine.world()
-        )));
-    }
-    let step = restore(engine, &t, &meta, &path)?;
-    Ok(Some((step, pending_from(&t, &meta, step))))
+    };
+    restore_teacher(engine, &r, &out.join(RESUME_FILE))?;
+    Ok(Some((r.step, pending_from(&r.tensors, &r.meta, r.step))))
 }
 
-/// Put the weights, optimizer state and EMA of a resume file into `engine`; returns its step.
-fn restore(
-    engine: &mut Engine,
-    t: &HashMap<String, Tensor>,
-    meta: &HashMap<String, String>,
-    path: &Path,
-) -> Result<u64> {
-    engine.flat.restore(t, meta, path)?;
+/// Put the EMA of a resume file into `engine`'s teacher (if it has one).
+fn restore_teacher(engine: &mut Engine, r: &Resume, path: &Path) -> Result<()> {
     if let Some(te) = &mut engine.teacher {
-        let ema = t
+        let ema = r
+            .tensors
             .get("ema")
             .ok_or_else(|| Error::bad_file(path, "missing ema"))?;
         tch::no_grad(|| te.ema.copy_(&ema.to_device(engine.device)));
         te.refresh();
     }
-    meta.get("step")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::bad_file(path, "no step in resume file"))
+    Ok(())
 }
 
 /// The engine of a finished or running pretraining run `dir`, for looking at its masks: the
@@ -453,15 +427,15 @@ pub fn open_run(
         Device::Cpu,
         Kind::Float,
     );
-    let resume = dir.join("resume.safetensors");
+    let resume = dir.join(RESUME_FILE);
     if resume.exists() {
         let (t, meta) = load_tensors(&resume)?;
-        let had_ema = t.contains_key("ema");
-        if !had_ema {
+        if !t.contains_key("ema") {
             // a run without a teacher, looked at with EHM masks: the student parses the images
             engine.teacher = None;
         }
-        restore(&mut engine, &t, &meta, &resume)?;
+        let r = read_resume(&resume, t, meta, &mut engine.flat)?;
+        restore_teacher(&mut engine, &r, &resume)?;
     } else {
         super::checkpoint::load_into_varstore(&engine.vs, &weights, &ck, &[])?;
         engine.teacher = None;
@@ -659,7 +633,7 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
     let out = &opts.out;
     if main && opts.fresh && out.exists() {
         for f in [
-            "resume.safetensors",
+            RESUME_FILE,
             "checkpoint.safetensors",
             "config.json",
             "metrics.jsonl",

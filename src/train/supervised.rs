@@ -181,48 +181,13 @@ pub fn write_head_checkpoint(
     Ok(ckpt)
 }
 
-/// Write the resume state (first of a checkpoint's files: it is the source of truth).
-pub fn save_state(out: &Path, flat: &FlatParams, step: u64, run: &serde_json::Value) -> Result<()> {
-    let meta = HashMap::from([
-        ("step".to_string(), step.to_string()),
-        ("adam_step".to_string(), flat.adam_step.to_string()),
-        ("run".to_string(), run.to_string()),
-    ]);
-    let state = vec![
-        ("master".to_string(), flat.master.shallow_clone()),
-        ("adam_m".to_string(), flat.m.shallow_clone()),
-        ("adam_v".to_string(), flat.v.shallow_clone()),
-    ];
-    save_tensors(&out.join("resume.safetensors"), &state, meta)
-}
-
 /// Load the resume state of `out` if there is one for the same `run`; the step to go on from.
 pub fn load_state(
     out: &Path,
     flat: &mut FlatParams,
     run: &serde_json::Value,
 ) -> Result<Option<u64>> {
-    let path = out.join("resume.safetensors");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let (t, meta) = load_tensors(&path)?;
-    let saved: serde_json::Value = meta
-        .get("run")
-        .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or_else(|| Error::bad_file(&path, "no run description in the resume file"))?;
-    if &saved != run {
-        return Err(Error::Config(format!(
-            "{} holds a different run (backbone, data or recipe differ); pass --fresh to start over or choose another --out",
-            out.display()
-        )));
-    }
-    flat.restore(&t, &meta, &path)?;
-    let step = meta
-        .get("step")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::bad_file(&path, "no step in the resume file"))?;
-    Ok(Some(step))
+    Ok(super::checkpoint::load_resume(out, run, 1, flat)?.map(|r| r.step))
 }
 
 /// The training loop's bookkeeping shared by fine-tuning and segmentation: the loss check, the
@@ -282,7 +247,14 @@ impl<'a> TrainingLoop<'a> {
             self.sum = 0.0;
             self.first.get_or_insert(mean);
             self.last = Some(mean);
-            save_state(self.out, flat, step + 1, self.run)?;
+            super::checkpoint::save_resume(
+                self.out,
+                flat,
+                (step + 1, 1),
+                self.run,
+                vec![],
+                HashMap::new(),
+            )?;
             log_metrics(
                 self.out,
                 &serde_json::json!({"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch, "train_loss": mean}),
@@ -294,7 +266,7 @@ impl<'a> TrainingLoop<'a> {
 
 /// Remove the resume state and metrics of a previous run (`--fresh`).
 pub fn clear_state(out: &Path) {
-    for f in ["resume.safetensors", "metrics.jsonl"] {
+    for f in [super::checkpoint::RESUME_FILE, "metrics.jsonl"] {
         let _ = std::fs::remove_file(out.join(f));
     }
 }

@@ -17,32 +17,68 @@ pub fn export_onnx(ckpt: &Path, task: &str, extra: &[&str], out: &Path) -> std::
 }
 
 /// A serving tool (ehm-export, ehm-classify, ehm-segment, ehm-retrieve). They belong to the
-/// ehm-core package, so that they never link libtorch; `cargo test` at the top builds them into
-/// the same folder as this package's ehm-train (ehm-core's own CLI test makes cargo build them).
-/// A tool older than the newest ehm-core source stops the test with that message: `cargo test
-/// -p ehm` does not rebuild ehm-core's binaries, and a stale one would test old code.
+/// ehm-core package, so that they never link libtorch, and cargo builds a package's binaries only
+/// for that package's tests: `cargo test -p ehm` alone would leave them missing, or as old as the
+/// last build of ehm-core. So the first test that needs one builds them (once per test binary,
+/// same profile and target folder as this package's ehm-train) when one is missing or older
+/// than the ehm-core sources — the tests always run the code they were compiled with.
 pub fn tool(name: &str) -> PathBuf {
     let exe = Path::new(env!("CARGO_BIN_EXE_ehm-train")).with_file_name(name);
-    assert!(
-        exe.exists(),
-        "{} is not built: run `cargo test` at the top of the workspace (it builds ehm-core's tools too)",
-        exe.display()
-    );
-    let built = std::fs::metadata(&exe).and_then(|m| m.modified()).unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sources = [
-        root.join("crates/ehm-core/src"),
-        root.join(format!("tools/{name}.rs")),
-    ];
-    if let Some(newer) = sources.iter().flat_map(|p| newer_files(p, built)).next() {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !*built {
+        if let Some(why) = stale(&exe, name) {
+            build_serving_tools(&exe, &why);
+        }
+        *built = true;
+    }
+    drop(built);
+    if let Some(why) = stale(&exe, name) {
         panic!(
-            "{} is older than {}: rebuild it (`cargo build --release -p ehm-core --bins`, or \
-             `cargo test` at the top of the workspace)",
-            exe.display(),
-            newer.display()
+            "{} {why} after `cargo build -p ehm-core --bins`",
+            exe.display()
         );
     }
     exe
+}
+
+/// Why `exe` cannot be used (missing, or older than a source it is built from), if so.
+fn stale(exe: &Path, name: &str) -> Option<String> {
+    let Ok(built) = std::fs::metadata(exe).and_then(|m| m.modified()) else {
+        return Some("is not built".into());
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = [
+        root.join("crates/ehm-core/src"),
+        root.join("crates/ehm-core/Cargo.toml"),
+        root.join(format!("tools/{name}.rs")),
+    ];
+    let newer = sources.iter().flat_map(|p| newer_files(p, built)).next()?;
+    Some(format!("is older than {}", newer.display()))
+}
+
+/// `cargo build -p ehm-core --bins` into the folder `exe` lives in (target/<profile>/).
+fn build_serving_tools(exe: &Path, why: &str) {
+    let profile_dir = exe.parent().expect("a binary lives in a folder");
+    let target_dir = profile_dir.parent().expect("target/<profile>/");
+    let profile = profile_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").into());
+    eprintln!(
+        "{} {why}: building the serving tools ({profile})",
+        exe.display()
+    );
+    let mut c = Command::new(cargo);
+    c.args(["build", "-p", "ehm-core", "--bins", "--profile"])
+        .arg(if profile == "debug" { "dev" } else { &profile })
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    let status = c.status().expect("cargo runs");
+    assert!(status.success(), "`cargo build -p ehm-core --bins` failed");
 }
 
 /// Files under `path` (a file or a folder) modified after `t`.
