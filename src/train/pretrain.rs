@@ -526,66 +526,120 @@ fn choose_backend(
     }
 }
 
-pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
-    let cfg = entry.vit()?;
-    let pre = entry.preprocess.clone();
-    let p = entry.pretrain.clone();
-    p.validate()?;
-    // Under torchrun/srun (or --nproc) each process is a rank of a data-parallel job: it
-    // loads its share of every batch, the gradients are averaged over the ranks, and rank 0
-    // alone writes the run folder.
-    let launch = super::launch::Launch::from_env()?;
-    // one GPU per rank on a node (torchrun / srun start one process per GPU)
-    let device = match crate::model::default_device() {
-        Device::Cuda(_) if launch.world > 1 => {
-            Device::Cuda(launch.local_rank % tch::Cuda::device_count().max(1) as usize)
-        }
-        d => d,
-    };
-    // processes of this job on this machine
-    let ranks_here = std::env::var("LOCAL_WORLD_SIZE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(launch.world)
-        .max(1);
-    let dist = if launch.world > 1 {
-        let gpus = if device.is_cuda() {
-            tch::Cuda::device_count().max(0) as usize
-        } else {
-            0
-        };
-        let backend = choose_backend(
-            opts.dist_backend,
-            super::dist::nccl_plugin_path().is_some(),
-            ranks_here,
-            gpus,
-        )?;
-        Some(Arc::new(Dist::connect(
-            &launch,
-            opts.dist_timeout,
-            backend,
-            device,
-        )?))
-    } else {
-        None
-    };
-    let main = launch.rank == 0;
-    let shard = super::loader::Shard {
-        rank: launch.rank,
-        world: launch.world,
-    };
-    let run = RunConfig {
-        name: entry.name.clone(),
-        model: cfg.clone(),
-        preprocess: pre.clone(),
-        pretrain: p.clone(),
-    };
-    let kind = opts.dtype.unwrap_or(if device == Device::Cpu {
-        Kind::Float
-    } else {
-        Kind::BFloat16
-    });
+/// This process's place in the job. Under torchrun/srun (or --nproc) each process is a rank
+/// of a data-parallel job: it loads its share of every batch, the gradients are averaged over
+/// the ranks, and rank 0 alone writes the run folder.
+struct Cluster {
+    launch: super::launch::Launch,
+    device: Device,
+    dist: Option<Arc<Dist>>,
+    /// Processes of this job on this machine.
+    ranks_here: usize,
+}
 
+impl Cluster {
+    fn join(opts: &PretrainOptions) -> Result<Self> {
+        let launch = super::launch::Launch::from_env()?;
+        // one GPU per rank on a node (torchrun / srun start one process per GPU)
+        let device = match crate::model::default_device() {
+            Device::Cuda(_) if launch.world > 1 => {
+                Device::Cuda(launch.local_rank % tch::Cuda::device_count().max(1) as usize)
+            }
+            d => d,
+        };
+        let ranks_here = std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(launch.world)
+            .max(1);
+        let dist = if launch.world > 1 {
+            let gpus = if device.is_cuda() {
+                tch::Cuda::device_count().max(0) as usize
+            } else {
+                0
+            };
+            let backend = choose_backend(
+                opts.dist_backend,
+                super::dist::nccl_plugin_path().is_some(),
+                ranks_here,
+                gpus,
+            )?;
+            Some(Arc::new(Dist::connect(
+                &launch,
+                opts.dist_timeout,
+                backend,
+                device,
+            )?))
+        } else {
+            None
+        };
+        Ok(Cluster {
+            launch,
+            device,
+            dist,
+            ranks_here,
+        })
+    }
+
+    fn is_main(&self) -> bool {
+        self.launch.rank == 0
+    }
+
+    fn shard(&self) -> super::loader::Shard {
+        super::loader::Shard {
+            rank: self.launch.rank,
+            world: self.launch.world,
+        }
+    }
+
+    /// Every rank resumes from the same checkpoint (the step found in the shared `out`) and
+    /// starts from rank 0's weights.
+    fn agree_on_start(&self, engine: &mut Engine, resumed: Option<u64>, out: &Path) -> Result<()> {
+        let Some(d) = &self.dist else {
+            return Ok(());
+        };
+        let start = resumed.unwrap_or(0);
+        let first = d.agree(start)?;
+        if first != start {
+            return Err(Error::Config(format!(
+                "rank {} found {} in {} but rank 0 found step {first}: --out must be one folder every rank shares",
+                self.launch.rank,
+                resumed.map_or("no checkpoint".into(), |s| format!("step {s}")),
+                out.display()
+            )));
+        }
+        engine.sync_from_rank0()
+    }
+
+    /// Wait for rank 0 (it may be running monitors or writing a checkpoint), with the longer
+    /// timeout its own work gets; nothing to wait for in a single-process run.
+    fn wait_for_rank0(&self) -> Result<()> {
+        match &self.dist {
+            Some(d) => d.wait_for_rank0(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `--fresh`: forget the run in `out` (its other files, e.g. mask pictures, are overwritten).
+fn clear_run(out: &Path) {
+    for f in [
+        RESUME_FILE,
+        "checkpoint.safetensors",
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+    ] {
+        let _ = std::fs::remove_file(out.join(f));
+    }
+}
+
+/// The pretraining images: the data set, its `--limit` subset, photos decoded once.
+fn open_data(
+    p: &PretrainConfig,
+    pre: &Preprocess,
+    ranks_here: usize,
+) -> Result<(DataSpec, Arc<dyn Dataset>)> {
     let spec: DataSpec = p.data.parse()?;
     let mut ds: Arc<dyn Dataset> = spec.open()?;
     if p.limit > 0 {
@@ -600,47 +654,409 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             (4 << 30) / ranks_here as u64,
         );
     }
-    // one optimizer step takes `batch` images over all ranks, each rank `local` of them in
-    // `accum_steps` forward passes
-    let local = p.effective_batch();
-    let batch = local * launch.world;
-    if ds.len() < batch {
-        let mut parts = vec![p.batch_size.to_string()];
-        if p.accum_steps > 1 {
-            parts.push(format!("{} accumulation steps", p.accum_steps));
-        }
-        if launch.world > 1 {
-            parts.push(format!("{} processes", launch.world));
-        }
-        return Err(Error::Config(format!(
-            "{} has {} images, fewer than one batch of {}{}",
-            spec,
-            ds.len(),
-            batch,
-            if parts.len() > 1 {
-                format!(" ({})", parts.join(" × "))
-            } else {
-                String::new()
+    Ok((spec, ds))
+}
+
+/// How the images divide into optimizer steps. One step takes `batch` images over all ranks,
+/// each rank `local` of them in `accum_steps` forward passes of `piece` images.
+struct StepPlan {
+    piece: usize,
+    local: usize,
+    batch: usize,
+    steps_per_epoch: u64,
+    total: u64,
+    warmup: u64,
+}
+
+impl StepPlan {
+    fn new(p: &PretrainConfig, images: usize, world: usize, spec: &DataSpec) -> Result<Self> {
+        let local = p.effective_batch();
+        let batch = local * world;
+        if images < batch {
+            let mut parts = vec![p.batch_size.to_string()];
+            if p.accum_steps > 1 {
+                parts.push(format!("{} accumulation steps", p.accum_steps));
             }
-        )));
+            if world > 1 {
+                parts.push(format!("{world} processes"));
+            }
+            return Err(Error::Config(format!(
+                "{spec} has {images} images, fewer than one batch of {batch}{}",
+                if parts.len() > 1 {
+                    format!(" ({})", parts.join(" × "))
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        let steps_per_epoch = (images / batch) as u64;
+        Ok(StepPlan {
+            piece: p.batch_size,
+            local,
+            batch,
+            steps_per_epoch,
+            total: ((p.epochs * steps_per_epoch as f64).round() as u64).max(1),
+            warmup: (p.warmup_epochs * steps_per_epoch as f64).round() as u64,
+        })
     }
-    let spe = (ds.len() / batch) as u64;
-    let total = ((p.epochs * spe as f64).round() as u64).max(1);
-    let warmup = (p.warmup_epochs * spe as f64).round() as u64;
-    // training progress of a step: the schedules are functions of t, never of epochs
-    let t_of = |step: u64| step as f64 / total as f64;
+
+    /// Training progress of a step: the schedules are functions of t, never of epochs.
+    fn t(&self, step: u64) -> f64 {
+        step as f64 / self.total as f64
+    }
+
+    /// Steps in `epochs` epochs (at least 1); `u64::MAX` (never) for 0 or fewer.
+    fn every(&self, epochs: f64) -> u64 {
+        if epochs > 0.0 {
+            ((epochs * self.steps_per_epoch as f64).round() as u64).max(1)
+        } else {
+            u64::MAX
+        }
+    }
+}
+
+/// The batches of the steps in flight, with one step of look-ahead: while step s trains on
+/// `current()`, step s + 1's batch is already on the device and its masks are being built on a
+/// helper thread (for EHM from the teacher's attention, queued before step s; see engine.rs).
+struct Prefetch {
+    loader: Loader,
+    /// Images per accumulation piece, and the bytes of one image.
+    piece: usize,
+    image_bytes: usize,
+    total: u64,
+    cur: Vec<Tensor>,
+    /// The current step's masks (taken by `masks`).
+    job: Option<MaskJob>,
+    next: Option<Vec<Tensor>>,
+    next_job: Option<MaskJob>,
+}
+
+impl Prefetch {
+    /// The first two batches from `start` on; the first step's masks are `resumed` (the ones
+    /// the uninterrupted run built) when given.
+    fn start(
+        engine: &Engine,
+        (loader, pre): (Loader, &Preprocess),
+        plan: &StepPlan,
+        start: u64,
+        resumed: Option<MaskBatch>,
+    ) -> Result<Self> {
+        let mut b = Prefetch {
+            loader,
+            piece: plan.piece,
+            image_bytes: pre.tensor_len(),
+            total: plan.total,
+            cur: Vec::new(),
+            job: None,
+            next: None,
+            next_job: None,
+        };
+        b.cur = b.upload(engine)?;
+        b.job = Some(match resumed {
+            Some(m) => MaskJob::Ready(m),
+            None => engine.mask_job(&b.cur, plan.t(start), start),
+        });
+        if start + 1 < b.total {
+            b.next = Some(b.upload(engine)?);
+        }
+        Ok(b)
+    }
+
+    /// A step's batch, uploaded as its accumulation pieces. A loader that stops early is an
+    /// error: one rank leaving the loop would desert the others in the next all-reduce.
+    fn upload(&mut self, engine: &Engine) -> Result<Vec<Tensor>> {
+        let batch = self
+            .loader
+            .next_batch()
+            .ok_or_else(|| Error::Other("data loader ended early".into()))?;
+        let len = self.piece * self.image_bytes;
+        Ok(batch
+            .pixels
+            .chunks(len)
+            .map(|c| engine.upload(c, self.piece))
+            .collect())
+    }
+
+    fn current(&self) -> &[Tensor] {
+        &self.cur
+    }
+
+    /// Step `step`'s masks; queues the next batch's before the step runs (the teacher's
+    /// forward pass then overlaps the step).
+    fn masks(&mut self, engine: &Engine, step: u64) -> Result<MaskBatch> {
+        let masks = self.job.take().expect("a mask job per step").wait()?;
+        let t = (step + 1) as f64 / self.total as f64;
+        self.next_job = self.next.as_ref().map(|n| engine.mask_job(n, t, step + 1));
+        Ok(masks)
+    }
+
+    /// The next step's masks, waited for (to save them with a checkpoint).
+    fn next_masks(&mut self) -> Result<Option<&MaskBatch>> {
+        if let Some(job) = self.next_job.take() {
+            self.next_job = Some(MaskJob::Ready(job.wait()?));
+        }
+        Ok(match &self.next_job {
+            Some(MaskJob::Ready(m)) => Some(m),
+            _ => None,
+        })
+    }
+
+    /// Move on from step `step` to the next; false after the last.
+    fn advance(&mut self, engine: &Engine, step: u64) -> Result<bool> {
+        let Some(next) = self.next.take() else {
+            return Ok(false);
+        };
+        self.cur = next;
+        self.job = Some(
+            self.next_job
+                .take()
+                .expect("a mask job for every next batch"),
+        );
+        if step + 2 < self.total {
+            self.next = Some(self.upload(engine)?);
+        }
+        Ok(true)
+    }
+}
+
+/// The loss summed on the device since the last log line (read once per line, so the host does
+/// not wait for the device every step) and when that line was.
+struct LossWindow {
+    sum: Tensor,
+    since: (Instant, u64),
+}
+
+impl LossWindow {
+    fn new(step: u64, device: Device) -> Self {
+        LossWindow {
+            sum: Tensor::zeros([], (Kind::Double, device)),
+            since: (Instant::now(), step),
+        }
+    }
+
+    fn add(&mut self, loss: &Tensor) {
+        self.sum += loss;
+    }
+
+    /// Mean loss (over the ranks too) and images/s since the last call; a non-finite mean
+    /// stops the run.
+    fn take(
+        &mut self,
+        done: u64,
+        batch: usize,
+        dist: Option<&Dist>,
+        out: &Path,
+    ) -> Result<(f64, f64)> {
+        let n = (done - self.since.1).max(1) as f64;
+        if let Some(d) = dist {
+            d.all_reduce_mean(&mut self.sum)?;
+        }
+        let mean = self.sum.double_value(&[]) / n;
+        if !mean.is_finite() {
+            return Err(Error::Training(format!(
+                "loss became non-finite between steps {} and {done}; stopped. The last good checkpoint in {} is kept",
+                self.since.1,
+                out.display()
+            )));
+        }
+        let ips = n * batch as f64 / self.since.0.elapsed().as_secs_f64();
+        *self = LossWindow::new(done, self.sum.device());
+        Ok((mean, ips))
+    }
+}
+
+/// What rank 0 watches besides the loss — kNN accuracy, hierarchy quality, the mask picture —
+/// and `metrics.jsonl`, where every line goes (other ranks log nothing). The schedules
+/// (`knn_every`, `hierarchy_every`) are every rank's: the others wait while rank 0 works.
+struct Monitors {
+    out: PathBuf,
+    metrics: Option<std::fs::File>,
+    knn_sets: Option<(Labelled, Labelled)>,
+    knn_every: u64,
+    knn_last: Option<f64>,
+    hierarchy_set: Option<super::hierarchy::HierarchySet>,
+    hierarchy_every: u64,
+    /// Fixed sample images of the mask picture, and their model inputs.
+    pictures: (Vec<image::RgbImage>, Vec<u8>),
+    steps_per_epoch: u64,
+    t0: Instant,
+}
+
+impl Monitors {
+    fn open(
+        opts: &PretrainOptions,
+        spec: &DataSpec,
+        pre: &Preprocess,
+        ds: &dyn Dataset,
+        plan: &StepPlan,
+        main: bool,
+        resumed: Option<u64>,
+    ) -> Result<Self> {
+        let out = opts.out.clone();
+        let metrics_path = out.join("metrics.jsonl");
+        let metrics = if main {
+            match resumed {
+                Some(s) => truncate_metrics(&metrics_path, s)?,
+                None => {
+                    let _ = std::fs::remove_file(&metrics_path);
+                }
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .at(&metrics_path)?;
+            Some(f)
+        } else {
+            None
+        };
+        // kNN monitor data: the labelled train/test splits that go with the data set
+        let knn_sets = if opts.knn_every < 0.0 || !main {
+            None
+        } else {
+            let (tr, te) = match (&opts.knn_train, &opts.knn_test, spec) {
+                (Some(a), Some(b), _) => (Some(a.clone()), Some(b.clone())),
+                (_, _, DataSpec::FashionMnist { .. }) => (
+                    Some("fashion-mnist:train".into()),
+                    Some("fashion-mnist:test".into()),
+                ),
+                (_, _, DataSpec::Cifar { dir, .. }) => (
+                    Some(format!("cifar:{}:train", dir.display())),
+                    Some(format!("cifar:{}:test", dir.display())),
+                ),
+                _ => (None, None),
+            };
+            match (tr, te) {
+                (Some(a), Some(b)) => Some((
+                    Labelled::open(&a, opts.knn_limit.0, features::TRAIN_SUBSET_SEED)?,
+                    Labelled::open(&b, opts.knn_limit.1, features::TEST_SUBSET_SEED)?,
+                )),
+                _ => None,
+            }
+        };
+        let pictures = if main {
+            super::inspect::model_inputs(pre, &sample_images(ds, 6))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        // hierarchy quality: at the start (an untrained teacher, on a fresh run), every
+        // `hierarchy_every` epochs and at the end
+        let hierarchy_set = match &opts.hierarchy_data {
+            Some(dir) if main => Some(super::hierarchy::HierarchySet::open(
+                dir,
+                pre,
+                opts.hierarchy_limit,
+            )?),
+            _ => None,
+        };
+        Ok(Monitors {
+            out,
+            metrics,
+            knn_sets,
+            knn_every: plan.every(opts.knn_every),
+            knn_last: None,
+            hierarchy_set,
+            hierarchy_every: plan.every(opts.hierarchy_every),
+            pictures,
+            steps_per_epoch: plan.steps_per_epoch,
+            t0: Instant::now(),
+        })
+    }
+
+    /// A metrics line of `step` (fill in what it reports).
+    fn line(&self, step: u64) -> MetricLine {
+        MetricLine::at(step, self.steps_per_epoch, self.t0)
+    }
+
+    fn log(&mut self, line: &MetricLine) -> Result<()> {
+        match &mut self.metrics {
+            Some(f) => writeln!(f, "{}", serde_json::to_string(line).unwrap())
+                .at(self.out.join("metrics.jsonl")),
+            None => Ok(()),
+        }
+    }
+
+    /// kNN top-1 of the model now, logged (rank 0, when there are labelled sets).
+    fn knn(&mut self, engine: &Engine, pre: &Preprocess, step: u64) -> Result<()> {
+        let Some((tr, te)) = &self.knn_sets else {
+            return Ok(());
+        };
+        let acc = knn_eval(engine, pre, tr, te)?;
+        self.knn_last = Some(acc);
+        self.log(&MetricLine {
+            knn_top1: Some(acc),
+            ..self.line(step)
+        })
+    }
+
+    /// The teacher's hierarchy quality now, logged, and the chart of every report so far.
+    fn hierarchy(&mut self, engine: &Engine, step: u64) -> Result<()> {
+        let Some(set) = &self.hierarchy_set else {
+            return Ok(());
+        };
+        let line = MetricLine {
+            hierarchy: Some(super::hierarchy::measure(engine, set)),
+            ..self.line(step)
+        };
+        self.log(&line)?;
+        if step > 0 {
+            write_hierarchy_chart(&self.out.join("metrics.jsonl"), &self.out)?;
+        }
+        Ok(())
+    }
+
+    /// `masks.png` and `masks/step_N.png`: the sample images' masks at five points of the
+    /// schedule, from the teacher now.
+    fn mask_picture(&self, engine: &Engine, step: u64) -> Result<()> {
+        let (images, inputs) = &self.pictures;
+        if images.is_empty() {
+            return Ok(());
+        }
+        let png = mask_picture(engine, inputs, images, step)?;
+        write_atomic(&self.out.join("masks.png"), &png)?;
+        write_atomic(
+            &self.out.join("masks").join(format!("step_{step:07}.png")),
+            &png,
+        )
+    }
+
+    /// Whether rank 0 runs a monitor or saves after step `done` (the others wait for it).
+    fn rank0_works_at(&self, done: u64, save_every: u64) -> bool {
+        done.is_multiple_of(self.knn_every)
+            || done.is_multiple_of(self.hierarchy_every)
+            || done.is_multiple_of(save_every)
+    }
+}
+
+/// Pretrain `entry` as `opts` say (resuming a run found in `opts.out`): join the job, plan the
+/// steps, build the engine, then per step — its masks (built one step ahead), the optimizer
+/// step, the loss line, the monitors, the checkpoint.
+pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
+    let cfg = entry.vit()?;
+    let pre = entry.preprocess.clone();
+    let p = entry.pretrain.clone();
+    p.validate()?;
+    let cluster = Cluster::join(opts)?;
+    let (device, dist, main) = (cluster.device, cluster.dist.clone(), cluster.is_main());
+    let shard = cluster.shard();
+    let run = RunConfig {
+        name: entry.name.clone(),
+        model: cfg.clone(),
+        preprocess: pre.clone(),
+        pretrain: p.clone(),
+    };
+    let kind = opts.dtype.unwrap_or(if device == Device::Cpu {
+        Kind::Float
+    } else {
+        Kind::BFloat16
+    });
+    let (spec, ds) = open_data(&p, &pre, cluster.ranks_here)?;
+    let plan = StepPlan::new(&p, ds.len(), cluster.launch.world, &spec)?;
+    let (batch, total) = (plan.batch, plan.total);
 
     let out = &opts.out;
-    if main && opts.fresh && out.exists() {
-        for f in [
-            RESUME_FILE,
-            "checkpoint.safetensors",
-            "config.json",
-            "metrics.jsonl",
-            "summary.json",
-        ] {
-            let _ = std::fs::remove_file(out.join(f));
-        }
+    if main && opts.fresh {
+        clear_run(out);
     }
     std::fs::create_dir_all(out).at(out)?;
     let mut engine = Engine::new(&cfg, &pre, &p, device, kind);
@@ -659,131 +1075,27 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             cfg.num_patches()
         );
     }
-    let resumed_state = try_resume(&mut engine, &run, out)?;
-    let (resumed, resumed_masks) = match resumed_state {
+    let (resumed, resumed_masks) = match try_resume(&mut engine, &run, out)? {
         Some((s, m)) => (Some(s), m),
         None => (None, None),
     };
     let start = resumed.unwrap_or(0);
-    // every rank resumes from the same checkpoint and starts from rank 0's weights
-    if let Some(d) = &dist {
-        let first = d.agree(start)?;
-        if first != start {
-            return Err(Error::Config(format!(
-                "rank {} found {} in {} but rank 0 found step {first}: --out must be one folder every rank shares",
-                launch.rank,
-                resumed.map_or("no checkpoint".into(), |s| format!("step {s}")),
-                out.display()
-            )));
-        }
-        engine.sync_from_rank0()?;
-    }
+    cluster.agree_on_start(&mut engine, resumed, out)?;
     // a saved step's pending masks are the whole batch's: this rank takes its rows
     let resumed_masks = resumed_masks
         .filter(|m| m.batch == batch)
-        .map(|m| m.rows(shard.first(batch), local));
-    let metrics_path = out.join("metrics.jsonl");
-    if main {
-        if let Some(s) = resumed {
-            truncate_metrics(&metrics_path, s)?;
-        } else {
-            let _ = std::fs::remove_file(&metrics_path);
-        }
+        .map(|m| m.rows(shard.first(batch), plan.local));
+    let mut monitors = Monitors::open(opts, &spec, &pre, ds.as_ref(), &plan, main, resumed)?;
+    if resumed.is_none() {
+        // the hierarchy of the untrained teacher
+        monitors.hierarchy(&engine, 0)?;
     }
+    cluster.wait_for_rank0()?;
 
-    // kNN monitor data: the labelled train/test splits that go with the data set.
-    let knn_sets = if opts.knn_every < 0.0 || !main {
-        None
-    } else {
-        let (tr, te) = match (&opts.knn_train, &opts.knn_test, &spec) {
-            (Some(a), Some(b), _) => (Some(a.clone()), Some(b.clone())),
-            (_, _, DataSpec::FashionMnist { .. }) => (
-                Some("fashion-mnist:train".into()),
-                Some("fashion-mnist:test".into()),
-            ),
-            (_, _, DataSpec::Cifar { dir, .. }) => (
-                Some(format!("cifar:{}:train", dir.display())),
-                Some(format!("cifar:{}:test", dir.display())),
-            ),
-            _ => (None, None),
-        };
-        match (tr, te) {
-            (Some(a), Some(b)) => Some((
-                Labelled::open(&a, opts.knn_limit.0, features::TRAIN_SUBSET_SEED)?,
-                Labelled::open(&b, opts.knn_limit.1, features::TEST_SUBSET_SEED)?,
-            )),
-            _ => None,
-        }
-    };
-    let knn_every_steps = if opts.knn_every > 0.0 {
-        ((opts.knn_every * spe as f64).round() as u64).max(1)
-    } else {
-        u64::MAX
-    };
-
-    // Fixed sample images for the mask picture (rank 0 draws it).
-    let (pics, pic_bytes) = if main {
-        super::inspect::model_inputs(&pre, &sample_images(ds.as_ref(), 6))
-    } else {
-        (Vec::new(), Vec::new())
-    };
-
-    // metrics.jsonl: rank 0's (other ranks log nothing)
-    let mut metrics = match main {
-        true => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&metrics_path)
-                .at(&metrics_path)?,
-        ),
-        false => None,
-    };
-    let mut log = |line: &MetricLine| -> Result<()> {
-        match &mut metrics {
-            Some(f) => writeln!(f, "{}", serde_json::to_string(line).unwrap()).at(&metrics_path),
-            None => Ok(()),
-        }
-    };
-    let t0 = Instant::now();
     let bar = super::progress_bar(total, start, opts.progress && main);
     let mut last_loss = None;
-    let mut knn_last = None;
-    let mut window = (Instant::now(), 0u64);
-    let mut loss_acc = Tensor::zeros([], (Kind::Double, device));
-
-    // hierarchy-quality monitor: at the start (an untrained teacher, on a fresh run), every
-    // `hierarchy_every` epochs and at the end
-    let hier_set = match &opts.hierarchy_data {
-        Some(dir) if main => Some(super::hierarchy::HierarchySet::open(
-            dir,
-            &pre,
-            opts.hierarchy_limit,
-        )?),
-        _ => None,
-    };
-    let hier_every = if opts.hierarchy_every > 0.0 {
-        ((opts.hierarchy_every * spe as f64).round() as u64).max(1)
-    } else {
-        u64::MAX
-    };
-    let hierarchy_line = |engine: &Engine, step: u64| {
-        hier_set.as_ref().map(|set| MetricLine {
-            hierarchy: Some(super::hierarchy::measure(engine, set)),
-            ..MetricLine::at(step, spe, t0)
-        })
-    };
-    if resumed.is_none() {
-        if let Some(line) = hierarchy_line(&engine, 0) {
-            log(&line)?;
-        }
-    }
-    if let Some(d) = &dist {
-        d.wait_for_rank0()?;
-    }
-
     if start < total {
-        let mut loader = Loader::start(
+        let loader = Loader::start(
             ds.clone(),
             pre.clone(),
             p.augment.clone(),
@@ -793,47 +1105,21 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
             opts.workers.max(1),
             shard,
         );
-        // a step's batch, uploaded as its accumulation pieces of `batch_size` images
-        let piece = p.batch_size * pre.tensor_len();
-        let upload = |e: &Engine, l: &mut Loader| {
-            l.next_batch().map(|b| {
-                b.pixels
-                    .chunks(piece)
-                    .map(|c| e.upload(c, p.batch_size))
-                    .collect::<Vec<Tensor>>()
-            })
-        };
-        let mut cur = upload(&engine, &mut loader)
-            .ok_or_else(|| Error::Other("data loader ended early".into()))?;
-        let mut job = match resumed_masks {
-            Some(m) => MaskJob::Ready(m),
-            None => engine.mask_job(&cur, t_of(start), start),
-        };
-        // a loader that stops early is an error: one rank leaving the loop would desert the
-        // others in the next all-reduce
-        let ended = || Error::Other("data loader ended early".into());
-        let mut next = if start + 1 < total {
-            Some(upload(&engine, &mut loader).ok_or_else(ended)?)
-        } else {
-            None
-        };
+        let mut batches = Prefetch::start(&engine, (loader, &pre), &plan, start, resumed_masks)?;
+        let mut losses = LossWindow::new(start, device);
         for step in start..total {
-            let masks = job.wait()?;
-            // Queue the teacher for the next batch before this step (see engine.rs).
-            let mut next_job = next
-                .as_ref()
-                .map(|n| engine.mask_job(n, t_of(step + 1), step + 1));
-            let lr = engine.lr_at(step, total, warmup);
+            let masks = batches.masks(&engine, step)?;
+            let lr = engine.lr_at(step, total, plan.warmup);
             if let Some(d) = &dist {
                 d.step.store(step + 1, std::sync::atomic::Ordering::Relaxed);
             }
-            let loss = engine.step(&cur, &masks, lr)?;
-            loss_acc += &loss;
+            let loss = engine.step(batches.current(), &masks, lr)?;
+            losses.add(&loss);
             let done = step + 1;
             // (data-parallel ranks check only the loss they agree on, at the log steps below,
             // so that all of them stop together)
             if dist.is_none()
-                && (device == Device::Cpu || done % opts.log_every == 0 || done == total)
+                && (device == Device::Cpu || done.is_multiple_of(opts.log_every) || done == total)
             {
                 let l = loss.double_value(&[]);
                 if !l.is_finite() {
@@ -843,138 +1129,76 @@ pub fn pretrain(entry: &ZooEntry, opts: &PretrainOptions) -> Result<Summary> {
                     )));
                 }
             }
-            if done % opts.log_every == 0 || done == total {
-                let n = (done - window.1.max(start)).max(1) as f64;
-                if let Some(d) = &dist {
-                    d.all_reduce_mean(&mut loss_acc)?;
-                }
-                let mean = loss_acc.double_value(&[]) / n;
-                if !mean.is_finite() {
-                    return Err(Error::Training(format!(
-                        "loss became non-finite between steps {} and {done}; stopped. The last good checkpoint in {} is kept",
-                        window.1.max(start),
-                        out.display()
-                    )));
-                }
-                let ips = n * batch as f64 / window.0.elapsed().as_secs_f64();
-                window = (Instant::now(), done);
-                loss_acc = Tensor::zeros([], (Kind::Double, device));
+            if done.is_multiple_of(opts.log_every) || done == total {
+                let (mean, ips) = losses.take(done, batch, dist.as_deref(), out)?;
                 last_loss = Some(mean);
-                let line = MetricLine {
+                let t = plan.t(step);
+                monitors.log(&MetricLine {
                     loss: Some(mean),
                     lr: Some(lr),
                     images_per_s: Some(ips),
-                    mask_ratio: Some(engine.masks.schedule().mask_ratio(t_of(step))),
-                    cut: CutStats::of(&masks, engine.masks.schedule().alpha(t_of(step))),
-                    ..MetricLine::at(done, spe, t0)
-                };
-                log(&line)?;
+                    mask_ratio: Some(engine.masks.schedule().mask_ratio(t)),
+                    cut: CutStats::of(&masks, engine.masks.schedule().alpha(t)),
+                    ..monitors.line(done)
+                })?;
                 bar.set_message(format!("loss {mean:.4} lr {lr:.2e} {ips:.0} img/s"));
                 if bar.is_hidden() && opts.progress && main {
                     eprintln!("step {done}/{total} loss {mean:.4} lr {lr:.2e} {ips:.0} img/s");
                 }
             }
-            if let Some((tr, te)) = &knn_sets {
-                if done % knn_every_steps == 0 && done != total {
-                    let acc = knn_eval(&engine, &pre, tr, te)?;
-                    knn_last = Some(acc);
-                    let line = MetricLine {
-                        knn_top1: Some(acc),
-                        ..MetricLine::at(done, spe, t0)
-                    };
-                    log(&line)?;
-                }
+            if done != total && done.is_multiple_of(monitors.knn_every) {
+                monitors.knn(&engine, &pre, done)?;
             }
-            if done % hier_every == 0 || done == total {
-                if let Some(line) = hierarchy_line(&engine, done) {
-                    log(&line)?;
-                    write_hierarchy_chart(&metrics_path, out)?;
-                }
+            if done.is_multiple_of(monitors.hierarchy_every) || done == total {
+                monitors.hierarchy(&engine, done)?;
             }
-            if done % opts.save_every == 0 || done == total {
+            if done.is_multiple_of(opts.save_every) || done == total {
                 // the next step's masks, as this run will use them (see PendingMasks)
-                let pending = match next_job.take() {
-                    Some(j) if p.masking == MaskingKind::Ehm => Some(j.wait()?),
-                    j => {
-                        next_job = j;
-                        None
-                    }
+                let pending = match p.masking {
+                    MaskingKind::Ehm => batches.next_masks()?,
+                    _ => None,
                 };
                 // the whole batch's masks (every rank's rows), for rank 0's resume file
-                let whole = match (&dist, &pending) {
+                let whole = match (&dist, pending) {
                     (Some(d), Some(m)) => Some(gather_masks(d, m)?),
                     _ => None,
                 };
                 if main {
-                    save_all(
-                        &engine,
-                        &run,
-                        out,
-                        (done, total),
-                        whole
-                            .as_ref()
-                            .or(pending.as_ref())
-                            .map(|masks| PendingMasks { step: done, masks }),
-                    )?;
+                    let masks = whole.as_ref().or(pending);
+                    let pending = masks.map(|masks| PendingMasks { step: done, masks });
+                    save_all(&engine, &run, out, (done, total), pending)?;
                 }
-                if let Some(m) = pending {
-                    next_job = Some(MaskJob::Ready(m));
-                }
-                if !pics.is_empty() {
-                    let png = mask_picture(&engine, &pic_bytes, &pics, done)?;
-                    write_atomic(&out.join("masks.png"), &png)?;
-                    write_atomic(&out.join("masks").join(format!("step_{done:07}.png")), &png)?;
-                }
+                monitors.mask_picture(&engine, done)?;
             }
             // rank 0 may have run monitors or written a checkpoint: wait for it here, with the
             // longer timeout its own work gets
-            let rank0_worked = done % knn_every_steps == 0
-                || done % hier_every == 0
-                || done % opts.save_every == 0;
-            if let (Some(d), true) = (&dist, rank0_worked && done != total) {
-                d.wait_for_rank0()?;
+            if done != total && monitors.rank0_works_at(done, opts.save_every) {
+                cluster.wait_for_rank0()?;
             }
             bar.inc(1);
-            cur = match next.take() {
-                Some(n) => n,
-                None => break,
-            };
-            job = next_job.expect("a job for every next batch");
-            next = if step + 2 < total {
-                Some(upload(&engine, &mut loader).ok_or_else(ended)?)
-            } else {
-                None
-            };
+            if !batches.advance(&engine, step)? {
+                break;
+            }
         }
     }
     bar.finish_and_clear();
-    if let Some(d) = &dist {
-        // nobody leaves (closing its connections) while another rank still talks to it
-        d.wait_for_rank0()?;
-    }
-    if let Some((tr, te)) = &knn_sets {
-        let acc = knn_eval(&engine, &pre, tr, te)?;
-        knn_last = Some(acc);
-        let line = MetricLine {
-            knn_top1: Some(acc),
-            ..MetricLine::at(total, spe, t0)
-        };
-        log(&line)?;
-    }
-    let secs = t0.elapsed().as_secs_f64();
+    // nobody leaves (closing its connections) while another rank still talks to it
+    cluster.wait_for_rank0()?;
+    monitors.knn(&engine, &pre, total)?;
+    let secs = monitors.t0.elapsed().as_secs_f64();
     let summary = Summary {
         out: out.clone(),
         device: format!("{device:?}"),
         masking: p.masking.to_string(),
         steps: total,
-        epochs: total as f64 / spe as f64,
+        epochs: total as f64 / plan.steps_per_epoch as f64,
         images: ds.len(),
         final_loss: last_loss,
         images_per_s: (total - start) as f64 * batch as f64 / secs.max(1e-9),
-        processes: launch.world,
+        processes: cluster.launch.world,
         batch,
         seconds: secs,
-        knn_top1: knn_last,
+        knn_top1: monitors.knn_last,
         resumed_from: resumed,
         checkpoint: out.join("checkpoint.safetensors"),
         mask_picture: Some(out.join("masks.png")),
