@@ -269,28 +269,7 @@ fn hierarchy(a: HierarchyArgs) -> ehm::Result<()> {
         r.images,
         a.data.display()
     );
-    say!(
-        "{:>9}  {:>8} {:>8} {:>8}   {:>8} {:>8} {:>8}",
-        "segments",
-        "ASA",
-        "BR",
-        "bestIoU",
-        "grid ASA",
-        "grid BR",
-        "grid IoU"
-    );
-    for (k, c) in r.counts.iter().enumerate() {
-        let (t, g) = (&r.teacher[k], &r.grid[k]);
-        say!(
-            "{c:>9}  {:>8.3} {:>8.3} {:>8.3}   {:>8.3} {:>8.3} {:>8.3}",
-            t.asa,
-            t.boundary_recall,
-            t.best_iou,
-            g.asa,
-            g.boundary_recall,
-            g.best_iou
-        );
-    }
+    say!("{r}");
     Ok(())
 }
 
@@ -365,7 +344,7 @@ struct AffinityArgs {
 impl AffinityArgs {
     fn apply(&self, c: &mut ehm::config::EhmConfig, depth: usize) -> ehm::Result<()> {
         if let Some(spec) = &self.affinity_blocks {
-            c.affinity_blocks = parse_blocks(spec, depth)?;
+            c.set_affinity_blocks(spec, depth)?;
         }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
@@ -438,31 +417,6 @@ impl EhmArgs {
         );
         Ok(())
     }
-}
-
-/// `all`, `first:K`, `last:K` or a comma list of block indices.
-fn parse_blocks(spec: &str, depth: usize) -> ehm::Result<Vec<usize>> {
-    let bad = || {
-        ehm::Error::Config(format!(
-            "--affinity-blocks '{spec}': use all, first:K, last:K or a list like 0,1,2"
-        ))
-    };
-    let k = |v: &str| {
-        v.parse::<usize>()
-            .ok()
-            .filter(|&k| (1..=depth).contains(&k))
-            .ok_or_else(bad)
-    };
-    Ok(match spec.split_once(':') {
-        None if spec == "all" => vec![],
-        Some(("first", v)) => (0..k(v)?).collect(),
-        Some(("last", v)) => (depth - k(v)?..depth).collect(),
-        None => spec
-            .split(',')
-            .map(|b| b.trim().parse().map_err(|_| bad()))
-            .collect::<ehm::Result<_>>()?,
-        _ => return Err(bad()),
-    })
 }
 
 /// The supervised recipe shared by finetune and segment (MAE's fine-tuning defaults).
@@ -656,28 +610,9 @@ fn finetune(mut a: FinetuneArgs) -> ehm::Result<()> {
     let r = ehm::train::finetune::finetune(&o)?;
     if a.recipe.json {
         say!("{}", serde_json::to_string(&r).unwrap());
-        return Ok(());
+    } else {
+        say!("{r}");
     }
-    say!(
-        "fine-tune: top-1 {:.2} %, top-5 {:.2} % on {} test images ({} train, {} epochs, {} steps{})",
-        100.0 * r.top1,
-        100.0 * r.top5,
-        r.test_images,
-        r.train_images,
-        r.epochs,
-        r.steps,
-        r.resumed_from.map(|s| format!(", resumed at step {s}")).unwrap_or_default()
-    );
-    say!("  {:<14} {:>8}", "class", "accuracy");
-    for (c, acc) in &r.per_class {
-        say!("  {c:<14} {:>7.2} %", 100.0 * acc);
-    }
-    say!("  checkpoint     {}", r.checkpoint.display());
-    say!(
-        "  confusion      {} / {}",
-        r.confusion_csv.display(),
-        r.confusion_png.display()
-    );
     Ok(())
 }
 
@@ -700,27 +635,9 @@ fn segment(a: SegmentArgs) -> ehm::Result<()> {
     let r = ehm::train::segment::segment(&o)?;
     if a.recipe.json {
         say!("{}", serde_json::to_string(&r).unwrap());
-        return Ok(());
+    } else {
+        say!("{r}");
     }
-    say!(
-        "segmentation: mIoU {:.2} %, pixel accuracy {:.2} % on {} val images ({} train, {}², {} epochs, backbone {})",
-        100.0 * r.miou,
-        100.0 * r.pixel_accuracy,
-        r.val_images,
-        r.train_images,
-        r.image_size,
-        r.epochs,
-        if r.frozen_backbone { "frozen" } else { "fine-tuned" }
-    );
-    say!("  {:<14} {:>8}", "class", "IoU");
-    for (c, iou) in &r.per_class_iou {
-        match iou {
-            Some(v) => say!("  {c:<14} {:>7.2} %", 100.0 * v),
-            None => say!("  {c:<14} {:>8}", "—"),
-        }
-    }
-    say!("  checkpoint     {}", r.checkpoint.display());
-    say!("  predictions    {}", r.predictions_png.display());
     Ok(())
 }
 
@@ -781,24 +698,7 @@ fn probe(a: ProbeArgs) -> ehm::Result<()> {
     if a.json {
         say!("{}", serde_json::to_string(&r).unwrap());
     } else {
-        say!(
-            "linear probe: top-1 {:.2} %, top-5 {:.2} % on {} test images ({} train, {} epochs)",
-            100.0 * r.top1,
-            100.0 * r.top5,
-            r.test_images,
-            r.train_images,
-            r.epochs
-        );
-        say!("  {:<14} {:>8}", "class", "accuracy");
-        for (c, acc) in &r.per_class {
-            say!("  {c:<14} {:>7.2} %", 100.0 * acc);
-        }
-        say!("  checkpoint     {}", r.checkpoint.display());
-        say!(
-            "  confusion      {} / {}",
-            r.confusion_csv.display(),
-            r.confusion_png.display()
-        );
+        say!("{r}");
     }
     Ok(())
 }
@@ -912,14 +812,7 @@ fn pretrain(a: PretrainArgs) -> ehm::Result<()> {
     if a.json {
         say!("{}", serde_json::to_string(&s).unwrap());
     } else {
-        say!(
-            "pretraining finished ({} masking on {})",
-            s.masking,
-            s.device
-        );
-        for (k, v) in s.rows() {
-            say!("  {k:<18} {v}");
-        }
+        say!("{s}");
     }
     Ok(())
 }

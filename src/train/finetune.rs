@@ -59,6 +59,31 @@ pub struct FinetuneReport {
     pub confusion_png: PathBuf,
 }
 
+impl std::fmt::Display for FinetuneReport {
+    /// The report for people (`--json` prints the struct).
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        writeln!(
+            f,
+            "fine-tune: top-1 {:.2} %, top-5 {:.2} % on {} test images ({} train, {} epochs, {} steps{})",
+            100.0 * self.top1,
+            100.0 * self.top5,
+            self.test_images,
+            self.train_images,
+            self.epochs,
+            self.steps,
+            self.resumed_from
+                .map(|s| format!(", resumed at step {s}"))
+                .unwrap_or_default()
+        )?;
+        super::probe::write_classes(
+            f,
+            &self.per_class,
+            &self.checkpoint,
+            (&self.confusion_csv, &self.confusion_png),
+        )
+    }
+}
+
 pub fn finetune(o: &FinetuneOptions) -> Result<FinetuneReport> {
     let r = &o.recipe;
     let device = crate::model::default_device();

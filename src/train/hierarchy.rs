@@ -66,6 +66,26 @@ pub struct HierarchyReport {
     pub grid: Vec<Scores>,
 }
 
+impl std::fmt::Display for HierarchyReport {
+    /// The table for people: per segment count, the teacher's scores beside the grid's.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>9}  {:>8} {:>8} {:>8}   {:>8} {:>8} {:>8}",
+            "segments", "ASA", "BR", "bestIoU", "grid ASA", "grid BR", "grid IoU"
+        )?;
+        for (k, c) in self.counts.iter().enumerate() {
+            let (t, g) = (&self.teacher[k], &self.grid[k]);
+            write!(
+                f,
+                "\n{c:>9}  {:>8.3} {:>8.3} {:>8.3}   {:>8.3} {:>8.3} {:>8.3}",
+                t.asa, t.boundary_recall, t.best_iou, g.asa, g.boundary_recall, g.best_iou
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Score the current teacher's hierarchy on `set`.
 pub fn measure(engine: &Engine, set: &HierarchySet) -> HierarchyReport {
     let grid: Grid = engine.masks.grid;

@@ -82,9 +82,24 @@ pub struct Summary {
     pub mask_picture: Option<PathBuf>,
 }
 
+impl std::fmt::Display for Summary {
+    /// The summary for people (`--json` prints the struct).
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "pretraining finished ({} masking on {})",
+            self.masking, self.device
+        )?;
+        for (k, v) in self.rows() {
+            write!(f, "\n  {k:<18} {v}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Summary {
     /// The summary as (what, value) rows for people (`--json` prints the struct).
-    pub fn rows(&self) -> Vec<(&'static str, String)> {
+    fn rows(&self) -> Vec<(&'static str, String)> {
         let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let batch = if self.processes > 1 {
             format!("{} per step over {} processes", self.batch, self.processes)

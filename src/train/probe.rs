@@ -47,6 +47,42 @@ pub struct ProbeReport {
     pub confusion_png: PathBuf,
 }
 
+impl std::fmt::Display for ProbeReport {
+    /// The report for people (`--json` prints the struct).
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        writeln!(
+            f,
+            "linear probe: top-1 {:.2} %, top-5 {:.2} % on {} test images ({} train, {} epochs)",
+            100.0 * self.top1,
+            100.0 * self.top5,
+            self.test_images,
+            self.train_images,
+            self.epochs
+        )?;
+        write_classes(
+            f,
+            &self.per_class,
+            &self.checkpoint,
+            (&self.confusion_csv, &self.confusion_png),
+        )
+    }
+}
+
+/// A classifier report's per-class accuracies and files, for people (probe and fine-tune).
+pub(crate) fn write_classes(
+    f: &mut std::fmt::Formatter,
+    per_class: &[(String, f64)],
+    checkpoint: &std::path::Path,
+    (csv, png): (&std::path::Path, &std::path::Path),
+) -> std::fmt::Result {
+    writeln!(f, "  {:<14} {:>8}", "class", "accuracy")?;
+    for (c, acc) in per_class {
+        writeln!(f, "  {c:<14} {:>7.2} %", 100.0 * acc)?;
+    }
+    writeln!(f, "  checkpoint     {}", checkpoint.display())?;
+    write!(f, "  confusion      {} / {}", csv.display(), png.display())
+}
+
 /// Top-1 / top-5 / confusion / per-class accuracy of classifier logits on a labelled split —
 /// the one evaluation the probe and fine-tuning share.
 pub struct Evaluation {

@@ -62,6 +62,32 @@ pub struct SegmentReport {
     pub predictions_png: PathBuf,
 }
 
+impl std::fmt::Display for SegmentReport {
+    /// The report for people (`--json` prints the struct).
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        writeln!(
+            f,
+            "segmentation: mIoU {:.2} %, pixel accuracy {:.2} % on {} val images ({} train, {}², {} epochs, backbone {})",
+            100.0 * self.miou,
+            100.0 * self.pixel_accuracy,
+            self.val_images,
+            self.train_images,
+            self.image_size,
+            self.epochs,
+            if self.frozen_backbone { "frozen" } else { "fine-tuned" }
+        )?;
+        writeln!(f, "  {:<14} {:>8}", "class", "IoU")?;
+        for (c, iou) in &self.per_class_iou {
+            match iou {
+                Some(v) => writeln!(f, "  {c:<14} {:>7.2} %", 100.0 * v)?,
+                None => writeln!(f, "  {c:<14} {:>8}", "—")?,
+            }
+        }
+        writeln!(f, "  checkpoint     {}", self.checkpoint.display())?;
+        write!(f, "  predictions    {}", self.predictions_png.display())
+    }
+}
+
 /// One split of a segmentation folder, decoded.
 pub struct SegSplit {
     pub names: Vec<String>,

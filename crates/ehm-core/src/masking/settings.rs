@@ -98,10 +98,62 @@ impl Default for EhmConfig {
 }
 
 impl EhmConfig {
+    /// Set `affinity_blocks` from a spec — `all`, `first:K`, `last:K` or a comma list of block
+    /// indices — for an encoder of `depth` blocks.
+    pub fn set_affinity_blocks(&mut self, spec: &str, depth: usize) -> crate::Result<()> {
+        let bad = || {
+            crate::Error::Config(format!(
+                "--affinity-blocks '{spec}': use all, first:K, last:K or a list like 0,1,2 (of {depth} blocks)"
+            ))
+        };
+        let k = |v: &str| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|&k| (1..=depth).contains(&k))
+                .ok_or_else(bad)
+        };
+        self.affinity_blocks = match spec.split_once(':') {
+            None if spec == "all" => vec![],
+            Some(("first", v)) => (0..k(v)?).collect(),
+            Some(("last", v)) => (depth - k(v)?..depth).collect(),
+            None => spec
+                .split(',')
+                .map(|b| b.trim().parse().ok().filter(|&b| b < depth).ok_or_else(bad))
+                .collect::<crate::Result<_>>()?,
+            _ => return Err(bad()),
+        };
+        Ok(())
+    }
+
     /// The EMA half-life in steps for a run of `total_steps` (at least one step).
     pub fn half_life_steps(&self, total_steps: u64) -> f64 {
         self.ema_half_life_steps
             .unwrap_or(self.ema_half_life * total_steps as f64)
             .max(1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EhmConfig;
+
+    #[test]
+    fn affinity_blocks_from_a_spec() {
+        let mut c = EhmConfig::default();
+        let mut set = |spec: &str| {
+            c.set_affinity_blocks(spec, 12)
+                .map(|_| c.affinity_blocks.clone())
+        };
+        assert_eq!(set("all").unwrap(), Vec::<usize>::new());
+        assert_eq!(set("first:3").unwrap(), [0, 1, 2]);
+        assert_eq!(set("last:2").unwrap(), [10, 11]);
+        assert_eq!(set("0, 4,11").unwrap(), [0, 4, 11]);
+        for bad in ["first:0", "last:13", "middle:2", "0,12", "x", ""] {
+            let e = set(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("--affinity-blocks") && e.contains("12 blocks"),
+                "{bad}: {e}"
+            );
+        }
     }
 }
