@@ -25,7 +25,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn onnx_matches_tch_for_backbone_and_embed() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     // tch model from the same checkpoint
     let c = CheckpointConfig::read(&run).unwrap().config;
     let (vit, pre) = (c.model, c.preprocess);
@@ -123,7 +123,7 @@ fn onnx_matches_tch_for_backbone_and_embed() {
 #[test]
 fn bad_exports_fail_cleanly_and_leave_no_file() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let out = d.path().join("x.onnx");
     // a head the checkpoint lacks
     let o = export(&run, "classify", &out);
@@ -172,7 +172,7 @@ fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
         py.display()
     );
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let fm = data::fashion_mnist(&data::fashion_mnist_dir(), "test").unwrap();
     let pre = CheckpointConfig::read(&run).unwrap().config.preprocess;
     let mut x = Vec::new();
@@ -236,7 +236,7 @@ fn python_onnx_checker_and_onnxruntime_agree_with_ours() {
 #[test]
 fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let file = d.path().join("embed24.onnx");
     let o = Command::new(common::tool("ehm-export"))
         .arg("onnx")
@@ -292,9 +292,9 @@ fn export_at_another_image_size_matches_timm_style_bicubic_pos_embed() {
 #[test]
 fn probe_head_learns_and_exports_as_a_classifier() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let probe_dir = d.path().join("probe");
-    let cifar = d.path().display().to_string();
+    let cifar = common::shared_micro().data.display().to_string();
     let o = Command::new(env!("CARGO_BIN_EXE_ehm-train"))
         .arg("probe")
         .arg(&run)
@@ -400,7 +400,7 @@ fn import_adopts_a_foreign_vit_and_matches_our_embed_export() {
     use ehm::onnx::{ModelProto, NodeProto};
     use prost::Message;
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let (ours, backbone) = (d.path().join("ours.onnx"), d.path().join("bb.onnx"));
     assert!(export(&run, "embed", &ours).status.success());
     assert!(export(&run, "backbone", &backbone).status.success());
@@ -652,7 +652,7 @@ fn int8_export_is_small_close_to_fp32_and_batch_independent() {
     use ehm::onnx::ModelProto;
     use prost::Message;
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let c = CheckpointConfig::read(&run).unwrap().config;
     let (vit, pre) = (c.model, c.preprocess);
     let (fp32, int8) = (d.path().join("fp32.onnx"), d.path().join("int8.onnx"));
@@ -770,7 +770,7 @@ fn int8_export_is_small_close_to_fp32_and_batch_independent() {
 fn session_pool_output_equals_one_session() {
     use ehm::infer::Parallelism;
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let file = d.path().join("embed.onnx");
     assert!(export(&run, "embed", &file).status.success());
     let mut one = OrtModel::open(&file, 1).unwrap();

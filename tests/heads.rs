@@ -15,8 +15,8 @@ fn train_cmd() -> Command {
 #[test]
 fn finetune_learns_resumes_and_exports_a_classifier() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
-    let cifar = d.path().display().to_string();
+    let run = common::shared_micro().run.clone();
+    let cifar = common::shared_micro().data.display().to_string();
     let out = d.path().join("ft");
     let cmd = || {
         let mut c = train_cmd();
@@ -83,8 +83,8 @@ fn the_mae_recipe_fills_the_flags_not_given_and_learns() {
     // --recipe mae: RandAugment, random erasing, Mixup / CutMix with soft targets, layer
     // decay 0.65, global pool … for every flag not given; a given flag wins
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
-    let cifar = d.path().display().to_string();
+    let run = common::shared_micro().run.clone();
+    let cifar = common::shared_micro().data.display().to_string();
     let ft = |out: &std::path::Path, extra: &[&str]| {
         let o = train_cmd()
             .arg("finetune")
@@ -135,7 +135,7 @@ fn the_mae_recipe_fills_the_flags_not_given_and_learns() {
 #[test]
 fn segment_head_learns_and_exports_with_tch_parity() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let seg = d.path().join("seg");
     common::write_segset(&seg, 64, 16);
     let out = d.path().join("segrun");

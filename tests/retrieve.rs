@@ -86,7 +86,7 @@ fn export_embed(ckpt: &Path, out: &Path) {
 #[test]
 fn index_query_remove_compact_and_refusals() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let model = d.path().join("embed.onnx");
     export_embed(&run, &model);
     let photos = write_images(&d.path().join("photos"), 8);
@@ -239,7 +239,7 @@ fn index_query_remove_compact_and_refusals() {
     let other = d.path().join("other.onnx");
     ok(Command::new(env!("CARGO_BIN_EXE_ehm-train"))
         .args(["init", "--model"])
-        .arg(d.path().join("micro.toml"))
+        .arg(common::write_model(d.path()))
         .arg("-o")
         .arg(d.path().join("init"))
         .output()
@@ -915,7 +915,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--view-size"), "{err}");
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let fixed = d.path().join("fixed.onnx");
     export_embed(&run, &fixed);
     let o = retrieve()

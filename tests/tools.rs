@@ -37,8 +37,8 @@ fn export(ckpt: &Path, task: &str, out: &Path) {
 /// Images of several sizes cut from the synthetic CIFAR records, plus three bad files.
 fn write_inputs(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     std::fs::create_dir_all(dir).unwrap();
-    let cifar = ehm::data::cifar::load(dir.parent().unwrap(), "test")
-        .expect("synthetic CIFAR written by pretrained_micro");
+    let cifar = ehm::data::cifar::load(&common::shared_micro().data, "test")
+        .expect("the synthetic CIFAR of the shared micro model");
     use ehm::data::Dataset;
     let mut good = Vec::new();
     for (i, size) in [(0usize, 32u32), (5, 48), (10, 20), (15, 64), (22, 40)] {
@@ -93,8 +93,8 @@ fn tch_probs(ckpt: &Path, pre: &Preprocess, files: &[PathBuf]) -> Vec<Vec<f32>> 
 #[test]
 fn classify_matches_tch_and_skips_bad_inputs() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
-    let cifar = d.path().display().to_string();
+    let run = common::shared_micro().run.clone();
+    let cifar = common::shared_micro().data.display().to_string();
     let probe = d.path().join("probe");
     ok(ehm("train")
         .arg("probe")
@@ -245,7 +245,7 @@ fn classify_matches_tch_and_skips_bad_inputs() {
 #[test]
 fn segment_writes_maps_equal_to_tch_and_overlays() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let seg = d.path().join("seg");
     common::write_segset(&seg, 32, 6);
     let segrun = d.path().join("segrun");
@@ -406,7 +406,7 @@ fn segment_writes_maps_equal_to_tch_and_overlays() {
 #[test]
 fn a_segment_head_on_an_onnx_backbone_exports_and_segments_as_it_was_evaluated() {
     let d = tempfile::tempdir().unwrap();
-    let run = common::pretrained_micro(d.path());
+    let run = common::shared_micro().run.clone();
     let seg = d.path().join("seg");
     common::write_segset(&seg, 32, 6);
     // the backbone as the only thing the head sees: an ONNX file

@@ -183,6 +183,28 @@ pub fn pretrained_micro(dir: &Path) -> PathBuf {
     out
 }
 
+/// The micro model pretrained once per test binary, as `pretrained_micro` makes it: `run` (the
+/// run folder) and `data` (the synthetic CIFAR folder it trained on, `cifar:DATA:train|test`).
+/// Shared by the tests of the binary, so read-only: a test writes into its own temp folder.
+pub struct SharedMicro {
+    pub run: PathBuf,
+    pub data: PathBuf,
+}
+
+pub fn shared_micro() -> &'static SharedMicro {
+    static MICRO: std::sync::OnceLock<SharedMicro> = std::sync::OnceLock::new();
+    MICRO.get_or_init(|| {
+        // under cargo's per-package temp folder, one per test binary, rebuilt by every run
+        let data = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("pretrained_micro")
+            .join(env!("CARGO_CRATE_NAME"));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data).unwrap();
+        let run = pretrained_micro(&data);
+        SharedMicro { run, data }
+    })
+}
+
 /// A segmentation folder: 32×32 grey noise with a red (1) or blue (2) square, the border of each
 /// square marked 255 (ignore).
 pub fn write_segset(root: &Path, n_train: usize, n_val: usize) {
