@@ -779,6 +779,74 @@ fn write_any_size_vit(path: &Path) {
     std::fs::write(path, m.encode_to_vec()).unwrap();
 }
 
+/// A model whose input size is open runs each call on a session made for that exact shape
+/// (ONNX Runtime can then fold shape-dependent parts, such as a position-embedding resize, into
+/// constants): the outputs equal the general session's for every size and image count, in
+/// parallel lanes too, and past the cap of exact sessions the general one takes over.
+#[test]
+fn exact_shape_sessions_give_the_general_sessions_outputs() {
+    use ehm::infer::{OrtModel, Parallelism};
+    let d = tempfile::tempdir().unwrap();
+    let foreign = d.path().join("foreign.onnx");
+    write_any_size_vit(&foreign);
+    let model = d.path().join("any.onnx");
+    ok(Command::new(common::tool("ehm-export"))
+        .arg("import")
+        .arg(&foreign)
+        .args([
+            "--tokens",
+            "/tokens",
+            "--patch-size",
+            "4",
+            "--image-size",
+            "32",
+            "-o",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap());
+    let par = Parallelism::split(2, None);
+    let mut exact = OrtModel::open_with(&model, par).unwrap();
+    let mut general = OrtModel::open_with(&model, par)
+        .unwrap()
+        .with_exact_sessions(false);
+    assert_eq!(
+        exact.contract.input_dim_names[2..],
+        [Some("height".to_string()), Some("width".to_string())]
+    );
+    let mut shapes = 0;
+    for s in [8usize, 12, 16, 20, 32] {
+        for n in [1usize, 3, 4] {
+            let px: Vec<f32> = (0..n * 3 * s * s)
+                .map(|i| ((i * 7919 % 251) as f32 / 125.0) - 1.0)
+                .collect();
+            let want = general
+                .run_outputs_at(&px, n, s as u32, &["embedding", "patch_tokens"])
+                .unwrap();
+            let have = exact
+                .run_outputs_at(&px, n, s as u32, &["embedding", "patch_tokens"])
+                .unwrap();
+            for ((ws, wv), (hs, hv)) in want.iter().zip(&have) {
+                assert_eq!(ws, hs, "{n} images of {s}²");
+                let diff = wv
+                    .iter()
+                    .zip(hv)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-5, "{n} images of {s}²: {diff}");
+            }
+            shapes += 1;
+        }
+    }
+    assert_eq!(general.exact_session_count(), 0);
+    // two lanes share each call: shapes (⌈n/2⌉, s) and (⌊n/2⌋, s); at most 8 per lane
+    let made = exact.exact_session_count();
+    assert!(
+        made > shapes / 2 && made <= 16,
+        "{made} exact sessions for {shapes} shapes"
+    );
+}
+
 /// A model that runs at any size is adopted with its input size open, and an index runs its
 /// regional views at their own size when asked (`--view-size fit`): every view's
 /// vector is the model's output for that crop at that size, in the right order across a batch

@@ -117,6 +117,25 @@ pub fn default_opset(m: &ModelProto) -> i64 {
         .unwrap_or(0)
 }
 
+/// The `dim_param` names of a value's dimensions (`None`: fixed or unnamed).
+pub fn dim_names(v: &ValueInfoProto) -> Vec<Option<String>> {
+    use crate::onnx::tensor_shape_proto::dimension::Value as Dim;
+    let Some(crate::onnx::type_proto::Value::TensorType(t)) =
+        v.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return vec![];
+    };
+    t.shape.as_ref().map_or(vec![], |s| {
+        s.dim
+            .iter()
+            .map(|d| match &d.value {
+                Some(Dim::DimParam(p)) if !p.is_empty() => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    })
+}
+
 /// The static dimensions of a graph input or output (`None` for a dynamic one).
 pub fn dims(v: &ValueInfoProto) -> Vec<Option<i64>> {
     use crate::onnx::tensor_shape_proto::dimension::Value as Dim;
@@ -179,6 +198,9 @@ pub struct ModelContract {
     /// size (ViTs that interpolate their position embedding, e.g. adopted DINOv2), so a small
     /// crop can run at its own size instead of being upsampled (`pipeline::ViewSize::Fit`).
     pub any_input_size: bool,
+    /// The names of the input's open dimensions (`dim_param`), by axis; `None` where the
+    /// dimension is fixed or unnamed.
+    pub input_dim_names: Vec<Option<String>>,
 }
 
 impl ModelContract {
@@ -229,6 +251,7 @@ impl ModelContract {
             return Err(format!("no '{INPUT}' input (inputs: {inputs:?})"));
         };
         let any_input_size = matches!(dims(input)[..], [_, _, None, None]);
+        let input_dim_names = dim_names(input);
         let Some(out) = g
             .output
             .iter()
@@ -272,6 +295,7 @@ impl ModelContract {
             parameters,
             same_embedding_as,
             any_input_size,
+            input_dim_names,
         })
     }
 }
