@@ -779,6 +779,56 @@ fn write_any_size_vit(path: &Path) {
     std::fs::write(path, m.encode_to_vec()).unwrap();
 }
 
+/// An index keeps one pHash per image, so indexing hashes the whole image only; a query
+/// hashes every window (each may frame an exact copy). Either way a hash is the pHash of the
+/// view's pixels.
+#[test]
+fn an_index_hashes_the_whole_image_and_a_query_every_window() {
+    use ehm::infer::Parallelism;
+    use ehm::pipeline::{crop_view, HashViews, ViewSize, FULL};
+    use ehm::retrieval::descriptor::{phash_bits, views, DescribeOptions, Describer, Regions};
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("embed.onnx");
+    export_embed(&common::shared_micro().run, &model);
+    let images = write_images(&d.path().join("db"), 3);
+    let mut describer = Describer::embed(&model, Parallelism::single(1)).unwrap();
+    for hashes in [HashViews::Whole, HashViews::Every] {
+        let how = DescribeOptions {
+            views: views(Regions::Standard),
+            extra_views: None,
+            hashes: Some(hashes),
+            patch_tokens: false,
+            view_size: ViewSize::Input,
+            batch: 2,
+            threads: 1,
+            progress: false,
+        };
+        let mut seen = 0;
+        describer
+            .describe(&images, &how, |r| {
+                let r = r.unwrap();
+                let img = image::open(&r.path).unwrap().to_rgb8();
+                let hashed = match hashes {
+                    HashViews::Whole => 1,
+                    HashViews::Every => r.views.len(),
+                };
+                let want: Vec<u64> = r.views[..hashed]
+                    .iter()
+                    .map(|v| match *v == FULL {
+                        true => phash_bits(&img),
+                        false => phash_bits(&crop_view(&img, v)),
+                    })
+                    .collect();
+                assert_eq!(r.views.len(), 6);
+                assert_eq!(r.hashes, want, "{hashes:?} {}", r.path.display());
+                seen += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, 3);
+    }
+}
+
 /// A model whose input size is open runs each call on a session made for that exact shape
 /// (ONNX Runtime can then fold shape-dependent parts, such as a position-embedding resize, into
 /// constants): the outputs equal the general session's for every size and image count, in
@@ -914,7 +964,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
     let how = DescribeOptions {
         views: views.clone(),
         extra_views: None,
-        hashes: false,
+        hashes: None,
         patch_tokens: false,
         view_size: ViewSize::Fit,
         batch: 2,

@@ -164,9 +164,9 @@ pub struct RunOptions {
     /// More views chosen per image from its pixels (e.g. the rectangles a collage is made
     /// of), after `views`; the model runs them in the same batch.
     pub extra_views: Option<ViewFinder>,
-    /// A 64-bit fingerprint of each view's pixels (e.g. pHash), computed while the decoded
-    /// image is at hand.
-    pub view_hash: Option<fn(&RgbImage) -> u64>,
+    /// A 64-bit fingerprint of the views' pixels (e.g. pHash), computed while the decoded
+    /// image is at hand: of the whole image (`HashViews::Whole`) or of every view.
+    pub view_hash: Option<(ViewHash, HashViews)>,
     /// Progress bar on stderr (shown when there are more inputs than a screenful).
     pub progress: bool,
     /// Also read the model's `patch_tokens` output (embed models that have it).
@@ -337,6 +337,18 @@ fn run_by_size(model: &mut OrtModel, ok: &[&Prepared], outputs: &[&str]) -> Resu
         .collect())
 }
 
+/// A 64-bit fingerprint of an image's pixels (e.g. pHash).
+pub type ViewHash = fn(&RgbImage) -> u64;
+
+/// Which views `RunOptions::view_hash` fingerprints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashViews {
+    /// The whole image only (an index keeps one pHash per image).
+    Whole,
+    /// Every view (a query's windows each look for an exact copy).
+    Every,
+}
+
 /// What chooses an image's extra windows from its pixels (`RunOptions::extra_views`).
 pub type ViewFinder = fn(&RgbImage) -> Vec<View>;
 
@@ -345,7 +357,7 @@ fn prepare(
     pre: &Preprocess,
     keep: bool,
     (views, extra, fit): (&[View], Option<ViewFinder>, Option<u32>),
-    hash: Option<fn(&RgbImage) -> u64>,
+    hash: Option<(ViewHash, HashViews)>,
 ) -> Result<Prepared> {
     let img = load_rgb(path)?;
     let mut views = views.to_vec();
@@ -380,7 +392,11 @@ fn prepare(
             };
             sized.eval_into(part, &mut pixels[at..]);
         }
-        hashes.extend(hash.map(|f| f(part)));
+        match hash {
+            Some((f, HashViews::Every)) => hashes.push(f(part)),
+            Some((f, HashViews::Whole)) if *v == FULL => hashes.push(f(part)),
+            _ => {}
+        }
     }
     Ok(Prepared {
         path: path.to_path_buf(),

@@ -7,7 +7,9 @@ use crate::contract::Task;
 use crate::data::image_io::load_rgb;
 use crate::error::{Error, Result};
 use crate::infer::{OrtModel, Parallelism};
-use crate::pipeline::{self, crop_view, Item, RunOptions, View, ViewFinder, ViewSize, FULL};
+use crate::pipeline::{
+    self, crop_view, HashViews, Item, RunOptions, View, ViewFinder, ViewSize, FULL,
+};
 use image::RgbImage;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -128,8 +130,9 @@ pub struct DescribeOptions {
     pub views: Vec<View>,
     /// Windows chosen per image after those (`extra_views`).
     pub extra_views: Option<ViewFinder>,
-    /// Also the pHash bits of every window (exact-copy evidence besides the embedding).
-    pub hashes: bool,
+    /// Also the pHash bits of the whole image or of every window (exact-copy evidence besides
+    /// the embedding); `None`: none.
+    pub hashes: Option<HashViews>,
     /// Also the patch tokens of every window (embed models with `patch_tokens`; for
     /// `verify`).
     pub patch_tokens: bool,
@@ -161,7 +164,8 @@ pub struct Described {
     pub vectors: Vec<f32>,
     /// The windows described (fractions of the image; the whole image first).
     pub views: Vec<View>,
-    /// pHash bits of each window, when asked for (`DescribeOptions::hashes`).
+    /// pHash bits of the whole image or of each window, as asked for
+    /// (`DescribeOptions::hashes`).
     pub hashes: Vec<u64>,
     /// The patch tokens of each window (`views × P × D`), when asked for
     /// (`DescribeOptions::patch_tokens`).
@@ -237,7 +241,7 @@ impl Describer {
     {
         let (views, extra_views, batch, threads, progress) =
             (&o.views[..], o.extra_views, o.batch, o.threads, o.progress);
-        let view_hash = o.hashes.then_some(phash_bits as fn(&RgbImage) -> u64);
+        let view_hash = o.hashes.map(|h| (phash_bits as pipeline::ViewHash, h));
         match &mut self.model {
             Some(model) => {
                 let opts = RunOptions {
@@ -292,10 +296,10 @@ impl Describer {
                                 })
                                 .collect();
                             // the hash bits are the vector's signs
-                            let hashes = if view_hash.is_some() {
-                                vectors.chunks(64).map(bits_of).collect()
-                            } else {
-                                Vec::new()
+                            let hashes = match o.hashes {
+                                Some(HashViews::Every) => vectors.chunks(64).map(bits_of).collect(),
+                                Some(HashViews::Whole) => vec![bits_of(&vectors[..64])],
+                                None => Vec::new(),
                             };
                             Ok(Described {
                                 path: p.clone(),

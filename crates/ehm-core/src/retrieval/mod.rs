@@ -14,7 +14,7 @@ pub mod verify;
 
 use crate::error::{Error, Result};
 use crate::infer::Parallelism;
-use crate::pipeline::{View, ViewSize};
+use crate::pipeline::{HashViews, View, ViewSize};
 use descriptor::{views, Describer, DescriptorKind, Regions};
 use hnsw::HnswParams;
 use index::{Index, IndexMeta, ModelRef};
@@ -233,7 +233,8 @@ pub(crate) fn indexing(meta: &IndexMeta, o: &BuildOptions) -> descriptor::Descri
     descriptor::DescribeOptions {
         views: meta.views.clone(),
         extra_views: descriptor::extra_views(meta.regions),
-        hashes: meta.descriptor == DescriptorKind::Embed,
+        // the index keeps the whole image's pHash
+        hashes: (meta.descriptor == DescriptorKind::Embed).then_some(HashViews::Whole),
         patch_tokens: false,
         view_size: meta.view_size,
         batch: o.batch,
@@ -801,7 +802,8 @@ pub fn run_queries(
     let how = descriptor::DescribeOptions {
         views: views(o.regions),
         extra_views: descriptor::extra_views(o.regions),
-        hashes: o.exact_copies && ix.meta.descriptor == DescriptorKind::Embed,
+        hashes: (o.exact_copies && ix.meta.descriptor == DescriptorKind::Embed)
+            .then_some(HashViews::Every),
         patch_tokens: grid.is_some(),
         // the query's windows at full size (their patch tokens are verified on the full grid)
         view_size: ViewSize::Input,
@@ -949,7 +951,7 @@ fn candidate_tokens(
     let how = descriptor::DescribeOptions {
         views: vec![crate::pipeline::FULL],
         extra_views: None,
-        hashes: false,
+        hashes: None,
         patch_tokens: true,
         view_size: ViewSize::Input,
         batch: QUERY_BATCH,
