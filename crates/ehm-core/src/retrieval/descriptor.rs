@@ -70,12 +70,100 @@ pub fn views(r: Regions) -> Vec<View> {
     v
 }
 
+/// The image's luma at 32×32: `image::imageops::grayscale` then `resize(…, 32, 32, Lanczos3)`,
+/// bit for bit (tested) — their arithmetic in the same order, but on one channel and a row at a
+/// time, several times faster on large photos (pHash was an eighth of an index run's time).
+fn luma_32x32(img: &RgbImage) -> Vec<u8> {
+    const N: usize = 32;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    // sRGB luma in integers, as `image`'s `Rgb::to_luma`
+    let gray: Vec<u8> = img
+        .as_raw()
+        .chunks_exact(3)
+        .map(|p| ((2126 * p[0] as u32 + 7152 * p[1] as u32 + 722 * p[2] as u32) / 10000) as u8)
+        .collect();
+    if (w, h) == (N, N) {
+        return gray; // `resize` copies an image of the target size
+    }
+    // vertical pass: 32 rows of w sums, each sum over its taps in order
+    let mut rows = vec![0f32; N * w];
+    for (oy, (top, ws)) in lanczos3_taps(h, N).into_iter().enumerate() {
+        let acc = &mut rows[oy * w..(oy + 1) * w];
+        for (i, wt) in ws.into_iter().enumerate() {
+            let src = &gray[(top + i) * w..(top + i + 1) * w];
+            for (a, &p) in acc.iter_mut().zip(src) {
+                *a += p as f32 * wt;
+            }
+        }
+    }
+    // horizontal pass, clamped and rounded to bytes
+    let mut out = vec![0u8; N * N];
+    for (ox, (left, ws)) in lanczos3_taps(w, N).into_iter().enumerate() {
+        for y in 0..N {
+            let row = &rows[y * w + left..];
+            let mut t = 0f32;
+            for (&v, &wt) in row.iter().zip(&ws) {
+                t += v * wt;
+            }
+            let t = if t < 0.0 {
+                0.0
+            } else if t > 255.0 {
+                255.0
+            } else {
+                t
+            };
+            out[y * N + ox] = t.round() as u8;
+        }
+    }
+    out
+}
+
+/// `image::imageops::sample`'s Lanczos3 filter from `len` samples to `n`: for each output, its
+/// first input and normalised weights.
+fn lanczos3_taps(len: usize, n: usize) -> Vec<(usize, Vec<f32>)> {
+    fn sinc(t: f32) -> f32 {
+        let a = t * std::f32::consts::PI;
+        if t == 0.0 {
+            1.0
+        } else {
+            a.sin() / a
+        }
+    }
+    let kernel = |x: f32| {
+        if x.abs() < 3.0 {
+            sinc(x) * sinc(x / 3.0)
+        } else {
+            0.0
+        }
+    };
+    let ratio = len as f32 / n as f32;
+    let sratio = if ratio < 1.0 { 1.0 } else { ratio };
+    let support = 3.0 * sratio;
+    (0..n)
+        .map(|o| {
+            let centre = (o as f32 + 0.5) * ratio;
+            let left = ((centre - support).floor() as i64).clamp(0, len as i64 - 1);
+            let right = ((centre + support).ceil() as i64).clamp(left + 1, len as i64);
+            let centre = centre - 0.5;
+            let mut ws: Vec<f32> = (left..right)
+                .map(|i| kernel((i as f32 - centre) / sratio))
+                .collect();
+            let mut sum = 0.0f32;
+            for &w in &ws {
+                sum += w;
+            }
+            for w in &mut ws {
+                *w /= sum;
+            }
+            (left as usize, ws)
+        })
+        .collect()
+}
+
 /// pHash of an image: luma → 32×32 → 2-D DCT-II → the 8×8 lowest frequencies → bit = above their
 /// median; returned as 64 values of ±1/8.
 pub fn phash(img: &RgbImage) -> Vec<f32> {
-    let gray = image::imageops::grayscale(img);
-    let small = image::imageops::resize(&gray, 32, 32, image::imageops::FilterType::Lanczos3);
-    let px: Vec<f64> = small.pixels().map(|p| p.0[0] as f64).collect();
+    let px: Vec<f64> = luma_32x32(img).into_iter().map(f64::from).collect();
     let n = 32;
     // DCT-II along rows then columns, only the 8 lowest frequencies are needed in each
     let cos: Vec<f64> = (0..8 * n)
@@ -331,6 +419,37 @@ impl Describer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn luma_32x32_is_images_grayscale_and_lanczos3_resize_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let sizes = [
+            (1, 1),
+            (5, 3),
+            (32, 32),
+            (31, 33),
+            (40, 7),
+            (64, 64),
+            (333, 201),
+            (1200, 800),
+        ];
+        for (w, h) in sizes {
+            // noise over a gradient: every tap weight matters
+            let img = RgbImage::from_fn(w, h, |x, y| {
+                let g = ((x * 255) / w.max(1) + (y * 128) / h.max(1)) as u8;
+                image::Rgb([
+                    g.wrapping_add(rng.random_range(0..40)),
+                    rng.random(),
+                    255 - g,
+                ])
+            });
+            let gray = image::imageops::grayscale(&img);
+            let want =
+                image::imageops::resize(&gray, 32, 32, image::imageops::FilterType::Lanczos3);
+            assert_eq!(luma_32x32(&img), want.into_raw(), "{w}×{h}");
+        }
+    }
 
     #[test]
     fn phash_is_stable_under_mild_changes_and_differs_across_images() {
