@@ -105,14 +105,7 @@ fn luma_32x32(img: &RgbImage) -> Vec<u8> {
             for (&v, &wt) in row.iter().zip(&ws) {
                 t += v * wt;
             }
-            let t = if t < 0.0 {
-                0.0
-            } else if t > 255.0 {
-                255.0
-            } else {
-                t
-            };
-            out[y * N + ox] = t.round() as u8;
+            out[y * N + ox] = t.clamp(0.0, 255.0).round() as u8;
         }
     }
     out
