@@ -73,10 +73,13 @@ fn session(
 struct Lane {
     general: ort::session::Session,
     exact: std::collections::HashMap<(usize, usize), ort::session::Session>,
+    /// Shapes whose exact session could not be made (they run on `general`).
+    refused: std::collections::HashSet<(usize, usize)>,
 }
 
-/// Most exact-shape sessions a lane keeps (each holds a copy of the weights); calls of other
-/// shapes run on the general session.
+/// Most exact-shape sessions a lane keeps (each holds a copy of the weights: for an int8
+/// DINOv2-S, 25 MB; the serving tools meet a handful of shapes — the input size, the fitted
+/// crop sizes, a batch's remainder); calls of other shapes run on the general session.
 const EXACT_SESSIONS: usize = 8;
 
 /// How many ONNX Runtime sessions run batches side by side, and with how many threads each.
@@ -287,6 +290,7 @@ impl Lane {
         Ok(Lane {
             general: session(path, source, threads, &[])?,
             exact: Default::default(),
+            refused: Default::default(),
         })
     }
 
@@ -297,7 +301,7 @@ impl Lane {
         };
         let key = (n, s);
         if !self.exact.contains_key(&key) {
-            if self.exact.len() >= EXACT_SESSIONS {
+            if self.exact.len() >= EXACT_SESSIONS || self.refused.contains(&key) {
                 return Ok(&mut self.general);
             }
             let mut fixed: Vec<(String, i64)> = Vec::new();
@@ -311,8 +315,16 @@ impl Lane {
                     None => fixed.push((name.clone(), v as i64)),
                 }
             }
-            let exact = session(call.path, call.source, call.threads, &fixed)?;
-            self.exact.insert(key, exact);
+            match session(call.path, call.source, call.threads, &fixed) {
+                Ok(exact) => {
+                    self.exact.insert(key, exact);
+                }
+                // the general session runs any shape: a speed-up that cannot be had is no error
+                Err(_) => {
+                    self.refused.insert(key);
+                    return Ok(&mut self.general);
+                }
+            }
         }
         Ok(self.exact.get_mut(&key).expect("just made"))
     }

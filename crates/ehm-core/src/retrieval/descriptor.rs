@@ -76,6 +76,9 @@ pub fn views(r: Regions) -> Vec<View> {
 fn luma_32x32(img: &RgbImage) -> Vec<u8> {
     const N: usize = 32;
     let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return vec![0; N * N]; // as `resize` of an empty image
+    }
     // sRGB luma in integers, as `image`'s `Rgb::to_luma`
     let gray: Vec<u8> = img
         .as_raw()
