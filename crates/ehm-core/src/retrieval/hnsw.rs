@@ -232,7 +232,8 @@ struct Scratch {
     nb: Vec<u32>,
     fresh: Vec<u32>,
     sorted: Vec<(f32, u32)>,
-    kept: Vec<(f32, u32)>,
+    /// The inserted node's chosen neighbours, per layer, until it links back.
+    kept: Vec<Vec<(f32, u32)>>,
     /// `link_back`'s candidates and re-pruned list.
     back: Vec<(f32, u32)>,
     pruned: Vec<(f32, u32)>,
@@ -309,24 +310,39 @@ where
                 }
             }
         }
-        for layer in (0..=level.min(top)).rev() {
+        // The node's own lists on every layer first, the links back to it after: it becomes
+        // reachable only once all its lists are set. Linking back layer by layer let another
+        // thread reach it on an upper layer while its layer-0 list was still empty — that
+        // search found only the node, linked into it, and lost those links when the node then
+        // set its list: islands of a few rows that searches did not find. (hnswlib holds the
+        // node's lock for its whole insertion instead.) One thread builds the same graph as
+        // before: a layer's search never reads the lists of the layers above it.
+        let low = level.min(top);
+        if s.kept.len() <= low {
+            s.kept.resize_with(low + 1, Vec::new);
+        }
+        for layer in (0..=low).rev() {
             let read = |c: u32, out: &mut Vec<u32>| self.links.read(c, layer, out);
             self.search_layer(q, i, ep, read, s);
             s.sorted.clear();
             s.sorted.extend(s.best.drain().map(|(D(d), x)| (d, x)));
             s.sorted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
             let sorted = std::mem::take(&mut s.sorted);
-            let mut kept = std::mem::take(&mut s.kept);
+            let mut kept = std::mem::take(&mut s.kept[layer]);
             self.select(&sorted, self.m, &mut kept);
             {
                 let _g = lock(&self.links.locks[i as usize]);
                 Links::set(self.links.slot(i, layer), kept.iter().map(|k| k.1));
             }
+            ep = kept.first().copied().unwrap_or(ep);
+            (s.sorted, s.kept[layer]) = (sorted, kept);
+        }
+        for layer in (0..=low).rev() {
+            let kept = std::mem::take(&mut s.kept[layer]);
             for &(d, e) in &kept {
                 self.link_back(e, i, d, layer, s);
             }
-            ep = kept.first().copied().unwrap_or(ep);
-            (s.sorted, s.kept) = (sorted, kept);
+            s.kept[layer] = kept;
         }
         if let Some(mut g) = guard {
             *g = (i, level);
@@ -646,16 +662,47 @@ mod tests {
         }
         let recall = hits as f64 / (200.0 * 10.0);
         assert!(recall >= 0.98, "recall@10 {recall}");
-        // Approximate search: a few rows may miss themselves. One-thread builds miss none here;
-        // two-thread builds sometimes leave a small group reached by one link only (seen: up
-        // to 26 rows of 3000), which ef 64 does not find.
-        let lost = (0..n)
+    }
+
+    /// Rows of `data` whose own vector does not find them first at ef 64.
+    fn unfound(g: Graph, data: &[f32], dim: usize) -> usize {
+        let n = data.len() / dim;
+        let f = FlatGraph::new(g.layer0, g.upper, g.entry, dim);
+        let table = f.node_ordered(|r| &data[r * dim..(r + 1) * dim]);
+        let mut s = Scratch::new(n);
+        (0..n)
             .filter(|&r| {
                 let v = &data[r * dim..(r + 1) * dim];
                 f.search(&table, v, 1, 64, &|_| true, &mut s)[0].0 != r
             })
-            .count();
-        assert!(lost <= n / 50, "{lost} of {n} rows do not find themselves");
+            .count()
+    }
+
+    #[test]
+    fn parallel_builds_leave_no_row_unfindable() {
+        // Before the builder linked back only after setting all of a node's lists, a second
+        // thread could reach a node on an upper layer while its layer-0 list was still empty
+        // and build a little island around it: 9–14 unfound rows in every set of these 18
+        // builds (hnswlib's 2-thread builds: none). One-thread builds never lost any.
+        let (n, dim) = (3000, 32);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut lost = vec![];
+        for data_seed in 1..=6 {
+            let data = clustered(n, dim, data_seed);
+            for seed in [SEED, 7, 99] {
+                let row = |r: usize| &data[r * dim..(r + 1) * dim];
+                let g = pool.install(|| build(n, dim, row, 16, 100, seed));
+                lost.push(unfound(g, &data, dim));
+            }
+        }
+        // approximate search may miss a row now and then; islands miss several per set
+        assert!(
+            lost.iter().sum::<usize>() <= 2,
+            "rows that do not find themselves, per build: {lost:?}"
+        );
     }
 
     #[test]
@@ -672,9 +719,7 @@ mod tests {
             data.extend(v); // and 39 pairs
         }
         let n = data.len() / dim;
-        // one thread: this test is about the duplicate rule; a 2-thread build can leave a
-        // row or two that do not find themselves (the recall test above allows for it, and
-        // it failed this test once in a fresh clone on 2026-12-03)
+        // one thread: this test is about the duplicate rule (parallel builds: the test above)
         let g = on_one_thread(|| graph(&data, dim, 8, 64));
         assert_eq!(reachable(&g), n);
         let f = FlatGraph::new(g.layer0, g.upper, g.entry, dim);
