@@ -200,15 +200,14 @@ pub fn shared_micro() -> &'static SharedMicro {
         // must not share it); folders of processes that have ended are removed
         let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pretrained_micro");
         let prefix = format!("{}-", env!("CARGO_CRATE_NAME"));
+        // (only where /proc tells which processes live)
+        let procfs = Path::new("/proc/self").exists();
+        let ended = |p: u32| procfs && !Path::new(&format!("/proc/{p}")).exists();
         for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let pid = name
                 .strip_prefix(&prefix)
                 .and_then(|p| p.parse::<u32>().ok());
-            // (only where /proc tells which processes live)
-            let ended = |p: u32| {
-                Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{p}")).exists()
-            };
             if pid.is_some_and(ended) {
                 let _ = std::fs::remove_dir_all(e.path());
             }

@@ -72,12 +72,12 @@ fn session(
 /// exact session runs such a call 1.3–1.5× faster, with outputs equal to float rounding.
 struct Lane {
     general: ort::session::Session,
-    exact: std::collections::HashMap<(usize, usize), ort::session::Session>,
-    /// Shapes whose exact session could not be made (they run on `general`).
-    refused: std::collections::HashSet<(usize, usize)>,
+    /// By (batch, side); `None`: no exact session can be had for that shape (it runs on
+    /// `general`), so it is not tried again.
+    exact: std::collections::HashMap<(usize, usize), Option<ort::session::Session>>,
 }
 
-/// Most exact-shape sessions a lane keeps (each holds a copy of the weights: for an int8
+/// Most shapes a lane tries an exact session for (each kept one holds a copy of the weights: for an int8
 /// DINOv2-S, 25 MB; the serving tools meet a handful of shapes — the input size, the fitted
 /// crop sizes, a batch's remainder); calls of other shapes run on the general session.
 const EXACT_SESSIONS: usize = 8;
@@ -290,7 +290,6 @@ impl Lane {
         Ok(Lane {
             general: session(path, source, threads, &[])?,
             exact: Default::default(),
-            refused: Default::default(),
         })
     }
 
@@ -301,32 +300,35 @@ impl Lane {
         };
         let key = (n, s);
         if !self.exact.contains_key(&key) {
-            if self.exact.len() >= EXACT_SESSIONS || self.refused.contains(&key) {
+            if self.exact.len() >= EXACT_SESSIONS {
                 return Ok(&mut self.general);
             }
-            let mut fixed: Vec<(String, i64)> = Vec::new();
-            for (name, v) in names.iter().zip([n, 3, s, s]) {
-                let Some(name) = name else { continue };
-                match fixed.iter().find(|(k, _)| k == name) {
-                    // one name for two axes of different sizes (e.g. batch and height): no
-                    // session can fix both
-                    Some((_, w)) if *w != v as i64 => return Ok(&mut self.general),
-                    Some(_) => {}
-                    None => fixed.push((name.clone(), v as i64)),
-                }
-            }
-            match session(call.path, call.source, call.threads, &fixed) {
-                Ok(exact) => {
-                    self.exact.insert(key, exact);
-                }
+            let exact = Self::fixed_sizes(names, n, s).and_then(|fixed| {
                 // the general session runs any shape: a speed-up that cannot be had is no error
-                Err(_) => {
-                    self.refused.insert(key);
-                    return Ok(&mut self.general);
-                }
+                session(call.path, call.source, call.threads, &fixed).ok()
+            });
+            self.exact.insert(key, exact);
+        }
+        match self.exact.get_mut(&key) {
+            Some(Some(exact)) => Ok(exact),
+            _ => Ok(&mut self.general),
+        }
+    }
+
+    /// The named input dimensions fixed to a call of `n` images of `s`×`s`; `None` when one
+    /// name stands for two axes of different sizes (e.g. batch and height): no session can
+    /// fix both.
+    fn fixed_sizes(names: &[Option<String>], n: usize, s: usize) -> Option<Vec<(String, i64)>> {
+        let mut fixed: Vec<(String, i64)> = Vec::new();
+        for (name, v) in names.iter().zip([n, 3, s, s]) {
+            let Some(name) = name else { continue };
+            match fixed.iter().find(|(k, _)| k == name) {
+                Some((_, w)) if *w != v as i64 => return None,
+                Some(_) => {}
+                None => fixed.push((name.clone(), v as i64)),
             }
         }
-        Ok(self.exact.get_mut(&key).expect("just made"))
+        Some(fixed)
     }
 }
 

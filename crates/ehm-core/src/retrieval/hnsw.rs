@@ -232,7 +232,7 @@ struct Scratch {
     nb: Vec<u32>,
     fresh: Vec<u32>,
     sorted: Vec<(f32, u32)>,
-    /// The inserted node's chosen neighbours, per layer, until it links back.
+    /// The inserted node's chosen neighbours, per layer (0 ..= MAX_LEVEL), until it links back.
     kept: Vec<Vec<(f32, u32)>>,
     /// `link_back`'s candidates and re-pruned list.
     back: Vec<(f32, u32)>,
@@ -249,7 +249,7 @@ impl Scratch {
             nb: Vec::new(),
             fresh: Vec::new(),
             sorted: Vec::new(),
-            kept: Vec::new(),
+            kept: vec![Vec::new(); MAX_LEVEL + 1],
             back: Vec::new(),
             pruned: Vec::new(),
         }
@@ -318,9 +318,6 @@ where
         // node's lock for its whole insertion instead.) One thread builds the same graph as
         // before: a layer's search never reads the lists of the layers above it.
         let low = level.min(top);
-        if s.kept.len() <= low {
-            s.kept.resize_with(low + 1, Vec::new);
-        }
         for layer in (0..=low).rev() {
             let read = |c: u32, out: &mut Vec<u32>| self.links.read(c, layer, out);
             self.search_layer(q, i, ep, read, s);
