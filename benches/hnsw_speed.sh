@@ -2,7 +2,8 @@
 # HNSW: our index's graph (retrieval::hnsw, benches/hnsw.rs) vs Python hnswlib on the same clustered
 # unit vectors (N × DIM, M, ef_construction), same run: build time (all threads), single-thread
 # queries/s (one query at a time) and recall@10 vs exact search per ef. Prints a table with the
-# queries/s ratio at each ef.  Usage: benches/hnsw_speed.sh   (N=50000 DIM=384 Q=1000 M=16 EFC=200)
+# queries/s ratio at each ef, and how many indexed rows a search for their own vector misses.
+# Usage: benches/hnsw_speed.sh   (N=50000 DIM=384 Q=1000 M=16 EFC=200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-50000}; DIM=${DIM:-384}; Q=${Q:-1000}; M=${M:-16}; EFC=${EFC:-200}
@@ -17,6 +18,7 @@ import json, sys
 a = [json.loads(l) for l in open(sys.argv[1])]
 b = {r["ef"]: r for r in map(json.loads, open(sys.argv[2]))}
 print(f'N={a[0]["n"]} dim={a[0]["dim"]} M={a[0]["m"]} efC={a[0]["ef_construction"]}; build: ehm {a[0]["build_s"]:.1f} s, hnswlib {b[a[0]["ef"]]["build_s"]:.1f} s')
+print(f'rows a search for their own vector misses (ef 64): ehm {a[0]["unfound_at_ef64"]}, hnswlib {b[a[0]["ef"]]["unfound_at_ef64"]}')
 print(f'{"ef":>5} {"ehm q/s":>10} {"ehm R@10":>9} {"hnswlib q/s":>12} {"hnswlib R@10":>13} {"q/s ratio":>10}')
 for r in a:
     h = b[r["ef"]]
