@@ -1,0 +1,107 @@
+/* avx2_only.so — make a process on an AVX-512 machine see an AVX2-only CPU.
+ *
+ * Why: ONNX Runtime (MLAS), libtorch, our distance kernels and glibc choose their code paths
+ * from CPUID, and the machines we run on vary (some AVX-512 + VNNI, some AVX2 only). Preloaded,
+ * this makes the AVX2 code paths run on whatever machine is at hand: the test suite checks them
+ * (tools/test.sh), and benchmarks can time them. It does not make this machine an AVX2-only
+ * one: the cores, caches and clocks stay this machine's, so a speed measured through it says
+ * how the AVX2 *code* runs here, not how an AVX2-only CPU would.
+ *
+ * How: Linux CPUID faulting (arch_prctl ARCH_SET_CPUID 0, needs the `cpuid_fault` CPU flag):
+ * every CPUID instruction of the process then traps with SIGSEGV; the handler runs the real
+ * CPUID with faulting briefly off, clears the AVX-512 / VNNI / AMX bits, writes the result
+ * into the trapped registers and steps over the instruction. The setting is kept across
+ * threads and fork, and reset by execve (so child programs are not masked unless preloaded).
+ *
+ * Use: tools/avx2_only.sh CMD… builds this and runs CMD under it. Built with -DPROBE it is a
+ * program printing what CPUID says (the script's check that the mask took).
+ */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#define ARCH_GET_CPUID 0x1011
+#define ARCH_SET_CPUID 0x1012
+
+static volatile long trapped;
+
+static void real_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
+    __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
+}
+
+#ifndef PROBE
+static void mask(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
+    if (leaf == 7 && sub == 0) {
+        /* EBX: AVX512F 16, DQ 17, IFMA 21, PF 26, ER 27, CD 28, BW 30, VL 31 */
+        r[1] &= ~((1u << 16) | (1u << 17) | (1u << 21) | (1u << 26) | (1u << 27) | (1u << 28) |
+                  (1u << 30) | (1u << 31));
+        /* ECX: VBMI 1, VBMI2 6, VNNI 11, BITALG 12, VPOPCNTDQ 14 */
+        r[2] &= ~((1u << 1) | (1u << 6) | (1u << 11) | (1u << 12) | (1u << 14));
+        /* EDX: 4VNNIW 2, 4FMAPS 3, VP2INTERSECT 8, AMX-BF16 22, AVX512_FP16 23, AMX-TILE 24, AMX-INT8 25 */
+        r[3] &= ~((1u << 2) | (1u << 3) | (1u << 8) | (1u << 22) | (1u << 23) | (1u << 24) | (1u << 25));
+    } else if (leaf == 7 && sub == 1) {
+        /* EAX: AVX-VNNI 4, AVX512_BF16 5, AVX-IFMA 23 */
+        r[0] &= ~((1u << 4) | (1u << 5) | (1u << 23));
+        /* EDX: AVX-VNNI-INT8 4, AVX10 19 */
+        r[3] &= ~((1u << 4) | (1u << 19));
+    } else if (leaf == 0xD && sub == 0) {
+        /* XSAVE state components 5-7 (opmask, ZMM halves) and 17-18 (AMX) no longer offered */
+        r[0] &= ~((1u << 5) | (1u << 6) | (1u << 7) | (1u << 17) | (1u << 18));
+    }
+}
+
+static void on_segv(int sig, siginfo_t *info, void *ctx_) {
+    ucontext_t *ctx = ctx_;
+    greg_t *g = ctx->uc_mcontext.gregs;
+    const uint8_t *ip = (const uint8_t *)g[REG_RIP];
+    if (ip[0] != 0x0F || ip[1] != 0xA2) {
+        /* A real fault: restore the default action and let it happen again. */
+        signal(sig, SIG_DFL);
+        (void)info;
+        return;
+    }
+    uint32_t leaf = (uint32_t)g[REG_RAX], sub = (uint32_t)g[REG_RCX], r[4];
+    syscall(SYS_arch_prctl, ARCH_SET_CPUID, 1);
+    real_cpuid(leaf, sub, r);
+    syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0);
+    mask(leaf, sub, r);
+    g[REG_RAX] = r[0];
+    g[REG_RBX] = r[1];
+    g[REG_RCX] = r[2];
+    g[REG_RDX] = r[3];
+    g[REG_RIP] += 2;
+    __atomic_add_fetch(&trapped, 1, __ATOMIC_RELAXED);
+}
+
+static void report(void) {
+    if (getenv("AVX2_ONLY_VERBOSE"))
+        fprintf(stderr, "avx2_only: %ld CPUID instructions answered without AVX-512\n", trapped);
+}
+
+__attribute__((constructor)) static void avx2_only_init(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, NULL) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
+        fprintf(stderr, "avx2_only: this machine cannot fault CPUID (no cpuid_fault flag): refusing to run unmasked\n");
+        _exit(3);
+    }
+    atexit(report);
+}
+#else
+/* Prints the AVX-512F, AVX512-VNNI and AVX2 bits as this process sees them. */
+int main(void) {
+    uint32_t r[4];
+    real_cpuid(7, 0, r);
+    printf("avx512f=%u avx512_vnni=%u avx2=%u\n", (r[1] >> 16) & 1, (r[2] >> 11) & 1, (r[1] >> 5) & 1);
+    return 0;
+}
+#endif
