@@ -12,11 +12,15 @@
  * CPUID with faulting briefly off, clears the AVX-512 / VNNI / AMX bits, writes the result
  * into the trapped registers and steps over the instruction. The setting is kept across
  * threads and fork, and reset by execve (so child programs are not masked unless preloaded).
+ * A program that installs its own SIGSEGV handler (Rust's std, rustc) would replace this one
+ * and then die at its next CPUID, so sigaction() and signal() for SIGSEGV are intercepted: the
+ * program's handler is kept aside and called for every fault that is not a CPUID.
  *
  * Use: tools/avx2_only.sh CMD… builds this and runs CMD under it. Built with -DPROBE it is a
  * program printing what CPUID says (the script's check that the mask took).
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -56,14 +60,55 @@ static void mask(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
     }
 }
 
+/* The process's own SIGSEGV handler (Rust's stack-overflow report, rustc's, a JIT's): kept
+ * here, reported to it as installed, and called for every fault that is not a CPUID. */
+static struct sigaction app_sa; /* sa_handler SIG_DFL when zeroed */
+static int installed;
+
+static int real_sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+    static int (*next)(int, const struct sigaction *, struct sigaction *);
+    if (!next)
+        next = (int (*)(int, const struct sigaction *, struct sigaction *))dlsym(RTLD_NEXT, "sigaction");
+    return next(sig, act, old);
+}
+
+int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+    if (sig != SIGSEGV || !installed)
+        return real_sigaction(sig, act, old);
+    if (old)
+        *old = app_sa;
+    if (act)
+        app_sa = *act;
+    return 0;
+}
+
+sighandler_t signal(int sig, sighandler_t h) {
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = h;
+    sa.sa_flags = SA_RESTART; /* glibc's signal(): BSD semantics */
+    if (sigaction(sig, &sa, &old) != 0)
+        return SIG_ERR;
+    return old.sa_handler;
+}
+
 static void on_segv(int sig, siginfo_t *info, void *ctx_) {
     ucontext_t *ctx = ctx_;
     greg_t *g = ctx->uc_mcontext.gregs;
     const uint8_t *ip = (const uint8_t *)g[REG_RIP];
     if (ip[0] != 0x0F || ip[1] != 0xA2) {
-        /* A real fault: restore the default action and let it happen again. */
-        signal(sig, SIG_DFL);
-        (void)info;
+        /* A real fault: the process's handler, or the default action (the fault recurs). */
+        struct sigaction app = app_sa;
+        if (app.sa_flags & SA_SIGINFO) {
+            app.sa_sigaction(sig, info, ctx_);
+        } else if (app.sa_handler != SIG_DFL && app.sa_handler != SIG_IGN) {
+            app.sa_handler(sig);
+        } else {
+            struct sigaction dfl;
+            memset(&dfl, 0, sizeof dfl);
+            dfl.sa_handler = SIG_DFL;
+            real_sigaction(SIGSEGV, &dfl, NULL);
+        }
         return;
     }
     uint32_t leaf = (uint32_t)g[REG_RAX], sub = (uint32_t)g[REG_RCX], r[4];
@@ -88,12 +133,14 @@ __attribute__((constructor)) static void avx2_only_init(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    /* on the thread's alternate stack when it has one (a stack overflow's handler needs it) */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGSEGV, &sa, NULL) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
+    if (real_sigaction(SIGSEGV, &sa, &app_sa) != 0 || syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
         fprintf(stderr, "avx2_only: this machine cannot fault CPUID (no cpuid_fault flag): refusing to run unmasked\n");
         _exit(3);
     }
+    installed = 1;
     atexit(report);
 }
 #else
