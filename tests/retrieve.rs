@@ -799,6 +799,7 @@ fn an_index_hashes_the_whole_image_and_a_query_every_window() {
             hashes: Some(hashes),
             patch_tokens: false,
             view_size: ViewSize::Input,
+            rescaled_whole: None,
             batch: 2,
             threads: 1,
             progress: false,
@@ -905,7 +906,7 @@ fn exact_shape_sessions_give_the_general_sessions_outputs() {
 fn crops_run_at_their_own_size_on_models_that_take_any_size() {
     use ehm::data::Preprocess;
     use ehm::infer::{OrtModel, Parallelism};
-    use ehm::pipeline::{crop_view, fit_size, ViewSize, FULL};
+    use ehm::pipeline::{crop_view, fit_size, HashViews, ViewSize, FULL};
     use ehm::retrieval::descriptor::{DescribeOptions, Describer};
     let d = tempfile::tempdir().unwrap();
     let foreign = d.path().join("foreign.onnx");
@@ -967,6 +968,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
         hashes: None,
         patch_tokens: false,
         view_size: ViewSize::Fit,
+        rescaled_whole: None,
         batch: 2,
         threads: 1,
         progress: false,
@@ -1009,6 +1011,57 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
         }
     }
     assert_eq!(checked, 25);
+
+    // a query of a fitted index also runs whole at a 60 % crop's fitted size (20² here): one
+    // more view, last, whose vector is the whole image's at that size and whose hash is the
+    // whole image's
+    let query_how = DescribeOptions {
+        views: views.clone(),
+        hashes: Some(HashViews::Every),
+        view_size: ViewSize::Input,
+        rescaled_whole: Some(0.6),
+        ..how
+    };
+    let mut queried = Vec::new();
+    describer
+        .describe(&images[..2], &query_how, |r| {
+            queried.push(r.unwrap());
+            Ok(())
+        })
+        .unwrap();
+    for q in &queried {
+        assert_eq!(q.views.len(), views.len() + 1);
+        assert_eq!(q.views[views.len()], FULL);
+        assert_eq!(q.hashes.len(), views.len() + 1);
+        assert_eq!(q.hashes[views.len()], q.hashes[0]);
+        let img = image::open(&q.path).unwrap().to_rgb8();
+        let x = Preprocess {
+            image_size: 20,
+            ..pre.clone()
+        }
+        .eval(&img);
+        let (_, want) = m
+            .run_outputs_at(&x, 1, 20, &["embedding"])
+            .unwrap()
+            .remove(0);
+        let have = &q.vectors[views.len() * 16..];
+        let diff = have
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{}: rescaled whole {diff}", q.path.display());
+        // the other views are as without it (at the input size)
+        let whole = &q.vectors[..16];
+        let (_, at_input) = m
+            .run_outputs_at(&pre.eval(&img), 1, 32, &["embedding"])
+            .unwrap()
+            .remove(0);
+        assert!(whole
+            .iter()
+            .zip(&at_input)
+            .all(|(a, b)| (a - b).abs() < 1e-5));
+    }
 
     // the index records it; an existing index refuses the other size; a fixed-size model
     // cannot fit

@@ -92,6 +92,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         view_hash: None,
         patch_tokens: false,
         view_size: pipeline::ViewSize::Input,
+        rescaled_whole: None,
     };
     let failed = pipeline::run(&mut model, &paths, &opts, |item| {
         let Item::Done {

@@ -174,6 +174,12 @@ pub struct RunOptions {
     /// At what size views other than the whole image run. `Fit` needs a model that takes any
     /// input size and is taken as `Input` with patch tokens (whose grid must be the model's).
     pub view_size: ViewSize,
+    /// Also run the whole image at the fitted size of a crop of this side (a fraction of the
+    /// image's), as one more view after the others: a query of an index built with `Fit` then
+    /// meets the index's crops at their scale (a 60 % crop ran at 140², not 224²). Only for a
+    /// model that takes any input size, and not with patch tokens (their grid must be the
+    /// model's); otherwise ignored.
+    pub rescaled_whole: Option<f32>,
 }
 
 /// Run `paths` through `model`'s main output, calling `each` in input order. Returns the
@@ -219,6 +225,13 @@ where
         ViewSize::Fit => (!o.patch_tokens).then_some(model.contract.config.patch_size),
         ViewSize::Input => None,
     };
+    let rescaled = o
+        .rescaled_whole
+        .filter(|_| model.contract.any_input_size && !o.patch_tokens)
+        .map(|f| {
+            let patch = model.contract.config.patch_size;
+            fit_size(&[0.0, 0.0, f, f], pre.image_size, patch)
+        });
     let mut failed = 0;
     std::thread::scope(|scope| -> Result<()> {
         let pre = &pre;
@@ -228,7 +241,7 @@ where
                     chunk
                         .par_iter()
                         .map(|p| {
-                            prepare(p, pre, keep, (views, extra, fit), hash)
+                            prepare(p, pre, keep, (views, extra, fit, rescaled), hash)
                                 .map_err(|e| (p.clone(), e.to_string()))
                         })
                         .collect()
@@ -356,7 +369,7 @@ fn prepare(
     path: &std::path::Path,
     pre: &Preprocess,
     keep: bool,
-    (views, extra, fit): (&[View], Option<ViewFinder>, Option<u32>),
+    (views, extra, fit, rescaled): (&[View], Option<ViewFinder>, Option<u32>, Option<u32>),
     hash: Option<(ViewHash, HashViews)>,
 ) -> Result<Prepared> {
     let img = load_rgb(path)?;
@@ -364,15 +377,20 @@ fn prepare(
     if let Some(f) = extra {
         views.extend(f(&img));
     }
-    let sizes: Vec<u32> = views
+    let mut sizes: Vec<u32> = views
         .iter()
         .map(|v| match fit {
             Some(patch) if *v != FULL => fit_size(v, pre.image_size, patch),
             _ => pre.image_size,
         })
         .collect();
+    if let Some(s) = rescaled {
+        views.push(FULL);
+        sizes.push(s);
+    }
     let mut pixels = Vec::with_capacity(sizes.iter().map(|&s| 3 * (s as usize).pow(2)).sum());
     let mut hashes = Vec::new();
+    let mut whole_hash = None;
     for (v, &s) in views.iter().zip(&sizes) {
         let crop;
         let part = if *v == FULL {
@@ -392,10 +410,17 @@ fn prepare(
             };
             sized.eval_into(part, &mut pixels[at..]);
         }
-        match hash {
-            Some((f, HashViews::Every)) => hashes.push(f(part)),
-            Some((f, HashViews::Whole)) if *v == FULL => hashes.push(f(part)),
-            _ => {}
+        if let Some((f, how)) = hash {
+            if *v == FULL {
+                // hashed once, also when the whole image runs at a second size
+                let first = whole_hash.is_none();
+                let h = *whole_hash.get_or_insert_with(|| f(part));
+                if how == HashViews::Every || first {
+                    hashes.push(h);
+                }
+            } else if how == HashViews::Every {
+                hashes.push(f(part));
+            }
         }
     }
     Ok(Prepared {

@@ -50,13 +50,16 @@ pub fn extra_views(r: Regions) -> Option<ViewFinder> {
     (r == Regions::Auto).then_some(six as ViewFinder)
 }
 
+/// Side of `Regions::Standard`'s crops (a fraction of the image's).
+pub const CROP_SIDE: f32 = 0.6;
+
 /// The views an indexed image is described by.
 pub fn views(r: Regions) -> Vec<View> {
     let mut v = vec![FULL];
     if r == Regions::None {
         return v;
     }
-    let s = 0.6;
+    let s = CROP_SIDE;
     for (x, y) in [(0.0, 0.0), (0.4, 0.0), (0.0, 0.4), (0.4, 0.4), (0.2, 0.2)] {
         v.push([x, y, s, s]);
     }
@@ -222,6 +225,9 @@ pub struct DescribeOptions {
     pub patch_tokens: bool,
     /// At what size windows other than the whole image run (pHash ignores it).
     pub view_size: ViewSize,
+    /// Also the whole image at the fitted size of a crop of this side (`RunOptions::
+    /// rescaled_whole`; embed models that take any input size, without patch tokens).
+    pub rescaled_whole: Option<f32>,
     pub batch: usize,
     pub threads: usize,
     pub progress: bool,
@@ -338,6 +344,7 @@ impl Describer {
                     view_hash,
                     patch_tokens: o.patch_tokens,
                     view_size: o.view_size,
+                    rescaled_whole: o.rescaled_whole,
                 };
                 pipeline::run(model, paths, &opts, |item| match item {
                     Item::Done {

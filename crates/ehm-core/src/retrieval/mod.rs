@@ -237,6 +237,7 @@ pub(crate) fn indexing(meta: &IndexMeta, o: &BuildOptions) -> descriptor::Descri
         hashes: (meta.descriptor == DescriptorKind::Embed).then_some(HashViews::Whole),
         patch_tokens: false,
         view_size: meta.view_size,
+        rescaled_whole: None,
         batch: o.batch,
         threads: o.threads,
         progress: o.progress,
@@ -265,8 +266,8 @@ pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> Result<
         metric: "dot".into(),
         regions: o.regions,
         views: views(o.regions),
-        // `fit` is asked for, not the default: 1.5× faster indexing with DINOv2-S, but the crop
-        // family loses 0.12 mAP (docs/benchmarks.md)
+        // `fit` is asked for, not the default: 1.5–1.9× faster indexing with DINOv2-S, but the
+        // crop family loses 0.08 mAP (docs/benchmarks.md)
         view_size: o.asked.view_size.unwrap_or(ViewSize::Input),
         hnsw: o.hnsw.clone(),
         items: 0,
@@ -807,6 +808,10 @@ pub fn run_queries(
         patch_tokens: grid.is_some(),
         // the query's windows at full size (their patch tokens are verified on the full grid)
         view_size: ViewSize::Input,
+        // an index of fitted views holds its crops at the whole image's scale: the query also
+        // runs whole at a crop's fitted size, so a cropped copy meets its crop at that scale
+        // (crop family 0.842 → 0.881 mAP, docs/benchmarks.md); not with --verify (tokens)
+        rescaled_whole: (ix.meta.view_size == ViewSize::Fit).then_some(descriptor::CROP_SIDE),
         batch: QUERY_BATCH,
         threads: o.threads,
         progress: false,
@@ -954,6 +959,7 @@ fn candidate_tokens(
         hashes: None,
         patch_tokens: true,
         view_size: ViewSize::Input,
+        rescaled_whole: None,
         batch: QUERY_BATCH,
         threads,
         progress: false,
