@@ -15,12 +15,16 @@
  * A program that installs its own SIGSEGV handler (Rust's std, rustc) would replace this one
  * and then die at its next CPUID, so sigaction() and signal() for SIGSEGV are intercepted: the
  * program's handler is kept aside and called for every fault that is not a CPUID.
+ * Limits: glibc picks its own string functions before any preload runs (the script hides
+ * AVX-512 from it with GLIBC_TUNABLES); a thread that blocks SIGSEGV and then runs CPUID is
+ * killed; sigset()/raw rt_sigaction (e.g. Go's runtime) are not intercepted.
  *
  * Use: tools/avx2_only.sh CMD… builds this and runs CMD under it. Built with -DPROBE it is a
  * program printing what CPUID says (the script's check that the mask took).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -50,13 +54,17 @@ static void mask(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
         /* EDX: 4VNNIW 2, 4FMAPS 3, VP2INTERSECT 8, AMX-BF16 22, AVX512_FP16 23, AMX-TILE 24, AMX-INT8 25 */
         r[3] &= ~((1u << 2) | (1u << 3) | (1u << 8) | (1u << 22) | (1u << 23) | (1u << 24) | (1u << 25));
     } else if (leaf == 7 && sub == 1) {
-        /* EAX: AVX-VNNI 4, AVX512_BF16 5, AVX-IFMA 23 */
-        r[0] &= ~((1u << 4) | (1u << 5) | (1u << 23));
-        /* EDX: AVX-VNNI-INT8 4, AVX10 19 */
-        r[3] &= ~((1u << 4) | (1u << 19));
+        /* EAX: AVX-VNNI 4, AVX512_BF16 5, AMX-FP16 21, AVX-IFMA 23 */
+        r[0] &= ~((1u << 4) | (1u << 5) | (1u << 21) | (1u << 23));
+        /* EDX: AVX-VNNI-INT8 4, AVX-NE-CONVERT 5, AMX-COMPLEX 8, AVX-VNNI-INT16 10, AVX10 19,
+         * APX 21 (none of which an AVX2-only CPU has) */
+        r[3] &= ~((1u << 4) | (1u << 5) | (1u << 8) | (1u << 10) | (1u << 19) | (1u << 21));
     } else if (leaf == 0xD && sub == 0) {
-        /* XSAVE state components 5-7 (opmask, ZMM halves) and 17-18 (AMX) no longer offered */
-        r[0] &= ~((1u << 5) | (1u << 6) | (1u << 7) | (1u << 17) | (1u << 18));
+        /* XSAVE state components 5-7 (opmask, ZMM halves), 17-18 (AMX) and 19 (APX) no longer
+         * offered */
+        r[0] &= ~((1u << 5) | (1u << 6) | (1u << 7) | (1u << 17) | (1u << 18) | (1u << 19));
+    } else if (leaf == 0x24) {
+        r[0] = r[1] = r[2] = r[3] = 0; /* AVX10 converged vector ISA leaf */
     }
 }
 
@@ -92,23 +100,40 @@ sighandler_t signal(int sig, sighandler_t h) {
     return old.sa_handler;
 }
 
+/* A fault that is not a CPUID, or a SIGSEGV sent by kill/raise: as the process asked. */
+static void pass_on(int sig, siginfo_t *info, void *ctx) {
+    struct sigaction app = app_sa;
+    if ((app.sa_flags & SA_SIGINFO) || (app.sa_handler != SIG_DFL && app.sa_handler != SIG_IGN)) {
+        if (app.sa_flags & SA_RESETHAND)
+            memset(&app_sa, 0, sizeof app_sa);
+        /* the handler's own mask (SIGSEGV stays open: a CPUID in it must still be answered) */
+        sigset_t block, old;
+        block = app.sa_mask;
+        sigdelset(&block, SIGSEGV);
+        pthread_sigmask(SIG_BLOCK, &block, &old);
+        if (app.sa_flags & SA_SIGINFO)
+            app.sa_sigaction(sig, info, ctx);
+        else
+            app.sa_handler(sig);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        return;
+    }
+    /* the default action: a fault recurs when the handler returns; a sent signal is sent again */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    real_sigaction(SIGSEGV, &dfl, NULL);
+    if (info->si_code <= 0)
+        raise(sig);
+}
+
 static void on_segv(int sig, siginfo_t *info, void *ctx_) {
     ucontext_t *ctx = ctx_;
     greg_t *g = ctx->uc_mcontext.gregs;
+    /* a faulted CPUID comes as a general-protection fault (SI_KERNEL) at the instruction */
     const uint8_t *ip = (const uint8_t *)g[REG_RIP];
-    if (ip[0] != 0x0F || ip[1] != 0xA2) {
-        /* A real fault: the process's handler, or the default action (the fault recurs). */
-        struct sigaction app = app_sa;
-        if (app.sa_flags & SA_SIGINFO) {
-            app.sa_sigaction(sig, info, ctx_);
-        } else if (app.sa_handler != SIG_DFL && app.sa_handler != SIG_IGN) {
-            app.sa_handler(sig);
-        } else {
-            struct sigaction dfl;
-            memset(&dfl, 0, sizeof dfl);
-            dfl.sa_handler = SIG_DFL;
-            real_sigaction(SIGSEGV, &dfl, NULL);
-        }
+    if (info->si_code != SI_KERNEL || ip == NULL || ip[0] != 0x0F || ip[1] != 0xA2) {
+        pass_on(sig, info, ctx_);
         return;
     }
     uint32_t leaf = (uint32_t)g[REG_RAX], sub = (uint32_t)g[REG_RCX], r[4];

@@ -19,9 +19,10 @@ set +e; tools/avx2_only.sh --check; can=$?; set -e
 case $can in
   0)
     echo "== cargo test again on the AVX2 code paths (AVX-512 hidden)"
-    cargo test --release --config "target.x86_64-unknown-linux-gnu.runner='$PWD/tools/avx2_only.sh'" \
+    cargo test --release --config "target.x86_64-unknown-linux-gnu.runner=['$PWD/tools/avx2_only.sh']" \
       -- --test-threads=2 --skip milvus ;;
   2) echo "== AVX2 code paths: already tested above (this CPU has no AVX-512)" ;;
-  *) echo "== AVX2 code paths NOT tested: this machine cannot hide its AVX-512 (see above)" ;;
+  3) echo "== AVX2 code paths NOT tested: this machine cannot hide its AVX-512 (see above)" ;;
+  *) echo "== tools/avx2_only.sh is broken (see above)"; exit 1 ;;
 esac
 echo "== tests finished in $(( $(date +%s) - start )) s"
