@@ -118,6 +118,8 @@ static void pass_on(int sig, siginfo_t *info, void *ctx) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         return;
     }
+    if (app.sa_handler == SIG_IGN && info->si_code <= 0)
+        return; /* a sent SIGSEGV the process ignores (a fault cannot be ignored) */
     /* the default action: a fault recurs when the handler returns; a sent signal is sent again */
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
