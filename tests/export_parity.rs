@@ -14,13 +14,7 @@ fn export(ckpt: &Path, task: &str, out: &Path) -> std::process::Output {
     common::export_onnx(ckpt, task, &[], out)
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use common::max_abs_diff;
 
 #[test]
 fn onnx_matches_tch_for_backbone_and_embed() {

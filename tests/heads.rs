@@ -199,11 +199,7 @@ fn segment_head_learns_and_exports_with_tch_parity() {
         .run(&xs, 2, "seg_logits")
         .unwrap();
     assert_eq!(shape, vec![2, 3, 32, 32]);
-    let err = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let err = common::max_abs_diff(&got, &want);
     eprintln!("parity segment: max abs diff {err:.2e}");
     assert!(err <= 1e-4, "{err}");
 

@@ -879,11 +879,7 @@ fn exact_shape_sessions_give_the_general_sessions_outputs() {
                 .unwrap();
             for ((ws, wv), (hs, hv)) in want.iter().zip(&have) {
                 assert_eq!(ws, hs, "{n} images of {s}²");
-                let diff = wv
-                    .iter()
-                    .zip(hv)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let diff = common::max_abs_diff(wv, hv);
                 assert!(diff < 1e-5, "{n} images of {s}²: {diff}");
             }
             shapes += 1;
@@ -1001,11 +997,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
                 .unwrap()
                 .remove(0);
             let have = &desc.vectors[k * 16..(k + 1) * 16];
-            let diff = have
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff = common::max_abs_diff(have, &want);
             assert!(diff < 1e-5, "{} view {k} at {s}²: {diff}", path.display());
             checked += 1;
         }
@@ -1045,11 +1037,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
             .unwrap()
             .remove(0);
         let have = &q.vectors[views.len() * 16..];
-        let diff = have
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = common::max_abs_diff(have, &want);
         assert!(diff < 1e-5, "{}: rescaled whole {diff}", q.path.display());
         // the other views are as without it (at the input size)
         let whole = &q.vectors[..16];
@@ -1057,10 +1045,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
             .run_outputs_at(&pre.eval(&img), 1, 32, &["embedding"])
             .unwrap()
             .remove(0);
-        assert!(whole
-            .iter()
-            .zip(&at_input)
-            .all(|(a, b)| (a - b).abs() < 1e-5));
+        assert!(common::max_abs_diff(whole, &at_input) < 1e-5);
     }
 
     // the index records it; an existing index refuses the other size; a fixed-size model
