@@ -800,6 +800,7 @@ fn an_index_hashes_the_whole_image_and_a_query_every_window() {
             patch_tokens: false,
             view_size: ViewSize::Input,
             rescaled_whole: None,
+            fit_rounding: Default::default(),
             batch: 2,
             threads: 1,
             progress: false,
@@ -902,7 +903,7 @@ fn exact_shape_sessions_give_the_general_sessions_outputs() {
 fn crops_run_at_their_own_size_on_models_that_take_any_size() {
     use ehm::data::Preprocess;
     use ehm::infer::{OrtModel, Parallelism};
-    use ehm::pipeline::{crop_view, fit_size, HashViews, ViewSize, FULL};
+    use ehm::pipeline::{crop_view, fit_size, FitRounding, HashViews, ViewSize, FULL};
     use ehm::retrieval::descriptor::{DescribeOptions, Describer};
     let d = tempfile::tempdir().unwrap();
     let foreign = d.path().join("foreign.onnx");
@@ -952,100 +953,121 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
         [0.1, 0.2, 0.55, 0.3],
         [0.0, 0.0, 0.9, 0.95],
     ];
-    let sizes: Vec<u32> = views
-        .iter()
-        .map(|v| if *v == FULL { 32 } else { fit_size(v, 32, 4) })
-        .collect();
-    assert_eq!(sizes, vec![32, 20, 16, 16, 28]);
     let mut describer = Describer::embed(&model, Parallelism::single(1)).unwrap();
-    let how = DescribeOptions {
-        views: views.clone(),
-        extra_views: None,
-        hashes: None,
-        patch_tokens: false,
-        view_size: ViewSize::Fit,
-        rescaled_whole: None,
-        batch: 2,
-        threads: 1,
-        progress: false,
-    };
-    let mut got = Vec::new();
-    describer
-        .describe(&images, &how, |r| {
-            got.push(r.unwrap());
-            Ok(())
-        })
-        .unwrap();
     let pre = m.contract.config.preprocess.clone();
-    let mut checked = 0;
-    for (desc, path) in got.iter().zip(&images) {
-        assert_eq!(&desc.path, path);
-        let img = image::open(path).unwrap().to_rgb8();
-        for (k, (v, &s)) in views.iter().zip(&sizes).enumerate() {
-            let part = if *v == FULL {
-                img.clone()
-            } else {
-                crop_view(&img, v)
-            };
+    // a 60 % crop of 32² is 19.2 px, 4.8 patches of 4: 5 to the nearest, 4 down
+    for (rounding, want_sizes, rescaled) in [
+        (FitRounding::Nearest, [32, 20, 16, 16, 28], 20),
+        (FitRounding::Down, [32, 16, 16, 16, 28], 16),
+    ] {
+        let sizes: Vec<u32> = views
+            .iter()
+            .map(|v| {
+                if *v == FULL {
+                    32
+                } else {
+                    fit_size(v, 32, 4, rounding)
+                }
+            })
+            .collect();
+        assert_eq!(sizes, want_sizes);
+        let how = DescribeOptions {
+            views: views.clone(),
+            extra_views: None,
+            hashes: None,
+            patch_tokens: false,
+            view_size: ViewSize::Fit,
+            rescaled_whole: None,
+            fit_rounding: rounding,
+            batch: 2,
+            threads: 1,
+            progress: false,
+        };
+        let mut got = Vec::new();
+        describer
+            .describe(&images, &how, |r| {
+                got.push(r.unwrap());
+                Ok(())
+            })
+            .unwrap();
+        let mut checked = 0;
+        for (desc, path) in got.iter().zip(&images) {
+            assert_eq!(&desc.path, path);
+            let img = image::open(path).unwrap().to_rgb8();
+            for (k, (v, &s)) in views.iter().zip(&sizes).enumerate() {
+                let part = if *v == FULL {
+                    img.clone()
+                } else {
+                    crop_view(&img, v)
+                };
+                let x = Preprocess {
+                    image_size: s,
+                    ..pre.clone()
+                }
+                .eval(&part);
+                let (_, want) = m
+                    .run_outputs_at(&x, 1, s, &["embedding"])
+                    .unwrap()
+                    .remove(0);
+                let have = &desc.vectors[k * 16..(k + 1) * 16];
+                let diff = common::max_abs_diff(have, &want);
+                assert!(
+                    diff < 1e-5,
+                    "{rounding:?}: {} view {k} at {s}²: {diff}",
+                    path.display()
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 25);
+
+        // a query of a fitted index also runs whole at a 60 % crop's fitted size: one
+        // more view, last, whose vector is the whole image's at that size and whose hash is the
+        // whole image's
+        let query_how = DescribeOptions {
+            views: views.clone(),
+            hashes: Some(HashViews::Every),
+            view_size: ViewSize::Input,
+            rescaled_whole: Some(0.6),
+            ..how
+        };
+        let mut queried = Vec::new();
+        describer
+            .describe(&images[..2], &query_how, |r| {
+                queried.push(r.unwrap());
+                Ok(())
+            })
+            .unwrap();
+        for q in &queried {
+            assert_eq!(q.views.len(), views.len() + 1);
+            assert_eq!(q.views[views.len()], FULL);
+            assert_eq!(q.hashes.len(), views.len() + 1);
+            assert_eq!(q.hashes[views.len()], q.hashes[0]);
+            let img = image::open(&q.path).unwrap().to_rgb8();
             let x = Preprocess {
-                image_size: s,
+                image_size: rescaled,
                 ..pre.clone()
             }
-            .eval(&part);
+            .eval(&img);
             let (_, want) = m
-                .run_outputs_at(&x, 1, s, &["embedding"])
+                .run_outputs_at(&x, 1, rescaled, &["embedding"])
                 .unwrap()
                 .remove(0);
-            let have = &desc.vectors[k * 16..(k + 1) * 16];
+            let have = &q.vectors[views.len() * 16..];
             let diff = common::max_abs_diff(have, &want);
-            assert!(diff < 1e-5, "{} view {k} at {s}²: {diff}", path.display());
-            checked += 1;
+            assert!(
+                diff < 1e-5,
+                "{rounding:?}: {}: rescaled whole {diff}",
+                q.path.display()
+            );
+            // the other views are as without it (at the input size)
+            let whole = &q.vectors[..16];
+            let (_, at_input) = m
+                .run_outputs_at(&pre.eval(&img), 1, 32, &["embedding"])
+                .unwrap()
+                .remove(0);
+            assert!(common::max_abs_diff(whole, &at_input) < 1e-5);
         }
-    }
-    assert_eq!(checked, 25);
-
-    // a query of a fitted index also runs whole at a 60 % crop's fitted size (20² here): one
-    // more view, last, whose vector is the whole image's at that size and whose hash is the
-    // whole image's
-    let query_how = DescribeOptions {
-        views: views.clone(),
-        hashes: Some(HashViews::Every),
-        view_size: ViewSize::Input,
-        rescaled_whole: Some(0.6),
-        ..how
-    };
-    let mut queried = Vec::new();
-    describer
-        .describe(&images[..2], &query_how, |r| {
-            queried.push(r.unwrap());
-            Ok(())
-        })
-        .unwrap();
-    for q in &queried {
-        assert_eq!(q.views.len(), views.len() + 1);
-        assert_eq!(q.views[views.len()], FULL);
-        assert_eq!(q.hashes.len(), views.len() + 1);
-        assert_eq!(q.hashes[views.len()], q.hashes[0]);
-        let img = image::open(&q.path).unwrap().to_rgb8();
-        let x = Preprocess {
-            image_size: 20,
-            ..pre.clone()
-        }
-        .eval(&img);
-        let (_, want) = m
-            .run_outputs_at(&x, 1, 20, &["embedding"])
-            .unwrap()
-            .remove(0);
-        let have = &q.vectors[views.len() * 16..];
-        let diff = common::max_abs_diff(have, &want);
-        assert!(diff < 1e-5, "{}: rescaled whole {diff}", q.path.display());
-        // the other views are as without it (at the input size)
-        let whole = &q.vectors[..16];
-        let (_, at_input) = m
-            .run_outputs_at(&pre.eval(&img), 1, 32, &["embedding"])
-            .unwrap()
-            .remove(0);
-        assert!(common::max_abs_diff(whole, &at_input) < 1e-5);
     }
 
     // the index records it; an existing index refuses the other size; a fixed-size model
@@ -1062,6 +1084,8 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
         .unwrap());
     let meta = std::fs::read_to_string(ix.join("gen-000001/index.json")).unwrap();
     assert!(meta.contains("\"view_size\": \"fit\""), "{meta}");
+    // … with the rule its crops ran under: down, never upsampled
+    assert!(meta.contains("\"fit_rounding\": \"down\""), "{meta}");
     let o = retrieve()
         .args(["index", "-i"])
         .arg(&ix)

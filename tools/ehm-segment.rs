@@ -90,6 +90,7 @@ fn run(cli: Cli) -> ehm_core::Result<usize> {
         patch_tokens: false,
         view_size: pipeline::ViewSize::Input,
         rescaled_whole: None,
+        fit_rounding: pipeline::FitRounding::Nearest,
     };
     let failed = pipeline::run(&mut model, &paths, &opts, |item| {
         let Item::Done {

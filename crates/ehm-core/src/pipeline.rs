@@ -105,16 +105,36 @@ pub enum ViewSize {
     Fit,
 }
 
+/// How a fitted view's side is rounded to whole patches. An index records the rule its views
+/// ran under, so the images added to it later (and its queries' rescaled whole images) run at
+/// the same sizes as the first ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FitRounding {
+    /// To the nearest patch: a 60 % crop of a 224² ViT-S/14 input (9.6 patches) runs at 140²,
+    /// slightly upsampled. Indexes made before the rule was recorded.
+    #[default]
+    Nearest,
+    /// Down: a view never gets more pixels than it has in the whole image at the input size
+    /// (the 60 % crop at 126², 81 tokens instead of 100: ≈ 15 % less model work per image).
+    Down,
+}
+
 /// Fewest patches a side of a fitted view gets (smaller windows are upsampled to this).
 const FIT_MIN_PATCHES: f32 = 4.0;
 
 /// The side a view runs at under `ViewSize::Fit`: its geometric-mean side at the input size
-/// `image_size`, rounded to a multiple of `patch`, at least `FIT_MIN_PATCHES` patches and at
-/// most the input size.
-pub fn fit_size(v: &View, image_size: u32, patch: u32) -> u32 {
+/// `image_size`, rounded to a multiple of `patch` by `rounding`, at least `FIT_MIN_PATCHES`
+/// patches and at most the input size.
+pub fn fit_size(v: &View, image_size: u32, patch: u32, rounding: FitRounding) -> u32 {
     let side = (v[2] * v[3]).max(0.0).sqrt() * image_size as f32;
-    let patches = (side / patch as f32).round().max(FIT_MIN_PATCHES) as u32;
-    (patches * patch).min(image_size)
+    let patches = side / patch as f32;
+    let patches = match rounding {
+        FitRounding::Nearest => patches.round(),
+        // a hair of slack so a side of exactly n patches, computed in f32, stays n
+        FitRounding::Down => (patches + 1e-4).floor(),
+    };
+    (patches.max(FIT_MIN_PATCHES) as u32 * patch).min(image_size)
 }
 
 /// One decoded, preprocessed image.
@@ -180,6 +200,8 @@ pub struct RunOptions {
     /// model that takes any input size, and not with patch tokens (their grid must be the
     /// model's); otherwise ignored.
     pub rescaled_whole: Option<f32>,
+    /// How fitted sides (`view_size` `Fit`, `rescaled_whole`) round to whole patches.
+    pub fit_rounding: FitRounding,
 }
 
 /// Run `paths` through `model`'s main output, calling `each` in input order. Returns the
@@ -222,7 +244,10 @@ where
                 "the model takes only its own input size, so views cannot run at a fitted size",
             ))
         }
-        ViewSize::Fit => (!o.patch_tokens).then_some(model.contract.config.patch_size),
+        ViewSize::Fit => (!o.patch_tokens).then_some(Fitting {
+            patch: model.contract.config.patch_size,
+            rounding: o.fit_rounding,
+        }),
         ViewSize::Input => None,
     };
     let rescaled = o
@@ -230,7 +255,7 @@ where
         .filter(|_| model.contract.any_input_size && !o.patch_tokens)
         .map(|f| {
             let patch = model.contract.config.patch_size;
-            fit_size(&[0.0, 0.0, f, f], pre.image_size, patch)
+            fit_size(&[0.0, 0.0, f, f], pre.image_size, patch, o.fit_rounding)
         });
     let mut failed = 0;
     std::thread::scope(|scope| -> Result<()> {
@@ -365,11 +390,18 @@ pub enum HashViews {
 /// What chooses an image's extra windows from its pixels (`RunOptions::extra_views`).
 pub type ViewFinder = fn(&RgbImage) -> Vec<View>;
 
+/// How views other than the whole image are sized under `ViewSize::Fit` (`fit_size`).
+#[derive(Clone, Copy)]
+struct Fitting {
+    patch: u32,
+    rounding: FitRounding,
+}
+
 fn prepare(
     path: &std::path::Path,
     pre: &Preprocess,
     keep: bool,
-    (views, extra, fit, rescaled): (&[View], Option<ViewFinder>, Option<u32>, Option<u32>),
+    (views, extra, fit, rescaled): (&[View], Option<ViewFinder>, Option<Fitting>, Option<u32>),
     hash: Option<(ViewHash, HashViews)>,
 ) -> Result<Prepared> {
     let img = load_rgb(path)?;
@@ -380,7 +412,7 @@ fn prepare(
     let mut sizes: Vec<u32> = views
         .iter()
         .map(|v| match fit {
-            Some(patch) if *v != FULL => fit_size(v, pre.image_size, patch),
+            Some(f) if *v != FULL => fit_size(v, pre.image_size, f.patch, f.rounding),
             _ => pre.image_size,
         })
         .collect();
@@ -596,11 +628,25 @@ mod tests {
     #[test]
     fn a_fitted_view_keeps_its_scale_in_whole_patches() {
         // ViT-S/14 at 224²: a 60 % crop is 134 px wide in the full view → 10 patches
-        assert_eq!(fit_size(&[0.4, 0.4, 0.6, 0.6], 224, 14), 140);
-        assert_eq!(fit_size(&FULL, 224, 14), 224);
-        // a non-square window by its geometric-mean side; never below 4 patches
-        assert_eq!(fit_size(&[0.0, 0.0, 0.9, 0.1], 224, 14), 70);
-        assert_eq!(fit_size(&[0.0, 0.0, 0.05, 0.05], 224, 14), 56);
-        assert_eq!(fit_size(&[0.0, 0.0, 0.97, 0.99], 224, 16), 224);
+        use FitRounding::{Down, Nearest};
+        // ViT-S/14 at 224²: a 60 % crop is 134.4 px wide in the full view, 9.6 patches
+        assert_eq!(fit_size(&[0.4, 0.4, 0.6, 0.6], 224, 14, Nearest), 140);
+        assert_eq!(fit_size(&[0.4, 0.4, 0.6, 0.6], 224, 14, Down), 126);
+        for r in [Nearest, Down] {
+            assert_eq!(fit_size(&FULL, 224, 14, r), 224);
+            // a non-square window by its geometric-mean side (0.3 → 67.2 px, 4.8 patches)
+            // is never above its nearest whole patch count, nor below 4 patches
+            assert_eq!(
+                fit_size(&[0.0, 0.0, 0.9, 0.1], 224, 14, r),
+                70 - 14 * (r == Down) as u32
+            );
+            assert_eq!(fit_size(&[0.0, 0.0, 0.05, 0.05], 224, 14, r), 56);
+            assert_eq!(
+                fit_size(&[0.0, 0.0, 0.97, 0.99], 224, 16, r),
+                224 - 16 * (r == Down) as u32
+            );
+            // exactly half the side is exactly half the patches either way
+            assert_eq!(fit_size(&[0.0, 0.0, 0.5, 0.5], 224, 16, r), 112);
+        }
     }
 }

@@ -228,6 +228,8 @@ pub struct DescribeOptions {
     /// Also the whole image at the fitted size of a crop of this side (`RunOptions::
     /// rescaled_whole`; embed models that take any input size, without patch tokens).
     pub rescaled_whole: Option<f32>,
+    /// How fitted sides round to whole patches (the index's rule).
+    pub fit_rounding: pipeline::FitRounding,
     pub batch: usize,
     pub threads: usize,
     pub progress: bool,
@@ -345,6 +347,7 @@ impl Describer {
                     patch_tokens: o.patch_tokens,
                     view_size: o.view_size,
                     rescaled_whole: o.rescaled_whole,
+                    fit_rounding: o.fit_rounding,
                 };
                 pipeline::run(model, paths, &opts, |item| match item {
                     Item::Done {

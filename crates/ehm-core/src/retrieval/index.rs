@@ -19,7 +19,7 @@ use super::hnsw::{build_rows, HnswParams};
 use super::simd::dot;
 use crate::error::{Error, IoContext, Result};
 use crate::files::{sha256_file, write_atomic};
-use crate::pipeline::{View, ViewSize};
+use crate::pipeline::{FitRounding, View, ViewSize};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +48,10 @@ pub struct IndexMeta {
     /// At what size the regional views were run (absent: `input`, as before it existed).
     #[serde(default, skip_serializing_if = "is_input_size")]
     pub view_size: ViewSize,
+    /// How `fit` views' sides round to whole patches (absent: `nearest`, the rule of the
+    /// indexes made before it was recorded; new `fit` indexes round down).
+    #[serde(default, skip_serializing_if = "is_nearest")]
+    pub fit_rounding: FitRounding,
     pub hnsw: HnswParams,
     pub items: usize,
     pub deleted: usize,
@@ -68,6 +72,10 @@ pub struct IndexMeta {
 
 fn is_input_size(v: &ViewSize) -> bool {
     *v == ViewSize::Input
+}
+
+fn is_nearest(r: &FitRounding) -> bool {
+    *r == FitRounding::Nearest
 }
 
 impl IndexMeta {
@@ -569,4 +577,56 @@ pub fn sweep_stale(root: &Path) -> Result<()> {
         sweep(root, &g.file_name().unwrap().to_string_lossy());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retrieval::descriptor::{DescriptorKind, Regions};
+
+    fn fit_meta(rounding: FitRounding) -> IndexMeta {
+        IndexMeta {
+            format: FORMAT.into(),
+            descriptor: DescriptorKind::Embed,
+            model: None,
+            dim: 4,
+            metric: "dot".into(),
+            regions: Regions::Standard,
+            views: vec![crate::pipeline::FULL],
+            view_size: ViewSize::Fit,
+            fit_rounding: rounding,
+            hnsw: HnswParams {
+                m: 16,
+                ef_construction: 200,
+                ef_search: 64,
+            },
+            items: 0,
+            deleted: 0,
+            vectors: 0,
+            next_id: 0,
+            files: Default::default(),
+            center: None,
+            checksum: None,
+        }
+    }
+
+    #[test]
+    fn a_fit_index_keeps_the_rounding_its_views_ran_under() {
+        // what a `fit` index wrote before the rule was recorded: no field, read as `nearest`
+        // (its crops ran at 140², and the images added to it later must too), checksum intact
+        let old = fit_meta(FitRounding::Nearest).describe();
+        assert!(!old.contains("fit_rounding"), "{old}");
+        let read: IndexMeta = serde_json::from_str(&old).unwrap();
+        assert_eq!(read.fit_rounding, FitRounding::Nearest);
+        assert!(read.intact());
+        // a new one says `down`, and the checksum covers it
+        let new = fit_meta(FitRounding::Down).describe();
+        assert!(new.contains("\"fit_rounding\": \"down\""), "{new}");
+        let read: IndexMeta = serde_json::from_str(&new).unwrap();
+        assert_eq!(read.fit_rounding, FitRounding::Down);
+        assert!(read.intact());
+        let edited: IndexMeta =
+            serde_json::from_str(&new.replace("\"down\"", "\"nearest\"")).unwrap();
+        assert!(!edited.intact());
+    }
 }
