@@ -123,8 +123,8 @@ enum Cmd {
         #[arg(long, value_enum)]
         regions: Option<Regions>,
         /// Size the regional views run at: `input` upsamples every crop to the model's size;
-        /// `fit` runs a crop at the size it has in the whole image (a 60 % crop at 140² instead
-        /// of 224²), for models that take any input size (adopted DINOv2): 1.5–1.9× faster
+        /// `fit` runs a crop at the size it has in the whole image (a 60 % crop at 126² instead
+        /// of 224²), for models that take any input size (adopted DINOv2): ≈ 2× faster
         /// indexing, but small crops of the query are found less well (docs/retrieve.md)
         /// [default: input]
         #[arg(long, value_enum)]

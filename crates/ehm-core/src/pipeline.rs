@@ -100,8 +100,9 @@ pub enum ViewSize {
     #[default]
     Input,
     /// At the size the view has in the whole image at the model's input size, in whole
-    /// patches (`fit_size`): a 60 % crop of a 224² ViT-S/14 input runs at 140², ≈ 0.4 of the
-    /// work. Only models that take any input size (`ModelContract::any_input_size`) can.
+    /// patches (`fit_size`, `FitRounding`): a 60 % crop of a 224² ViT-S/14 input runs at 126²
+    /// (or 140²), ≈ 0.3 of the work. Only models that take any input size
+    /// (`ModelContract::any_input_size`) can.
     Fit,
 }
 
@@ -196,7 +197,7 @@ pub struct RunOptions {
     pub view_size: ViewSize,
     /// Also run the whole image at the fitted size of a crop of this side (a fraction of the
     /// image's), as one more view after the others: a query of an index built with `Fit` then
-    /// meets the index's crops at their scale (a 60 % crop ran at 140², not 224²). Only for a
+    /// meets the index's crops at their scale (a 60 % crop ran at 126², not 224²). Only for a
     /// model that takes any input size, and not with patch tokens (their grid must be the
     /// model's); otherwise ignored.
     pub rescaled_whole: Option<f32>,

@@ -268,8 +268,8 @@ pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> Result<
         metric: "dot".into(),
         regions: o.regions,
         views: views(o.regions),
-        // `fit` is asked for, not the default: 1.5–1.9× faster indexing with DINOv2-S, but the
-        // crop family loses 0.08 mAP (docs/benchmarks.md)
+        // `fit` is asked for, not the default: ≈ 2× faster indexing with DINOv2-S, but the
+        // crop family loses 0.05 mAP (docs/benchmarks.md)
         view_size,
         // never upsample a crop: the same mAP as rounding to the nearest patch, ≈ 15 % faster
         // (docs/benchmarks.md); recorded, as an older index rounded to the nearest
