@@ -35,7 +35,11 @@ pub struct ModelRef {
     pub name: Option<String>,
 }
 
+/// The index description (`index.json`; a Milvus collection's description). Unknown fields
+/// are refused: a setting of a newer ehm must not be dropped silently (the vectors would be
+/// described differently from the stored ones).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IndexMeta {
     pub format: String,
     pub descriptor: DescriptorKind,
@@ -612,13 +616,18 @@ mod tests {
 
     #[test]
     fn a_fit_index_keeps_the_rounding_its_views_ran_under() {
-        // what a `fit` index wrote before the rule was recorded: no field, read as `nearest`
-        // (its crops ran at 140², and the images added to it later must too), checksum intact
-        let old = fit_meta(FitRounding::Nearest).describe();
-        assert!(!old.contains("fit_rounding"), "{old}");
-        let read: IndexMeta = serde_json::from_str(&old).unwrap();
+        // a `fit` index written before the rule was recorded (DINOv2-S, 2026-12-06): no
+        // field, read as `nearest` (its crops ran at 140², and the images added to it later
+        // must too), checksum intact
+        let old = include_str!("testdata/index_fit_before_rounding.json");
+        assert!(!old.contains("fit_rounding"));
+        let read: IndexMeta = serde_json::from_str(old).unwrap();
+        assert_eq!(read.view_size, ViewSize::Fit);
         assert_eq!(read.fit_rounding, FitRounding::Nearest);
         assert!(read.intact());
+        assert!(!fit_meta(FitRounding::Nearest)
+            .describe()
+            .contains("fit_rounding"));
         // a new one says `down`, and the checksum covers it
         let new = fit_meta(FitRounding::Down).describe();
         assert!(new.contains("\"fit_rounding\": \"down\""), "{new}");
@@ -628,5 +637,11 @@ mod tests {
         let edited: IndexMeta =
             serde_json::from_str(&new.replace("\"down\"", "\"nearest\"")).unwrap();
         assert!(!edited.intact());
+        // a field this ehm does not know (a newer ehm's setting) is refused, not dropped
+        let newer = new.replacen("\"dim\"", "\"tile\": 2,\n  \"dim\"", 1);
+        let e = serde_json::from_str::<IndexMeta>(&newer)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `tile`"), "{e}");
     }
 }

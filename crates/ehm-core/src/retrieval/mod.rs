@@ -781,6 +781,29 @@ const QUERY_BATCH: usize = 32;
 /// Candidates whose tokens are kept between batches (evicted all at once beyond).
 const TOKEN_CACHE: usize = 4096;
 
+/// How the queries of an index described by `meta` are described (`patch_tokens`: for
+/// verification).
+fn querying(meta: &IndexMeta, o: &QueryOptions, patch_tokens: bool) -> descriptor::DescribeOptions {
+    descriptor::DescribeOptions {
+        views: views(o.regions),
+        extra_views: descriptor::extra_views(o.regions),
+        hashes: (o.exact_copies && meta.descriptor == DescriptorKind::Embed)
+            .then_some(HashViews::Every),
+        patch_tokens,
+        // the query's windows at full size (their patch tokens are verified on the full grid)
+        view_size: ViewSize::Input,
+        // an index of fitted views holds its crops at the whole image's scale: the query also
+        // runs whole at a crop's fitted size, by the index's rounding, so a cropped copy meets
+        // its crop at that scale (crop family 0.842 → 0.881 mAP with 140² crops,
+        // docs/benchmarks.md); not with --verify (tokens)
+        rescaled_whole: (meta.view_size == ViewSize::Fit).then_some(descriptor::CROP_SIDE),
+        fit_rounding: meta.fit_rounding,
+        batch: QUERY_BATCH,
+        threads: o.threads,
+        progress: false,
+    }
+}
+
 /// Run `paths` as queries of `ix` through `s`: each described (`o`), searched for its `k`
 /// best matches at `threshold`, verified if asked, and handed to `each` in input order.
 /// Returns how many queries failed.
@@ -808,23 +831,7 @@ pub fn run_queries(
             }))
         }
     };
-    let how = descriptor::DescribeOptions {
-        views: views(o.regions),
-        extra_views: descriptor::extra_views(o.regions),
-        hashes: (o.exact_copies && ix.meta.descriptor == DescriptorKind::Embed)
-            .then_some(HashViews::Every),
-        patch_tokens: grid.is_some(),
-        // the query's windows at full size (their patch tokens are verified on the full grid)
-        view_size: ViewSize::Input,
-        // an index of fitted views holds its crops at the whole image's scale: the query also
-        // runs whole at a crop's fitted size, so a cropped copy meets its crop at that scale
-        // (crop family 0.842 → 0.881 mAP, docs/benchmarks.md); not with --verify (tokens)
-        rescaled_whole: (ix.meta.view_size == ViewSize::Fit).then_some(descriptor::CROP_SIDE),
-        fit_rounding: ix.meta.fit_rounding,
-        batch: QUERY_BATCH,
-        threads: o.threads,
-        progress: false,
-    };
+    let how = querying(&ix.meta, o, grid.is_some());
     let bar = crate::progress::inputs_bar(paths.len(), o.progress);
     let by_id = ix.positions_by_id();
     let mut cache: HashMap<u64, Option<Vec<f32>>> = HashMap::new();
@@ -1069,6 +1076,50 @@ mod tests {
     use super::*;
     use crate::pipeline;
     use rand::{Rng, SeedableRng};
+
+    /// An index's fitted views keep its rounding for the images added later and for its
+    /// queries' rescaled whole image; an `input` index runs no view fitted.
+    #[test]
+    fn additions_and_queries_follow_the_index_rounding() {
+        let build = BuildOptions {
+            regions: Regions::Standard,
+            hnsw: HnswParams {
+                m: 16,
+                ef_construction: 200,
+                ef_search: 64,
+            },
+            asked: AskedSettings::default(),
+            batch: 8,
+            threads: 1,
+            progress: false,
+            wait: false,
+        };
+        let query = QueryOptions {
+            regions: Regions::Auto,
+            exact_copies: true,
+            verify: 0,
+            threads: 1,
+            progress: false,
+        };
+        let old: IndexMeta =
+            serde_json::from_str(include_str!("testdata/index_fit_before_rounding.json")).unwrap();
+        let mut new = old.clone();
+        new.fit_rounding = FitRounding::Down;
+        for meta in [&old, &new] {
+            let added = indexing(meta, &build);
+            assert_eq!(added.view_size, ViewSize::Fit);
+            assert_eq!(added.fit_rounding, meta.fit_rounding);
+            let asked = querying(meta, &query, false);
+            assert_eq!(asked.view_size, ViewSize::Input);
+            assert_eq!(asked.rescaled_whole, Some(descriptor::CROP_SIDE));
+            assert_eq!(asked.fit_rounding, meta.fit_rounding);
+        }
+        assert_eq!(old.fit_rounding, FitRounding::Nearest);
+        let mut input = old.clone();
+        input.view_size = ViewSize::Input;
+        assert_eq!(indexing(&input, &build).view_size, ViewSize::Input);
+        assert_eq!(querying(&input, &query, false).rescaled_whole, None);
+    }
 
     /// Item i's pHash: far apart (≥ 19 of 64 bits between any two of the first 40).
     fn test_hash(i: usize) -> u64 {

@@ -4,7 +4,8 @@
 //! Two collections per index, through Milvus's REST API (v1, fixed schema: an auto-id Int64
 //! key `id`, a float vector `vector`, other fields dynamic):
 //! - `NAME`: one row per view vector, `{vector, item, view}`; its description is the index
-//!   description (`IndexMeta` as JSON: descriptor, model sha256, dim, regions, views, centre),
+//!   description (`IndexMeta` as JSON: descriptor, model sha256, dim, regions, views, view
+//!   size and fit rounding, centre),
 //!   fixed at creation and checked on every call as locally.
 //! - `NAME_items`: one row per image, `{vector: [1, 0] (unused), item, doc, deleted}`, `doc`
 //!   the image's `Item` as JSON (path, content sha256, size, pHash, number of views).
