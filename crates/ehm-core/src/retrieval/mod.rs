@@ -271,7 +271,7 @@ pub(crate) fn new_meta(format: &str, d: &Describer, o: &BuildOptions) -> Result<
         // `fit` is asked for, not the default: ≈ 2× faster indexing with DINOv2-S, but the
         // crop family loses 0.05 mAP (docs/benchmarks.md)
         view_size,
-        // never upsample a crop: the same mAP as rounding to the nearest patch, ≈ 15 % faster
+        // never upsample a crop: the same mAP as rounding to the nearest patch, 1.06–1.18× faster
         // (docs/benchmarks.md); recorded, as an older index rounded to the nearest
         fit_rounding: match view_size {
             ViewSize::Fit => FitRounding::Down,
