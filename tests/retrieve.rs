@@ -955,6 +955,18 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
     ];
     let mut describer = Describer::embed(&model, Parallelism::single(1)).unwrap();
     let pre = m.contract.config.preprocess.clone();
+    // the model run on one image at side s, as the reference each view is held to
+    let mut embed_at = |img: &image::RgbImage, s: u32| {
+        let x = Preprocess {
+            image_size: s,
+            ..pre.clone()
+        }
+        .eval(img);
+        m.run_outputs_at(&x, 1, s, &["embedding"])
+            .unwrap()
+            .remove(0)
+            .1
+    };
     // a 60 % crop of 32² is 19.2 px, 4.8 patches of 4: 5 to the nearest, 4 down
     for (rounding, want_sizes, rescaled) in [
         (FitRounding::Nearest, [32, 20, 16, 16, 28], 20),
@@ -1000,15 +1012,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
                 } else {
                     crop_view(&img, v)
                 };
-                let x = Preprocess {
-                    image_size: s,
-                    ..pre.clone()
-                }
-                .eval(&part);
-                let (_, want) = m
-                    .run_outputs_at(&x, 1, s, &["embedding"])
-                    .unwrap()
-                    .remove(0);
+                let want = embed_at(&part, s);
                 let have = &desc.vectors[k * 16..(k + 1) * 16];
                 let diff = common::max_abs_diff(have, &want);
                 assert!(
@@ -1044,15 +1048,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
             assert_eq!(q.hashes.len(), views.len() + 1);
             assert_eq!(q.hashes[views.len()], q.hashes[0]);
             let img = image::open(&q.path).unwrap().to_rgb8();
-            let x = Preprocess {
-                image_size: rescaled,
-                ..pre.clone()
-            }
-            .eval(&img);
-            let (_, want) = m
-                .run_outputs_at(&x, 1, rescaled, &["embedding"])
-                .unwrap()
-                .remove(0);
+            let want = embed_at(&img, rescaled);
             let have = &q.vectors[views.len() * 16..];
             let diff = common::max_abs_diff(have, &want);
             assert!(
@@ -1062,11 +1058,7 @@ fn crops_run_at_their_own_size_on_models_that_take_any_size() {
             );
             // the other views are as without it (at the input size)
             let whole = &q.vectors[..16];
-            let (_, at_input) = m
-                .run_outputs_at(&pre.eval(&img), 1, 32, &["embedding"])
-                .unwrap()
-                .remove(0);
-            assert!(common::max_abs_diff(whole, &at_input) < 1e-5);
+            assert!(common::max_abs_diff(whole, &embed_at(&img, 32)) < 1e-5);
         }
     }
 

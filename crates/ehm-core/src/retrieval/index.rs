@@ -586,42 +586,22 @@ pub fn sweep_stale(root: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retrieval::descriptor::{DescriptorKind, Regions};
+
+    /// A `fit` index written before the rule was recorded (DINOv2-S, 2026-12-06).
+    const OLD_FIT: &str = include_str!("testdata/index_fit_before_rounding.json");
 
     fn fit_meta(rounding: FitRounding) -> IndexMeta {
-        IndexMeta {
-            format: FORMAT.into(),
-            descriptor: DescriptorKind::Embed,
-            model: None,
-            dim: 4,
-            metric: "dot".into(),
-            regions: Regions::Standard,
-            views: vec![crate::pipeline::FULL],
-            view_size: ViewSize::Fit,
-            fit_rounding: rounding,
-            hnsw: HnswParams {
-                m: 16,
-                ef_construction: 200,
-                ef_search: 64,
-            },
-            items: 0,
-            deleted: 0,
-            vectors: 0,
-            next_id: 0,
-            files: Default::default(),
-            center: None,
-            checksum: None,
-        }
+        let mut m: IndexMeta = serde_json::from_str(OLD_FIT).unwrap();
+        m.fit_rounding = rounding;
+        m
     }
 
     #[test]
     fn a_fit_index_keeps_the_rounding_its_views_ran_under() {
-        // a `fit` index written before the rule was recorded (DINOv2-S, 2026-12-06): no
-        // field, read as `nearest` (its crops ran at 140², and the images added to it later
-        // must too), checksum intact
-        let old = include_str!("testdata/index_fit_before_rounding.json");
-        assert!(!old.contains("fit_rounding"));
-        let read: IndexMeta = serde_json::from_str(old).unwrap();
+        // the old index has no field: read as `nearest` (its crops ran at 140², and the
+        // images added to it later must too), checksum intact
+        assert!(!OLD_FIT.contains("fit_rounding"));
+        let read: IndexMeta = serde_json::from_str(OLD_FIT).unwrap();
         assert_eq!(read.view_size, ViewSize::Fit);
         assert_eq!(read.fit_rounding, FitRounding::Nearest);
         assert!(read.intact());
