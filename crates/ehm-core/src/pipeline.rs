@@ -101,7 +101,7 @@ pub enum ViewSize {
     Input,
     /// At the size the view has in the whole image at the model's input size, in whole
     /// patches (`fit_size`, `FitRounding`): a 60 % crop of a 224² ViT-S/14 input runs at 126²
-    /// (or 140²), ≈ 0.3 of the work. Only models that take any input size
+    /// (140² in older indexes), ≈ 0.3 of the work. Only models that take any input size
     /// (`ModelContract::any_input_size`) can.
     Fit,
 }
