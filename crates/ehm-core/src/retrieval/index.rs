@@ -583,12 +583,14 @@ pub fn sweep_stale(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A `fit` index's description written before its rounding was recorded (DINOv2-S,
+/// 2026-12-06), for the tests of how such an index is read and extended.
+#[cfg(test)]
+pub(crate) const OLD_FIT: &str = include_str!("testdata/index_fit_before_rounding.json");
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A `fit` index written before the rule was recorded (DINOv2-S, 2026-12-06).
-    const OLD_FIT: &str = include_str!("testdata/index_fit_before_rounding.json");
 
     fn fit_meta(rounding: FitRounding) -> IndexMeta {
         let mut m: IndexMeta = serde_json::from_str(OLD_FIT).unwrap();

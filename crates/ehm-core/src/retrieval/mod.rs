@@ -1101,8 +1101,7 @@ mod tests {
             threads: 1,
             progress: false,
         };
-        let old: IndexMeta =
-            serde_json::from_str(include_str!("testdata/index_fit_before_rounding.json")).unwrap();
+        let old: IndexMeta = serde_json::from_str(index::OLD_FIT).unwrap();
         let mut new = old.clone();
         new.fit_rounding = FitRounding::Down;
         for meta in [&old, &new] {
