@@ -83,6 +83,25 @@ fn is_nearest(r: &FitRounding) -> bool {
 }
 
 impl IndexMeta {
+    /// Read a description; what is wrong with it in a few words (a setting of a newer ehm in
+    /// an ehm description is named as such, not listed against every field this one knows).
+    pub(crate) fn parse(text: &str) -> std::result::Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| {
+            let e = e.to_string();
+            let ehm = serde_json::from_str::<serde_json::Value>(text)
+                .is_ok_and(|v| v["format"].as_str().is_some_and(|f| f.starts_with("ehm-")));
+            match e
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                Some(field) if ehm => format!(
+                    "it has a setting this ehm does not know, `{field}` (written by a newer ehm?)"
+                ),
+                _ => format!("not an ehm index description ({e})"),
+            }
+        })
+    }
+
     /// index.json's text: the description with the sha256 of its own checksum-less text.
     fn describe(&mut self) -> String {
         self.checksum = None;
@@ -246,9 +265,7 @@ impl Index {
     fn open_generation(gen: &Path) -> Result<Self> {
         let meta_path = gen.join("index.json");
         let text = std::fs::read_to_string(&meta_path).at(&meta_path)?;
-        let meta: IndexMeta = serde_json::from_str(&text).map_err(|e| {
-            Error::bad_file(&meta_path, format!("not an ehm index description ({e})"))
-        })?;
+        let meta = IndexMeta::parse(&text).map_err(|e| Error::bad_file(&meta_path, e))?;
         if meta.format != FORMAT {
             return Err(Error::bad_file(
                 &meta_path,
@@ -621,9 +638,21 @@ mod tests {
         assert!(!edited.intact());
         // a field this ehm does not know (a newer ehm's setting) is refused, not dropped
         let newer = new.replacen("\"dim\"", "\"tile\": 2,\n  \"dim\"", 1);
-        let e = serde_json::from_str::<IndexMeta>(&newer)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("unknown field `tile`"), "{e}");
+        let e = IndexMeta::parse(&newer).unwrap_err();
+        assert!(
+            e.contains("does not know, `tile` (written by a newer ehm?)"),
+            "{e}"
+        );
+        let e = IndexMeta::parse("{\"format\": 3}").unwrap_err();
+        assert!(
+            e.starts_with("not an ehm index description (invalid type"),
+            "{e}"
+        );
+        // … but only in an ehm description: other JSON is not an index at all
+        let e = IndexMeta::parse("{\"hello\": 1}").unwrap_err();
+        assert!(
+            e.starts_with("not an ehm index description (unknown field"),
+            "{e}"
+        );
     }
 }

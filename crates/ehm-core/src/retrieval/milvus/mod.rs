@@ -368,10 +368,10 @@ fn load(c: &Client) -> Result<Option<Loaded>> {
     }
     let d = c.describe(&uri.collection)?;
     let text = d["description"].as_str().unwrap_or_default();
-    let mut meta: IndexMeta = serde_json::from_str(text).map_err(|e| {
+    let mut meta = IndexMeta::parse(text).map_err(|e| {
         c.fail(
             "describe collection",
-            format!("not an ehm index (its description is not an index description: {e}); use another collection"),
+            format!("its description: {e}; use another collection"),
         )
     })?;
     if meta.format != FORMAT {
